@@ -1,0 +1,743 @@
+//! The controller's operations, shared by the HTTP and gRPC front ends.
+//!
+//! Every operation on a VM runs under that VM's lock (see [`VmLocks`]): read the record,
+//! decide with the pure functions of [`crate::lifecycle`], write the outcome as one atomic
+//! store batch, and only then answer. Work on different VMs runs in parallel and shares the
+//! store's group commits.
+
+use crate::config::Settings;
+use crate::error::ApiError;
+use crate::lifecycle::{self, Channel, Contact, ContactKind};
+use crate::store::{
+    CommandRecord, CommandState, EventRow, HeartbeatRow, HeartbeatVmUpdate, Millis, Mutation,
+    Outcome, RegistrationRow, Store, VmLogRow, VmRecord, millis,
+};
+use crate::streams::{StreamHandle, Streams, VmLocks};
+use chrono::Utc;
+use miglet_proto::command::{Command, CommandEnvelope, REDACTED, REGISTER_RUNNER, RegisterRunner};
+use miglet_proto::event::{EventKind, EventReport, HeartbeatReport};
+use miglet_proto::ids::{validate_id, validate_type_name, validate_vm_id};
+use miglet_proto::json::{CommandJson, RegistrationTokenRequest, RegistrationTokenResponse};
+use miglet_proto::pb;
+use serde_json::{Map, Value, json};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Longest acknowledgment message kept.
+const MAX_ACK_MESSAGE: usize = 4096;
+
+/// Which transport a report arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Http,
+    Grpc,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Http => "http",
+            Transport::Grpc => "grpc",
+        }
+    }
+}
+
+/// The result of storing an event.
+#[derive(Debug, Clone)]
+pub struct EventAccepted {
+    pub vm: VmRecord,
+    /// The event id was stored before; nothing changed.
+    pub duplicate: bool,
+}
+
+/// What one reconciler pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub expired_commands: usize,
+    pub health_changes: usize,
+    pub registrations_issued: usize,
+}
+
+#[derive(Debug)]
+pub struct Controller {
+    store: Store,
+    settings: Arc<Settings>,
+    streams: Streams,
+    locks: VmLocks,
+    shutdown: CancellationToken,
+}
+
+fn now_ms() -> Millis {
+    Utc::now().timestamp_millis()
+}
+
+fn bad(e: impl std::fmt::Display) -> ApiError {
+    ApiError::BadRequest(e.to_string())
+}
+
+fn check_optional_id(what: &'static str, v: Option<&str>) -> Result<(), ApiError> {
+    match v {
+        Some(s) if !s.is_empty() => validate_id(what, s).map_err(bad),
+        _ => Ok(()),
+    }
+}
+
+fn check_body_vm(path_vm: &str, body_vm: Option<&str>) -> Result<(), ApiError> {
+    match body_vm {
+        Some(b) if !b.is_empty() && b != path_vm => Err(ApiError::BadRequest(format!(
+            "vm_id in the body ({b:?}) does not match the path ({path_vm:?})"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+impl Controller {
+    pub fn new(store: Store, settings: Arc<Settings>, shutdown: CancellationToken) -> Arc<Controller> {
+        Arc::new(Controller {
+            store,
+            settings,
+            streams: Streams::default(),
+            locks: VmLocks::default(),
+            shutdown,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn streams(&self) -> &Streams {
+        &self.streams
+    }
+
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    fn redeliver_after(&self) -> Millis {
+        self.settings.redelivery_timeout.as_millis() as Millis
+    }
+
+    /// Stores an event (once per `event_id`) and applies it to the VM.
+    pub async fn ingest_event(
+        &self,
+        vm_id: &str,
+        report: EventReport,
+        raw: String,
+        transport: Transport,
+    ) -> Result<EventAccepted, ApiError> {
+        validate_vm_id(vm_id).map_err(bad)?;
+        validate_type_name("type", &report.event_type).map_err(bad)?;
+        check_body_vm(vm_id, report.vm_id.as_deref())?;
+        check_optional_id("pool_id", report.pool_id.as_deref())?;
+        check_optional_id("org_id", report.org_id.as_deref())?;
+        check_optional_id("event_id", report.event_id.as_deref())?;
+        check_optional_id("boot_id", report.boot_id.as_deref())?;
+        let now = now_ms();
+        let _guard = self.locks.lock(vm_id).await;
+        let existing = self.store.vm_get(vm_id).await?;
+        if let Some(event_id) = &report.event_id {
+            if self.store.event_exists(vm_id, event_id).await? {
+                let vm = existing.unwrap_or_else(|| {
+                    lifecycle::adopt(vm_id, report.pool_id.as_deref(), None, None, now)
+                });
+                return Ok(EventAccepted { vm, duplicate: true });
+            }
+        }
+        let kind = report.kind();
+        let mut batch = Vec::with_capacity(4);
+        let (mut vm, new_boot) = if matches!(kind, EventKind::VmStarted { .. }) {
+            let version = report.fields.get("version").and_then(Value::as_str);
+            let contact = Contact {
+                kind: ContactKind::VmStarted,
+                boot_id: report.boot_id.as_deref(),
+                pool_id: report.pool_id.as_deref(),
+                org_id: report.org_id.as_deref(),
+                version,
+            };
+            lifecycle::on_contact(existing.as_ref(), vm_id, &contact, now)
+        } else {
+            let base = match &existing {
+                Some(v) => v.clone(),
+                None => lifecycle::adopt(
+                    vm_id,
+                    report.pool_id.as_deref(),
+                    report.org_id.as_deref(),
+                    report.boot_id.as_deref(),
+                    now,
+                ),
+            };
+            if lifecycle::is_current_boot(&base, report.boot_id.as_deref()) {
+                (lifecycle::on_event(&base, &kind, now), false)
+            } else {
+                // A late event of an earlier boot: stored, but it says nothing about now.
+                let mut v = base;
+                v.last_seen_at = v.last_seen_at.max(now);
+                (v, false)
+            }
+        };
+        if new_boot {
+            self.push_new_boot(&mut batch, existing.as_ref(), &vm, now, "vm_started");
+        }
+        let data = serde_json::to_string(&report).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        batch.push(Mutation::InsertEvent(EventRow {
+            seq: 0,
+            vm_id: vm_id.to_owned(),
+            event_id: report.event_id.clone(),
+            event_type: report.event_type.clone(),
+            boot_id: report.boot_id.clone(),
+            transport: transport.as_str().to_owned(),
+            occurred_at: report.timestamp.map(millis),
+            received_at: now,
+            data,
+            raw,
+        }));
+        vm.connected = self.streams.is_connected(vm_id);
+        batch.push(Mutation::PutVm(vm.clone()));
+        self.store.write(batch).await?;
+        if new_boot {
+            info!(vm_id, pool_id = %vm.pool_id, boot_id = %vm.boot_id, transport = transport.as_str(), "VM started a new boot");
+        }
+        if lifecycle::needs_registration(&vm) {
+            self.issue_registration_locked(&mut vm).await?;
+        }
+        Ok(EventAccepted { vm, duplicate: false })
+    }
+
+    /// The writes that open a new boot: the old boot's unfinished registration is superseded
+    /// and the boot is logged.
+    fn push_new_boot(&self, batch: &mut Vec<Mutation>, old: Option<&VmRecord>, vm: &VmRecord, now: Millis, via: &str) {
+        if let Some(old_reg) = old.and_then(|o| o.registration_command_id.clone()) {
+            batch.push(Mutation::CommandTransition {
+                id: old_reg,
+                from: CommandState::OPEN,
+                to: CommandState::Expired,
+                at: now,
+                detail: Some("superseded by a new boot".into()),
+                result_message: Some("superseded by a new boot of the VM".into()),
+                result: None,
+            });
+        }
+        batch.push(Mutation::VmLog(VmLogRow {
+            vm_id: vm.vm_id.clone(),
+            at: now,
+            kind: "boot_started".into(),
+            detail: Some(json!({"boot_id": vm.boot_id, "boot_seq": vm.boot_seq, "via": via}).to_string()),
+        }));
+    }
+
+    /// Stores a heartbeat and applies it to the VM. Every part of the heartbeat is optional.
+    pub async fn ingest_heartbeat(
+        &self,
+        vm_id: &str,
+        report: HeartbeatReport,
+        transport: Transport,
+    ) -> Result<(), ApiError> {
+        validate_vm_id(vm_id).map_err(bad)?;
+        check_optional_id("pool_id", report.pool_id.as_deref())?;
+        check_optional_id("boot_id", report.boot_id.as_deref())?;
+        let now = now_ms();
+        let _guard = self.locks.lock(vm_id).await;
+        let mut batch = Vec::with_capacity(3);
+        let vm = match self.store.vm_get(vm_id).await? {
+            Some(v) => v,
+            None => {
+                let mut v = lifecycle::adopt(
+                    vm_id,
+                    report.pool_id.as_deref(),
+                    report.org_id.as_deref(),
+                    report.boot_id.as_deref(),
+                    now,
+                );
+                v.connected = self.streams.is_connected(vm_id);
+                batch.push(Mutation::PutVm(v.clone()));
+                v
+            }
+        };
+        let current = lifecycle::is_current_boot(&vm, report.boot_id.as_deref());
+        let state = current.then(|| lifecycle::heartbeat_state(&report)).flatten();
+        let current_job = match (&report.current_job, &vm.current_job) {
+            _ if !current => vm.current_job.clone(),
+            // The job event knew more (name, branch, ...) than a heartbeat carries.
+            (Some(_), Some(known)) => Some(known.clone()),
+            (Some(hb), None) => Some(hb.clone()),
+            (None, known) if state.as_deref() == Some("job_running") => known.clone(),
+            (None, _) => None,
+        };
+        let h = &report.health;
+        batch.push(Mutation::Heartbeat {
+            row: HeartbeatRow {
+                seq: 0,
+                vm_id: vm_id.to_owned(),
+                transport: transport.as_str().to_owned(),
+                occurred_at: report.timestamp.map(millis),
+                received_at: now,
+                miglet_state: report.miglet_state.clone(),
+                runner_state: report.runner_state.clone(),
+                cpu_percent: h.cpu_percent,
+                memory_used_bytes: h.memory_used_bytes,
+                memory_total_bytes: h.memory_total_bytes,
+                disk_used_bytes: h.disk_used_bytes,
+                disk_total_bytes: h.disk_total_bytes,
+                report: serde_json::to_string(&report).map_err(bad)?,
+            },
+            vm: HeartbeatVmUpdate {
+                vm_id: vm_id.to_owned(),
+                at: now,
+                state,
+                runner_state: if current { report.runner_state.clone() } else { None },
+                current_job,
+                latest_health: report.health.clone(),
+            },
+        });
+        self.store.write(batch).await?;
+        Ok(())
+    }
+
+    /// `GET .../commands`: the commands to hand out now over HTTP, marked delivered.
+    pub async fn poll_commands(&self, vm_id: &str) -> Result<Vec<CommandJson>, ApiError> {
+        validate_vm_id(vm_id).map_err(bad)?;
+        let _guard = self.locks.lock(vm_id).await;
+        let Some(mut vm) = self.store.vm_get(vm_id).await? else {
+            // Nothing is ever queued for a VM we have not heard of.
+            return Ok(Vec::new());
+        };
+        if lifecycle::needs_registration(&vm) {
+            self.issue_registration_locked(&mut vm).await?;
+        }
+        let now = now_ms();
+        let envelopes = self
+            .deliver_locked(&vm, Channel::Http { acks: vm.acks_commands }, "http", now)
+            .await?;
+        Ok(envelopes.iter().map(CommandEnvelope::to_json).collect())
+    }
+
+    /// Picks, fills in and marks delivered the commands for `channel`.
+    async fn deliver_locked(
+        &self,
+        vm: &VmRecord,
+        channel: Channel<'_>,
+        via: &str,
+        now: Millis,
+    ) -> Result<Vec<CommandEnvelope>, ApiError> {
+        let open = self.store.commands_open_for_vm(&vm.vm_id).await?;
+        let chosen = lifecycle::select_deliverable(&open, channel, now, self.redeliver_after());
+        let mut out = Vec::with_capacity(chosen.len());
+        for c in chosen {
+            match self.materialize(vm, c).await {
+                Ok(env) => out.push(env),
+                Err(reason) => {
+                    warn!(vm_id = %vm.vm_id, command_id = %c.id, %reason, "Command held back: it could not be prepared for delivery");
+                }
+            }
+        }
+        let mut batch = vec![Mutation::TouchVm {
+            vm_id: vm.vm_id.clone(),
+            at: now,
+        }];
+        if !out.is_empty() {
+            batch.push(Mutation::MarkDelivered {
+                ids: out.iter().map(|e| e.id.clone()).collect(),
+                at: now,
+                via: via.to_owned(),
+            });
+        }
+        self.store.write(batch).await?;
+        for env in &out {
+            info!(vm_id = %vm.vm_id, command_id = %env.id, command_type = env.command.type_name(), via, "Command delivered");
+        }
+        Ok(out)
+    }
+
+    /// Turns a stored command back into the typed command, filling in secrets that are never
+    /// stored (the registration token comes fresh from the pool's token source).
+    async fn materialize(&self, vm: &VmRecord, c: &CommandRecord) -> Result<CommandEnvelope, String> {
+        let mut command = Command::from_json_parameters(&c.command_type, &c.parameters).map_err(|e| e.to_string())?;
+        if let Command::RegisterRunner(r) = &mut command {
+            if r.registration_token.as_deref() == Some(REDACTED) {
+                let reg = self.settings.pools.get(&vm.pool_id).map_err(|e| e.to_string())?;
+                let token = reg
+                    .token
+                    .registration_token()
+                    .await
+                    .map_err(|e| crate::error::chain(&e))?;
+                r.registration_token = Some(token.token);
+                let stored = c.expires_at.map(crate::store::from_millis);
+                r.expires_at = Some(stored.map_or(token.expires_at, |s| s.min(token.expires_at)));
+            }
+        }
+        Ok(CommandEnvelope {
+            id: c.id.clone(),
+            created_at: crate::store::from_millis(c.created_at),
+            command,
+        })
+    }
+
+    /// Queues a `register_runner` for the VM's current boot. Failures to get a token are
+    /// logged and retried by the reconciler; they do not fail the caller's request.
+    async fn issue_registration_locked(&self, vm: &mut VmRecord) -> Result<(), ApiError> {
+        let reg = match self.settings.pools.get(&vm.pool_id) {
+            Ok(r) => r.clone(),
+            Err(e) => {
+                warn!(vm_id = %vm.vm_id, pool_id = %vm.pool_id, error = %e, "Cannot register the VM's runner");
+                return Ok(());
+            }
+        };
+        let token = match reg.token.registration_token().await {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(vm_id = %vm.vm_id, pool_id = %vm.pool_id, error = %crate::error::chain(&e), "Registration token unavailable; will retry");
+                return Ok(());
+            }
+        };
+        let now = now_ms();
+        let id = format!(
+            "register-{}-{}-{}",
+            vm.vm_id,
+            now / 1000,
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let command = Command::RegisterRunner(RegisterRunner {
+            registration_token: Some(token.token),
+            jit_config: None,
+            runner_url: reg.runner_url.clone(),
+            runner_group: reg.runner_group.clone(),
+            labels: reg.labels.clone(),
+            expires_at: Some(token.expires_at),
+            runner_name: Some(vm.vm_id.clone()),
+        });
+        let record = CommandRecord {
+            seq: 0,
+            id: id.clone(),
+            vm_id: vm.vm_id.clone(),
+            boot_id: Some(vm.boot_id.clone()),
+            command_type: REGISTER_RUNNER.into(),
+            parameters: command.redacted_json_parameters(),
+            state: CommandState::Pending,
+            source: "controller".into(),
+            created_at: now,
+            expires_at: Some(millis(token.expires_at)),
+            delivered_at: None,
+            delivered_via: None,
+            delivery_count: 0,
+            finished_at: None,
+            result_message: None,
+            result: None,
+        };
+        vm.registration_command_id = Some(id.clone());
+        vm.updated_at = now;
+        self.store
+            .write(vec![Mutation::InsertCommand(record), Mutation::PutVm(vm.clone())])
+            .await?;
+        info!(vm_id = %vm.vm_id, command_id = %id, boot_id = %vm.boot_id, "Queued register_runner");
+        self.streams.nudge(&vm.vm_id);
+        Ok(())
+    }
+
+    /// Records an agent's acknowledgment. Idempotent: acknowledging a finished command again
+    /// changes nothing and answers its state. A VM may acknowledge only its own commands.
+    pub async fn ack_command(
+        &self,
+        vm_id: &str,
+        command_id: &str,
+        success: bool,
+        message: &str,
+        result: Map<String, Value>,
+        via: &str,
+    ) -> Result<CommandState, ApiError> {
+        validate_vm_id(vm_id).map_err(bad)?;
+        validate_id("command_id", command_id).map_err(bad)?;
+        let _guard = self.locks.lock(vm_id).await;
+        let cmd = match self.store.command_get(command_id).await? {
+            Some(c) if c.vm_id == vm_id => c,
+            _ => {
+                return Err(ApiError::NotFound(format!("no command {command_id:?} for VM {vm_id:?}")));
+            }
+        };
+        let to = if success { CommandState::Acknowledged } else { CommandState::Failed };
+        let mut msg = message.to_owned();
+        if msg.len() > MAX_ACK_MESSAGE {
+            let mut cut = MAX_ACK_MESSAGE;
+            while !msg.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            msg.truncate(cut);
+        }
+        let now = now_ms();
+        let mut batch = vec![Mutation::CommandTransition {
+            id: cmd.id.clone(),
+            from: &[CommandState::Pending, CommandState::Delivered, CommandState::Expired],
+            to,
+            at: now,
+            detail: Some(format!("ack via {via}")),
+            result_message: Some(msg.clone()),
+            result: (!result.is_empty()).then_some(result),
+        }];
+        if let Some(mut vm) = self.store.vm_get(vm_id).await? {
+            if !vm.acks_commands {
+                vm.acks_commands = true;
+                vm.updated_at = now;
+                batch.push(Mutation::PutVm(vm));
+            }
+        }
+        let outcomes = self.store.write(batch).await?;
+        if outcomes.first() == Some(&Outcome::Applied(true)) {
+            info!(vm_id, command_id, success, message = %msg, via, "Command acknowledged");
+            Ok(to)
+        } else {
+            Ok(cmd.state)
+        }
+    }
+
+    /// `POST .../registration-token`: registration config for the VM's pool, on request.
+    pub async fn registration_config(
+        &self,
+        vm_id: &str,
+        request: RegistrationTokenRequest,
+        raw_request: String,
+    ) -> Result<RegistrationTokenResponse, ApiError> {
+        validate_vm_id(vm_id).map_err(bad)?;
+        check_optional_id("pool_id", request.pool_id.as_deref())?;
+        let _guard = self.locks.lock(vm_id).await;
+        let vm = self.store.vm_get(vm_id).await?;
+        let pool = vm
+            .as_ref()
+            .map(|v| v.pool_id.clone())
+            .or_else(|| request.pool_id.clone())
+            .unwrap_or_else(|| "default".into());
+        let reg = self
+            .settings
+            .pools
+            .get(&pool)
+            .map_err(|e| ApiError::NotFound(e.to_string()))?;
+        let token = reg.token.registration_token().await.map_err(|e| {
+            warn!(vm_id, pool_id = %pool, error = %crate::error::chain(&e), "Registration token unavailable");
+            ApiError::Unavailable("registration token unavailable; retry later".into())
+        })?;
+        let response = RegistrationTokenResponse {
+            registration_token: token.token,
+            expires_at: token.expires_at,
+            runner_url: reg.runner_url.clone(),
+            runner_group: reg.runner_group.clone(),
+            labels: reg.labels.clone(),
+        };
+        let mut stored = serde_json::to_value(&response).map_err(bad)?;
+        stored["registration_token"] = Value::String(REDACTED.into());
+        let now = now_ms();
+        let mut batch = vec![Mutation::InsertRegistration(RegistrationRow {
+            seq: 0,
+            vm_id: vm_id.to_owned(),
+            requested_at: now,
+            request: raw_request,
+            response: stored.to_string(),
+        })];
+        if vm.is_some() {
+            batch.push(Mutation::TouchVm {
+                vm_id: vm_id.to_owned(),
+                at: now,
+            });
+        }
+        self.store.write(batch).await?;
+        Ok(response)
+    }
+
+    /// Opens a stream session for a `ConnectRequest`. A connect from an unknown VM counts as
+    /// its `vm_started`; a reconnect never causes a second registration.
+    pub async fn stream_open(&self, c: &pb::ConnectRequest, remote: Option<SocketAddr>) -> Result<StreamHandle, ApiError> {
+        validate_vm_id(&c.vm_id).map_err(bad)?;
+        check_optional_id("pool_id", Some(&c.pool_id))?;
+        check_optional_id("org_id", Some(&c.org_id))?;
+        check_optional_id("boot_id", Some(&c.boot_id))?;
+        if c.version.len() > 128 {
+            return Err(ApiError::BadRequest("version is longer than 128 characters".into()));
+        }
+        let vm_id = c.vm_id.as_str();
+        let now = now_ms();
+        let _guard = self.locks.lock(vm_id).await;
+        let existing = self.store.vm_get(vm_id).await?;
+        let contact = Contact {
+            kind: ContactKind::Connect,
+            boot_id: Some(c.boot_id.as_str()).filter(|s| !s.is_empty()),
+            pool_id: Some(c.pool_id.as_str()),
+            org_id: Some(c.org_id.as_str()),
+            version: Some(c.version.as_str()),
+        };
+        let (mut vm, new_boot) = lifecycle::on_contact(existing.as_ref(), vm_id, &contact, now);
+        vm.connected = true;
+        let handle = self.streams.register(vm_id);
+        let mut batch = Vec::with_capacity(4);
+        if new_boot {
+            self.push_new_boot(&mut batch, existing.as_ref(), &vm, now, "connect");
+        }
+        batch.push(Mutation::PutVm(vm.clone()));
+        batch.push(Mutation::VmLog(VmLogRow {
+            vm_id: vm_id.to_owned(),
+            at: now,
+            kind: "stream_connected".into(),
+            detail: Some(
+                json!({"stream_id": handle.stream_id, "remote": remote.map(|r| r.to_string()), "version": c.version})
+                    .to_string(),
+            ),
+        }));
+        if let Err(e) = self.store.write(batch).await {
+            self.streams.unregister(vm_id, handle.generation);
+            return Err(e.into());
+        }
+        info!(vm_id, stream_id = %handle.stream_id, new_boot, remote = ?remote, "Stream connected");
+        if lifecycle::needs_registration(&vm) {
+            self.issue_registration_locked(&mut vm).await?;
+        }
+        Ok(handle)
+    }
+
+    /// Ends a stream session. The VM is marked disconnected only if no newer stream took over.
+    pub async fn stream_closed(&self, vm_id: &str, handle: &StreamHandle, reason: &str) {
+        let now = now_ms();
+        let _guard = self.locks.lock(vm_id).await;
+        let current = self.streams.unregister(vm_id, handle.generation);
+        let mut batch = Vec::with_capacity(2);
+        if current {
+            batch.push(Mutation::SetConnected {
+                vm_id: vm_id.to_owned(),
+                connected: false,
+                at: now,
+            });
+        }
+        batch.push(Mutation::VmLog(VmLogRow {
+            vm_id: vm_id.to_owned(),
+            at: now,
+            kind: if current { "stream_disconnected" } else { "stream_replaced" }.into(),
+            detail: Some(json!({"stream_id": handle.stream_id, "reason": reason}).to_string()),
+        }));
+        if let Err(e) = self.store.write(batch).await {
+            warn!(vm_id, error = %crate::error::chain(&e), "Failed to record stream end");
+        }
+        info!(vm_id, stream_id = %handle.stream_id, reason, replaced = !current, "Stream closed");
+    }
+
+    /// The commands to push on a stream now (marked delivered), and how many stay open.
+    pub async fn stream_deliverable(&self, vm_id: &str, handle: &StreamHandle) -> Result<(Vec<pb::Command>, usize), ApiError> {
+        let _guard = self.locks.lock(vm_id).await;
+        let Some(vm) = self.store.vm_get(vm_id).await? else {
+            return Ok((Vec::new(), 0));
+        };
+        let now = now_ms();
+        let via = lifecycle::stream_via(&handle.stream_id);
+        let envs = self
+            .deliver_locked(&vm, Channel::Stream { stream_id: &handle.stream_id }, &via, now)
+            .await?;
+        let open = self.store.commands_open_for_vm(vm_id).await?.len();
+        Ok((envs.iter().map(CommandEnvelope::to_pb).collect(), open))
+    }
+
+    /// Queues a command for a known VM (internal API; the operator API builds on it).
+    /// `register_runner` is reserved to the controller itself.
+    pub async fn enqueue(
+        &self,
+        vm_id: &str,
+        command: Command,
+        source: &str,
+        ttl: Option<Duration>,
+    ) -> Result<CommandRecord, ApiError> {
+        validate_vm_id(vm_id).map_err(bad)?;
+        if matches!(command, Command::RegisterRunner(_)) {
+            return Err(ApiError::BadRequest("register_runner is issued by the controller itself".into()));
+        }
+        let _guard = self.locks.lock(vm_id).await;
+        let vm = self
+            .store
+            .vm_get(vm_id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("unknown VM {vm_id:?}")))?;
+        let now = now_ms();
+        let ttl = ttl.unwrap_or(self.settings.command_ttl);
+        let record = CommandRecord {
+            seq: 0,
+            id: format!("{}-{}", command.type_name(), uuid::Uuid::now_v7().simple()),
+            vm_id: vm_id.to_owned(),
+            boot_id: Some(vm.boot_id),
+            command_type: command.type_name().into(),
+            parameters: command.redacted_json_parameters(),
+            state: CommandState::Pending,
+            source: source.to_owned(),
+            created_at: now,
+            expires_at: Some(now + ttl.as_millis() as Millis),
+            delivered_at: None,
+            delivered_via: None,
+            delivery_count: 0,
+            finished_at: None,
+            result_message: None,
+            result: None,
+        };
+        self.store.write(vec![Mutation::InsertCommand(record.clone())]).await?;
+        info!(vm_id, command_id = %record.id, command_type = %record.command_type, source, "Command queued");
+        self.streams.nudge(vm_id);
+        Ok(record)
+    }
+
+    /// One reconciler pass: expire overdue commands, mark silent VMs unhealthy or lost, and
+    /// issue registrations that are due (first time, or after an expired one).
+    pub async fn reconcile_once(&self) -> Result<ReconcileReport, ApiError> {
+        let now = now_ms();
+        let interval = self.settings.heartbeat_interval.as_millis() as Millis;
+        let outcomes = self
+            .store
+            .write(vec![
+                Mutation::ExpireCommands { now },
+                Mutation::MarkSilentVms {
+                    now,
+                    unhealthy_before: now - interval * Millis::from(self.settings.unhealthy_after_missed),
+                    lost_before: now - interval * Millis::from(self.settings.lost_after_missed),
+                },
+            ])
+            .await?;
+        let mut report = ReconcileReport::default();
+        for o in outcomes {
+            match o {
+                Outcome::Expired(list) => {
+                    report.expired_commands = list.len();
+                    for e in list {
+                        warn!(vm_id = %e.vm_id, command_id = %e.id, command_type = %e.command_type, "Command expired before acknowledgment");
+                        if e.command_type == REGISTER_RUNNER {
+                            // Re-check under the VM lock: a concurrent write may have put the id back.
+                            let _guard = self.locks.lock(&e.vm_id).await;
+                            if let Some(mut vm) = self.store.vm_get(&e.vm_id).await? {
+                                if vm.registration_command_id.as_deref() == Some(e.id.as_str()) {
+                                    vm.registration_command_id = None;
+                                    vm.updated_at = now;
+                                    self.store.write(vec![Mutation::PutVm(vm)]).await?;
+                                }
+                            }
+                        }
+                    }
+                }
+                Outcome::HealthChanged(list) => {
+                    report.health_changes = list.len();
+                    for c in list {
+                        warn!(vm_id = %c.vm_id, from = c.from.as_str(), to = c.to.as_str(), "VM health changed");
+                    }
+                }
+                _ => {}
+            }
+        }
+        for candidate in self.store.vms_needing_registration().await? {
+            let _guard = self.locks.lock(&candidate.vm_id).await;
+            if let Some(mut vm) = self.store.vm_get(&candidate.vm_id).await? {
+                if lifecycle::needs_registration(&vm) {
+                    self.issue_registration_locked(&mut vm).await?;
+                    if vm.registration_command_id.is_some() {
+                        report.registrations_issued += 1;
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,242 @@
+//! The gRPC front end: `miglet.commands.CommandService/StreamCommands`.
+//!
+//! One session task per stream owns the inbound side and the outbound channel, so nothing
+//! sends on a stream concurrently. The session: wait for `ConnectRequest` (bounded), answer
+//! `ConnectAck{accepted:true}`, then loop over inbound messages, command nudges, a
+//! redelivery timer, replacement by a newer stream, and server shutdown. A failed send or
+//! the end of the inbound stream means the peer is gone.
+
+use crate::app::{Controller, Transport};
+use crate::error::ApiError;
+use crate::streams::StreamHandle;
+use miglet_proto::event::{EventReport, HeartbeatReport};
+use miglet_proto::pb::command_service_server::CommandService;
+use miglet_proto::pb::{
+    self, ControllerMessage, MiGletMessage, controller_message, mi_glet_message,
+};
+use serde_json::{Map, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, warn};
+
+/// How long a new stream may take to send its `ConnectRequest`.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Outbound messages buffered per stream before the session waits for the peer.
+const OUTBOUND_DEPTH: usize = 64;
+/// Largest accepted inbound message.
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, Clone)]
+pub struct GrpcService {
+    app: Arc<Controller>,
+    sessions: TaskTracker,
+}
+
+impl GrpcService {
+    pub fn new(app: Arc<Controller>, sessions: TaskTracker) -> GrpcService {
+        GrpcService { app, sessions }
+    }
+}
+
+type Outbound = mpsc::Sender<Result<ControllerMessage, Status>>;
+
+fn msg(m: controller_message::Message) -> ControllerMessage {
+    ControllerMessage { message: Some(m) }
+}
+
+fn error_msg(code: &str, message: String) -> ControllerMessage {
+    msg(controller_message::Message::Error(pb::ErrorNotification {
+        code: code.into(),
+        message,
+        details: Default::default(),
+        timestamp: chrono::Utc::now().timestamp(),
+    }))
+}
+
+#[tonic::async_trait]
+impl CommandService for GrpcService {
+    type StreamCommandsStream = ReceiverStream<Result<ControllerMessage, Status>>;
+
+    async fn stream_commands(
+        &self,
+        request: Request<Streaming<MiGletMessage>>,
+    ) -> Result<Response<Self::StreamCommandsStream>, Status> {
+        let remote = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(CONNECT_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no connect message within 30 s"))??
+            .ok_or_else(|| Status::cancelled("stream closed before connect"))?;
+        let Some(mi_glet_message::Message::Connect(connect)) = first.message else {
+            return Err(Status::failed_precondition("the first message on the stream must be connect"));
+        };
+        let handle = self.app.stream_open(&connect, remote).await.map_err(Status::from)?;
+        let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
+        let ack = msg(controller_message::Message::ConnectAck(pb::ConnectAck {
+            accepted: true,
+            message: "Connection accepted".into(),
+            server_version: SERVER_VERSION.into(),
+        }));
+        // Cannot fail: the channel is new and empty.
+        let _ = tx.try_send(Ok(ack));
+        let app = self.app.clone();
+        let vm_id = connect.vm_id.clone();
+        self.sessions.spawn(async move {
+            let reason = run_session(&app, &vm_id, &handle, inbound, &tx).await;
+            app.stream_closed(&vm_id, &handle, reason).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Drives one stream until it ends; returns why it ended.
+async fn run_session(
+    app: &Controller,
+    vm_id: &str,
+    handle: &StreamHandle,
+    mut inbound: Streaming<MiGletMessage>,
+    tx: &Outbound,
+) -> &'static str {
+    let shutdown = app.shutdown_token().clone();
+    let redelivery = app.settings().redelivery_timeout;
+    let mut tick = tokio::time::interval(redelivery.max(Duration::from_secs(1)) / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut deliver = true;
+    let mut open = 0usize;
+    loop {
+        if deliver {
+            deliver = false;
+            match app.stream_deliverable(vm_id, handle).await {
+                Ok((commands, still_open)) => {
+                    open = still_open;
+                    for c in commands {
+                        if tx.send(Ok(msg(controller_message::Message::Command(c)))).await.is_err() {
+                            return "peer gone";
+                        }
+                    }
+                }
+                Err(e) => warn!(vm_id, error = %e, "Command delivery failed; will retry"),
+            }
+        }
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return "controller shutting down",
+            () = handle.replaced.cancelled() => {
+                let _ = tx.send(Err(Status::aborted("replaced by a newer stream for this VM"))).await;
+                return "replaced by a newer stream";
+            }
+            () = handle.nudge.notified() => deliver = true,
+            _ = tick.tick(), if open > 0 => deliver = true,
+            next = inbound.message() => match next {
+                Ok(Some(m)) => {
+                    if let Err(reason) = handle_message(app, vm_id, m, tx).await {
+                        return reason;
+                    }
+                    // An ack or event may have changed what is open.
+                    deliver = deliver || open > 0;
+                }
+                Ok(None) => return "stream ended by the agent",
+                Err(status) => {
+                    debug!(vm_id, code = ?status.code(), message = status.message(), "Stream receive failed");
+                    return "stream broken";
+                }
+            },
+        }
+    }
+}
+
+async fn handle_message(app: &Controller, vm_id: &str, m: MiGletMessage, tx: &Outbound) -> Result<(), &'static str> {
+    let reply = match m.message {
+        None => None,
+        Some(mi_glet_message::Message::Connect(_)) => Some(msg(controller_message::Message::ConnectAck(pb::ConnectAck {
+            accepted: true,
+            message: "Already connected".into(),
+            server_version: SERVER_VERSION.into(),
+        }))),
+        Some(mi_glet_message::Message::CommandAck(ack)) => {
+            let result: Map<String, Value> = ack.result.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+            match app
+                .ack_command(vm_id, &ack.command_id, ack.success, &ack.message, result, "grpc")
+                .await
+            {
+                Ok(_) => None,
+                Err(e) => Some(reject("invalid_ack", e)),
+            }
+        }
+        Some(mi_glet_message::Message::Event(ev)) => {
+            let raw = event_raw(&ev);
+            let report = EventReport::from_pb(&ev);
+            let event_id = report.event_id.clone();
+            match app.ingest_event(vm_id, report, raw, Transport::Grpc).await {
+                Ok(_) => event_id.map(|id| {
+                    msg(controller_message::Message::EventAck(pb::EventAck { event_ids: vec![id] }))
+                }),
+                Err(e) => Some(reject("invalid_event", e)),
+            }
+        }
+        Some(mi_glet_message::Message::Heartbeat(hb)) => {
+            match app.ingest_heartbeat(vm_id, HeartbeatReport::from_pb(&hb), Transport::Grpc).await {
+                Ok(()) => None,
+                Err(e) => Some(reject("invalid_heartbeat", e)),
+            }
+        }
+        Some(mi_glet_message::Message::Error(err)) => {
+            // An agent-side error is an `error` event.
+            let mut data = err.details.clone();
+            data.insert("code".into(), err.code.clone());
+            data.insert("message".into(), err.message.clone());
+            let ev = pb::EventNotification {
+                r#type: "error".into(),
+                vm_id: vm_id.to_owned(),
+                data,
+                timestamp: err.timestamp,
+                ..Default::default()
+            };
+            let raw = event_raw(&ev);
+            match app.ingest_event(vm_id, EventReport::from_pb(&ev), raw, Transport::Grpc).await {
+                Ok(_) => None,
+                Err(e) => Some(reject("invalid_error", e)),
+            }
+        }
+    };
+    if let Some(r) = reply {
+        if tx.send(Ok(r)).await.is_err() {
+            return Err("peer gone");
+        }
+    }
+    Ok(())
+}
+
+/// Bad input from the agent is answered with an `ErrorNotification` and the stream stays up;
+/// nothing is stored. Store failures are logged and reported as internal.
+fn reject(code: &str, e: ApiError) -> ControllerMessage {
+    let text = match &e {
+        ApiError::Store(inner) => {
+            warn!(error = %crate::error::chain(inner), "Store failure on the stream");
+            "internal error; send again".to_owned()
+        }
+        other => other.to_string(),
+    };
+    error_msg(code, text)
+}
+
+/// The gRPC event rendered as JSON, kept as the event's raw form.
+fn event_raw(ev: &pb::EventNotification) -> String {
+    let mut data: Vec<(&String, &String)> = ev.data.iter().collect();
+    data.sort();
+    serde_json::json!({
+        "type": ev.r#type,
+        "vm_id": ev.vm_id,
+        "pool_id": ev.pool_id,
+        "org_id": ev.org_id,
+        "data": data.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "timestamp": ev.timestamp,
+    })
+    .to_string()
+}

@@ -1,0 +1,442 @@
+//! The controller's durable store: every VM, event, heartbeat, registration and command.
+//!
+//! All SQL of the controller lives in this module, behind the one [`Store`] type; nothing
+//! else in the crate knows there is a database. Method names are resource-first
+//! (`vm_get`, `events_for_vm`, `commands_open_for_vm`, ...).
+//!
+//! Writes are expressed as data ([`Mutation`]) and handed to a single writer task that
+//! group-commits: every [`Store::write`] call is one atomic unit (a savepoint), many of them
+//! share one transaction and one fsync, and the call returns only after that transaction is
+//! durable. This gives the throughput of batching while each request is still acknowledged
+//! only after its data is on disk. Reads use a separate connection pool and see every
+//! committed write.
+//!
+//! Today the backend is SQLite (WAL, `synchronous=FULL`). A PostgreSQL backend will be a
+//! second implementation of the same methods, selected when the store is opened; the rest of
+//! the controller does not change.
+
+mod sqlite;
+
+use chrono::{DateTime, Utc};
+use miglet_proto::event::{CurrentJob, HealthFigures};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use thiserror::Error;
+
+pub use sqlite::SqliteStore;
+
+/// Unix milliseconds, the unit of every time column.
+pub type Millis = i64;
+
+pub fn millis(t: DateTime<Utc>) -> Millis {
+    t.timestamp_millis()
+}
+
+pub fn from_millis(ms: Millis) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// Store failures. Messages never contain stored data (which may hold secrets).
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("failed to open the database at {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("failed to apply migration {version} ({name})")]
+    Migrate {
+        version: i64,
+        name: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database query failed")]
+    Query(#[from] sqlx::Error),
+    #[error("stored row is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// Whether a VM is reporting as expected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Healthy,
+    /// Missed the configured number of heartbeat intervals.
+    Unhealthy,
+    /// Silent for much longer; presumed gone.
+    Lost,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+            Health::Lost => "lost",
+        }
+    }
+}
+
+impl FromStr for Health {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "healthy" => Health::Healthy,
+            "unhealthy" => Health::Unhealthy,
+            "lost" => Health::Lost,
+            other => return Err(StoreError::Corrupt(format!("health {other:?}"))),
+        })
+    }
+}
+
+/// Life of a queued command: `pending` -> `delivered` -> `acknowledged` | `failed`, or
+/// `expired` from either of the first two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandState {
+    Pending,
+    Delivered,
+    Acknowledged,
+    Failed,
+    Expired,
+}
+
+impl CommandState {
+    pub const OPEN: &'static [CommandState] = &[CommandState::Pending, CommandState::Delivered];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandState::Pending => "pending",
+            CommandState::Delivered => "delivered",
+            CommandState::Acknowledged => "acknowledged",
+            CommandState::Failed => "failed",
+            CommandState::Expired => "expired",
+        }
+    }
+
+    pub fn is_open(self) -> bool {
+        Self::OPEN.contains(&self)
+    }
+}
+
+impl fmt::Display for CommandState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for CommandState {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "pending" => CommandState::Pending,
+            "delivered" => CommandState::Delivered,
+            "acknowledged" => CommandState::Acknowledged,
+            "failed" => CommandState::Failed,
+            "expired" => CommandState::Expired,
+            other => return Err(StoreError::Corrupt(format!("command state {other:?}"))),
+        })
+    }
+}
+
+/// Everything the controller knows about one VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub vm_id: String,
+    pub pool_id: String,
+    pub org_id: String,
+    /// The agent's boot id, or one the controller made up for agents that send none.
+    pub boot_id: String,
+    /// Counts boots of this VM id, starting at 1.
+    pub boot_seq: i64,
+    pub booted_at: Millis,
+    /// The agent's lifecycle state as last reported (`miglet_state` names), or `terminated`.
+    pub state: String,
+    pub health: Health,
+    pub connected: bool,
+    pub last_seen_at: Millis,
+    pub last_heartbeat_at: Option<Millis>,
+    pub runner_state: Option<String>,
+    pub current_job: Option<CurrentJob>,
+    pub latest_health: Option<HealthFigures>,
+    /// The `register_runner` command issued for the current boot, if any.
+    pub registration_command_id: Option<String>,
+    /// The runner of the current boot is known to be registered (event or ack).
+    pub runner_registered: bool,
+    /// The agent has acknowledged commands before, so unacknowledged ones are redelivered
+    /// over HTTP too.
+    pub acks_commands: bool,
+    pub agent_version: Option<String>,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+/// An event as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub seq: i64,
+    pub vm_id: String,
+    pub event_id: Option<String>,
+    pub event_type: String,
+    pub boot_id: Option<String>,
+    /// `http` or `grpc`.
+    pub transport: String,
+    pub occurred_at: Option<Millis>,
+    pub received_at: Millis,
+    /// The normalized report (JSON of [`miglet_proto::event::EventReport`]).
+    pub data: String,
+    /// The body as received (HTTP) or the message rendered as JSON (gRPC).
+    pub raw: String,
+}
+
+/// A heartbeat as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeartbeatRow {
+    pub seq: i64,
+    pub vm_id: String,
+    pub transport: String,
+    pub occurred_at: Option<Millis>,
+    pub received_at: Millis,
+    pub miglet_state: Option<String>,
+    pub runner_state: Option<String>,
+    pub cpu_percent: Option<f64>,
+    pub memory_used_bytes: Option<i64>,
+    pub memory_total_bytes: Option<i64>,
+    pub disk_used_bytes: Option<i64>,
+    pub disk_total_bytes: Option<i64>,
+    /// JSON of [`miglet_proto::event::HeartbeatReport`].
+    pub report: String,
+}
+
+/// What the VM row learns from a heartbeat.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeartbeatVmUpdate {
+    pub vm_id: String,
+    pub at: Millis,
+    pub state: Option<String>,
+    pub runner_state: Option<String>,
+    pub current_job: Option<CurrentJob>,
+    pub latest_health: HealthFigures,
+}
+
+/// A registration config request and its (redacted) answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistrationRow {
+    pub seq: i64,
+    pub vm_id: String,
+    pub requested_at: Millis,
+    pub request: String,
+    pub response: String,
+}
+
+/// A queued command as stored. `parameters` never holds a secret.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CommandRecord {
+    pub seq: i64,
+    pub id: String,
+    pub vm_id: String,
+    pub boot_id: Option<String>,
+    pub command_type: String,
+    pub parameters: Map<String, Value>,
+    pub state: CommandState,
+    /// Who queued it: `controller` (automatic) or an operator name.
+    pub source: String,
+    pub created_at: Millis,
+    pub expires_at: Option<Millis>,
+    pub delivered_at: Option<Millis>,
+    /// `http`, or `grpc:<stream id>` for the stream it went out on.
+    pub delivered_via: Option<String>,
+    pub delivery_count: i64,
+    pub finished_at: Option<Millis>,
+    pub result_message: Option<String>,
+    pub result: Option<Map<String, Value>>,
+}
+
+/// One step in a command's history.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CommandTransition {
+    pub command_id: String,
+    pub at: Millis,
+    pub from_state: Option<String>,
+    pub to_state: String,
+    pub detail: Option<String>,
+}
+
+/// One entry of the controller's own log about a VM.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VmLogRow {
+    pub vm_id: String,
+    pub at: Millis,
+    pub kind: String,
+    pub detail: Option<String>,
+}
+
+/// A command the reconciler expired.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpiredCommand {
+    pub id: String,
+    pub vm_id: String,
+    pub command_type: String,
+}
+
+/// A VM whose health the reconciler changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthChange {
+    pub vm_id: String,
+    pub from: Health,
+    pub to: Health,
+}
+
+/// One write. A [`Store::write`] call applies a list of them atomically.
+#[derive(Debug, Clone)]
+pub enum Mutation {
+    /// Insert or replace the whole VM row.
+    PutVm(VmRecord),
+    /// Note contact with a VM (any message) and mark it healthy again.
+    TouchVm { vm_id: String, at: Millis },
+    SetConnected {
+        vm_id: String,
+        connected: bool,
+        at: Millis,
+    },
+    /// Insert an event unless its `(vm_id, event_id)` is stored already:
+    /// [`Outcome::Inserted`] says which.
+    InsertEvent(EventRow),
+    Heartbeat {
+        row: HeartbeatRow,
+        vm: HeartbeatVmUpdate,
+    },
+    InsertRegistration(RegistrationRow),
+    InsertCommand(CommandRecord),
+    /// Move a command to `to` if it is in one of `from`: [`Outcome::Applied`] says whether.
+    CommandTransition {
+        id: String,
+        from: &'static [CommandState],
+        to: CommandState,
+        at: Millis,
+        detail: Option<String>,
+        result_message: Option<String>,
+        result: Option<Map<String, Value>>,
+    },
+    /// Record that open commands went out on `via`.
+    MarkDelivered {
+        ids: Vec<String>,
+        at: Millis,
+        via: String,
+    },
+    VmLog(VmLogRow),
+    /// Expire every open command whose `expires_at` is at or before `now`:
+    /// [`Outcome::Expired`].
+    ExpireCommands { now: Millis },
+    /// Healthy VMs silent since before `unhealthy_before` become unhealthy, any VM silent
+    /// since before `lost_before` becomes lost; VMs that were shutting down become
+    /// `terminated` instead: [`Outcome::HealthChanged`].
+    MarkSilentVms {
+        now: Millis,
+        unhealthy_before: Millis,
+        lost_before: Millis,
+    },
+}
+
+/// The result of one [`Mutation`], in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Done,
+    Inserted(bool),
+    Applied(bool),
+    Expired(Vec<ExpiredCommand>),
+    HealthChanged(Vec<HealthChange>),
+}
+
+/// The store handle. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    backend: SqliteStore,
+}
+
+impl Store {
+    /// Opens (creating if needed) the embedded SQLite store in `data_dir` and applies any
+    /// pending migrations.
+    pub async fn open_sqlite(data_dir: &Path) -> Result<Store, StoreError> {
+        Ok(Store {
+            backend: SqliteStore::open(data_dir).await?,
+        })
+    }
+
+    /// Applies `batch` atomically; returns once it is durable.
+    pub async fn write(&self, batch: Vec<Mutation>) -> Result<Vec<Outcome>, StoreError> {
+        self.backend.write(batch).await
+    }
+
+    /// Commits everything queued, then stops the writer. Later writes fail with `Closed`.
+    pub async fn close(&self) {
+        self.backend.close().await;
+    }
+
+    pub async fn vm_get(&self, vm_id: &str) -> Result<Option<VmRecord>, StoreError> {
+        self.backend.vm_get(vm_id).await
+    }
+
+    pub async fn vms_list(&self) -> Result<Vec<VmRecord>, StoreError> {
+        self.backend.vms_list().await
+    }
+
+    /// VMs waiting in a pre-registration state with no live `register_runner`.
+    pub async fn vms_needing_registration(&self) -> Result<Vec<VmRecord>, StoreError> {
+        self.backend.vms_needing_registration().await
+    }
+
+    pub async fn event_exists(&self, vm_id: &str, event_id: &str) -> Result<bool, StoreError> {
+        self.backend.event_exists(vm_id, event_id).await
+    }
+
+    pub async fn events_for_vm(&self, vm_id: &str) -> Result<Vec<EventRow>, StoreError> {
+        self.backend.events_for_vm(vm_id).await
+    }
+
+    pub async fn heartbeats_for_vm(&self, vm_id: &str) -> Result<Vec<HeartbeatRow>, StoreError> {
+        self.backend.heartbeats_for_vm(vm_id).await
+    }
+
+    pub async fn registrations_for_vm(
+        &self,
+        vm_id: &str,
+    ) -> Result<Vec<RegistrationRow>, StoreError> {
+        self.backend.registrations_for_vm(vm_id).await
+    }
+
+    pub async fn command_get(&self, id: &str) -> Result<Option<CommandRecord>, StoreError> {
+        self.backend.command_get(id).await
+    }
+
+    /// Every command of a VM, oldest first.
+    pub async fn commands_for_vm(&self, vm_id: &str) -> Result<Vec<CommandRecord>, StoreError> {
+        self.backend.commands_for_vm(vm_id, false).await
+    }
+
+    /// Pending and delivered commands of a VM, in queue order.
+    pub async fn commands_open_for_vm(
+        &self,
+        vm_id: &str,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        self.backend.commands_for_vm(vm_id, true).await
+    }
+
+    pub async fn command_transitions(
+        &self,
+        command_id: &str,
+    ) -> Result<Vec<CommandTransition>, StoreError> {
+        self.backend.command_transitions(command_id).await
+    }
+
+    pub async fn vm_log_for_vm(&self, vm_id: &str) -> Result<Vec<VmLogRow>, StoreError> {
+        self.backend.vm_log_for_vm(vm_id).await
+    }
+}

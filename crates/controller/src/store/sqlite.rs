@@ -1,0 +1,819 @@
+//! SQLite implementation of the store (see the module docs of [`super`]).
+
+use super::*;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Connection, Row};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// Numbered migrations, applied in order, each once. Never edit a released one: add a new one.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+
+/// How many [`Store::write`] calls share one transaction at most.
+const MAX_GROUP: usize = 1024;
+/// Queue depth in front of the writer; callers wait (backpressure) when it is full.
+const QUEUE_DEPTH: usize = 8192;
+
+type Reply = oneshot::Sender<Result<Vec<Outcome>, StoreError>>;
+
+enum Msg {
+    Write(Vec<Mutation>, Reply),
+    Close(oneshot::Sender<()>),
+}
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    reads: SqlitePool,
+    writes: mpsc::Sender<Msg>,
+    writer: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl SqliteStore {
+    pub async fn open(data_dir: &Path) -> Result<SqliteStore, StoreError> {
+        let path = data_dir.join("controller.db");
+        let open_err = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(data_dir).map_err(|e| open_err(sqlx::Error::Io(e)))?;
+        let opts = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("temp_store", "memory")
+            .log_statements(tracing::log::LevelFilter::Trace);
+        let mut writer = opts.connect().await.map_err(open_err)?;
+        migrate(&mut writer).await?;
+        let reads = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .connect_with(opts.clone().read_only(true))
+            .await
+            .map_err(open_err)?;
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let handle = tokio::spawn(writer_loop(writer, rx));
+        Ok(SqliteStore {
+            reads,
+            writes: tx,
+            writer: Arc::new(Mutex::new(Some(handle))),
+        })
+    }
+
+    pub async fn write(&self, batch: Vec<Mutation>) -> Result<Vec<Outcome>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.writes
+            .send(Msg::Write(batch, reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub async fn close(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.writes.send(Msg::Close(done)).await.is_ok() {
+            let _ = rx.await;
+        }
+        if let Some(handle) = self.writer.lock().await.take() {
+            let _ = handle.await;
+        }
+        self.reads.close().await;
+    }
+
+    pub async fn vm_get(&self, vm_id: &str) -> Result<Option<VmRecord>, StoreError> {
+        sqlx::query("SELECT * FROM vms WHERE vm_id = ?")
+            .bind(vm_id)
+            .fetch_optional(&self.reads)
+            .await?
+            .map(|r| vm_from_row(&r))
+            .transpose()
+    }
+
+    pub async fn vms_list(&self) -> Result<Vec<VmRecord>, StoreError> {
+        sqlx::query("SELECT * FROM vms ORDER BY vm_id")
+            .fetch_all(&self.reads)
+            .await?
+            .iter()
+            .map(vm_from_row)
+            .collect()
+    }
+
+    pub async fn vms_needing_registration(&self) -> Result<Vec<VmRecord>, StoreError> {
+        sqlx::query(
+            "SELECT * FROM vms WHERE registration_command_id IS NULL AND runner_registered = 0 \
+             AND state IN ('ready', 'waiting_for_controller', 'initializing') \
+             AND health != 'lost' ORDER BY vm_id",
+        )
+        .fetch_all(&self.reads)
+        .await?
+        .iter()
+        .map(vm_from_row)
+        .collect()
+    }
+
+    pub async fn event_exists(&self, vm_id: &str, event_id: &str) -> Result<bool, StoreError> {
+        Ok(
+            sqlx::query("SELECT 1 FROM events WHERE vm_id = ? AND event_id = ?")
+                .bind(vm_id)
+                .bind(event_id)
+                .fetch_optional(&self.reads)
+                .await?
+                .is_some(),
+        )
+    }
+
+    pub async fn events_for_vm(&self, vm_id: &str) -> Result<Vec<EventRow>, StoreError> {
+        sqlx::query("SELECT * FROM events WHERE vm_id = ? ORDER BY seq")
+            .bind(vm_id)
+            .fetch_all(&self.reads)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(EventRow {
+                    seq: r.try_get("seq")?,
+                    vm_id: r.try_get("vm_id")?,
+                    event_id: r.try_get("event_id")?,
+                    event_type: r.try_get("event_type")?,
+                    boot_id: r.try_get("boot_id")?,
+                    transport: r.try_get("transport")?,
+                    occurred_at: r.try_get("occurred_at")?,
+                    received_at: r.try_get("received_at")?,
+                    data: r.try_get("data")?,
+                    raw: r.try_get("raw")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn heartbeats_for_vm(&self, vm_id: &str) -> Result<Vec<HeartbeatRow>, StoreError> {
+        sqlx::query("SELECT * FROM heartbeats WHERE vm_id = ? ORDER BY seq")
+            .bind(vm_id)
+            .fetch_all(&self.reads)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(HeartbeatRow {
+                    seq: r.try_get("seq")?,
+                    vm_id: r.try_get("vm_id")?,
+                    transport: r.try_get("transport")?,
+                    occurred_at: r.try_get("occurred_at")?,
+                    received_at: r.try_get("received_at")?,
+                    miglet_state: r.try_get("miglet_state")?,
+                    runner_state: r.try_get("runner_state")?,
+                    cpu_percent: r.try_get("cpu_percent")?,
+                    memory_used_bytes: r.try_get("memory_used_bytes")?,
+                    memory_total_bytes: r.try_get("memory_total_bytes")?,
+                    disk_used_bytes: r.try_get("disk_used_bytes")?,
+                    disk_total_bytes: r.try_get("disk_total_bytes")?,
+                    report: r.try_get("report")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn registrations_for_vm(
+        &self,
+        vm_id: &str,
+    ) -> Result<Vec<RegistrationRow>, StoreError> {
+        sqlx::query("SELECT * FROM registrations WHERE vm_id = ? ORDER BY seq")
+            .bind(vm_id)
+            .fetch_all(&self.reads)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(RegistrationRow {
+                    seq: r.try_get("seq")?,
+                    vm_id: r.try_get("vm_id")?,
+                    requested_at: r.try_get("requested_at")?,
+                    request: r.try_get("request")?,
+                    response: r.try_get("response")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn command_get(&self, id: &str) -> Result<Option<CommandRecord>, StoreError> {
+        sqlx::query("SELECT * FROM commands WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.reads)
+            .await?
+            .map(|r| command_from_row(&r))
+            .transpose()
+    }
+
+    pub async fn commands_for_vm(
+        &self,
+        vm_id: &str,
+        open_only: bool,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        let sql = if open_only {
+            "SELECT * FROM commands WHERE vm_id = ? AND state IN ('pending', 'delivered') ORDER BY seq"
+        } else {
+            "SELECT * FROM commands WHERE vm_id = ? ORDER BY seq"
+        };
+        sqlx::query(sql)
+            .bind(vm_id)
+            .fetch_all(&self.reads)
+            .await?
+            .iter()
+            .map(command_from_row)
+            .collect()
+    }
+
+    pub async fn command_transitions(
+        &self,
+        command_id: &str,
+    ) -> Result<Vec<CommandTransition>, StoreError> {
+        sqlx::query("SELECT * FROM command_transitions WHERE command_id = ? ORDER BY seq")
+            .bind(command_id)
+            .fetch_all(&self.reads)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(CommandTransition {
+                    command_id: r.try_get("command_id")?,
+                    at: r.try_get("at")?,
+                    from_state: r.try_get("from_state")?,
+                    to_state: r.try_get("to_state")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn vm_log_for_vm(&self, vm_id: &str) -> Result<Vec<VmLogRow>, StoreError> {
+        sqlx::query("SELECT * FROM vm_log WHERE vm_id = ? ORDER BY seq")
+            .bind(vm_id)
+            .fetch_all(&self.reads)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(VmLogRow {
+                    vm_id: r.try_get("vm_id")?,
+                    at: r.try_get("at")?,
+                    kind: r.try_get("kind")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+}
+
+async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY NOT NULL, \
+         name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+    )
+    .execute(&mut *conn)
+    .await?;
+    for &(version, name, sql) in MIGRATIONS {
+        let applied = sqlx::query("SELECT 1 FROM schema_migrations WHERE version = ?")
+            .bind(version)
+            .fetch_optional(&mut *conn)
+            .await?
+            .is_some();
+        if applied {
+            continue;
+        }
+        let err = |source| StoreError::Migrate {
+            version,
+            name,
+            source,
+        };
+        let mut tx = conn.begin().await.map_err(err)?;
+        sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(err)?;
+        sqlx::query("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)")
+            .bind(version)
+            .bind(name)
+            .bind(Utc::now().timestamp_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        tracing::info!(version, name, "Applied store migration");
+    }
+    Ok(())
+}
+
+/// The single writer: takes every queued write, applies each in its own savepoint inside one
+/// transaction, commits (one fsync for the group), then answers every caller.
+async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>) {
+    let mut closing: Option<oneshot::Sender<()>> = None;
+    while let Some(first) = rx.recv().await {
+        let mut group: Vec<(Vec<Mutation>, Reply)> = Vec::new();
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Write(batch, reply) => group.push((batch, reply)),
+                Msg::Close(done) => closing = Some(done),
+            }
+            if group.len() < MAX_GROUP && closing.is_none() {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !group.is_empty() {
+            commit_group(&mut conn, group).await;
+        }
+        if closing.is_some() {
+            // Commit whatever is still queued, then stop.
+            rx.close();
+            let mut rest = Vec::new();
+            while let Ok(msg) = rx.try_recv() {
+                if let Msg::Write(batch, reply) = msg {
+                    rest.push((batch, reply));
+                }
+            }
+            if !rest.is_empty() {
+                commit_group(&mut conn, rest).await;
+            }
+            break;
+        }
+    }
+    if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&mut conn).await {
+        tracing::warn!(error = %e, "WAL checkpoint at close failed");
+    }
+    let _ = conn.close().await;
+    if let Some(done) = closing {
+        let _ = done.send(());
+    }
+}
+
+async fn commit_group(conn: &mut SqliteConnection, group: Vec<(Vec<Mutation>, Reply)>) {
+    let started = std::time::Instant::now();
+    let size = group.len();
+    let mut results: Vec<(Reply, Result<Vec<Outcome>, StoreError>)> = Vec::with_capacity(size);
+    if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
+        for (_, reply) in group {
+            let _ = reply.send(Err(StoreError::Query(clone_err(&e))));
+        }
+        return;
+    }
+    for (batch, reply) in group {
+        let res = apply_in_savepoint(conn, batch).await;
+        results.push((reply, res));
+    }
+    match sqlx::query("COMMIT").execute(&mut *conn).await {
+        Ok(_) => {
+            for (reply, res) in results {
+                let _ = reply.send(res);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "Store commit failed; the whole group is rejected");
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            for (reply, _) in results {
+                let _ = reply.send(Err(StoreError::Query(clone_err(&e))));
+            }
+        }
+    }
+    tracing::trace!(size, elapsed_us = started.elapsed().as_micros() as u64, "Store group committed");
+}
+
+fn clone_err(e: &sqlx::Error) -> sqlx::Error {
+    sqlx::Error::Protocol(e.to_string())
+}
+
+async fn apply_in_savepoint(
+    conn: &mut SqliteConnection,
+    batch: Vec<Mutation>,
+) -> Result<Vec<Outcome>, StoreError> {
+    sqlx::query("SAVEPOINT w").execute(&mut *conn).await?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for m in batch {
+        match apply(conn, m).await {
+            Ok(o) => outcomes.push(o),
+            Err(e) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT w").execute(&mut *conn).await?;
+                sqlx::query("RELEASE SAVEPOINT w").execute(&mut *conn).await?;
+                return Err(e);
+            }
+        }
+    }
+    sqlx::query("RELEASE SAVEPOINT w").execute(&mut *conn).await?;
+    Ok(outcomes)
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn opt_json<T: Serialize>(v: &Option<T>) -> Result<Option<String>, StoreError> {
+    v.as_ref().map(to_json).transpose()
+}
+
+async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Outcome, StoreError> {
+    match m {
+        Mutation::PutVm(vm) => {
+            sqlx::query(
+                "INSERT OR REPLACE INTO vms (vm_id, pool_id, org_id, boot_id, boot_seq, booted_at, \
+                 state, health, connected, last_seen_at, last_heartbeat_at, runner_state, current_job, \
+                 latest_health, registration_command_id, runner_registered, acks_commands, \
+                 agent_version, created_at, updated_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&vm.vm_id)
+            .bind(&vm.pool_id)
+            .bind(&vm.org_id)
+            .bind(&vm.boot_id)
+            .bind(vm.boot_seq)
+            .bind(vm.booted_at)
+            .bind(&vm.state)
+            .bind(vm.health.as_str())
+            .bind(vm.connected)
+            .bind(vm.last_seen_at)
+            .bind(vm.last_heartbeat_at)
+            .bind(&vm.runner_state)
+            .bind(opt_json(&vm.current_job)?)
+            .bind(opt_json(&vm.latest_health)?)
+            .bind(&vm.registration_command_id)
+            .bind(vm.runner_registered)
+            .bind(vm.acks_commands)
+            .bind(&vm.agent_version)
+            .bind(vm.created_at)
+            .bind(vm.updated_at)
+            .execute(&mut *conn)
+            .await?;
+            Ok(Outcome::Done)
+        }
+        Mutation::TouchVm { vm_id, at } => {
+            log_recovery(conn, &vm_id, at).await?;
+            sqlx::query(
+                "UPDATE vms SET last_seen_at = MAX(last_seen_at, ?), health = 'healthy', \
+                 updated_at = ? WHERE vm_id = ?",
+            )
+            .bind(at)
+            .bind(at)
+            .bind(&vm_id)
+            .execute(&mut *conn)
+            .await?;
+            Ok(Outcome::Done)
+        }
+        Mutation::SetConnected {
+            vm_id,
+            connected,
+            at,
+        } => {
+            sqlx::query("UPDATE vms SET connected = ?, updated_at = ? WHERE vm_id = ?")
+                .bind(connected)
+                .bind(at)
+                .bind(&vm_id)
+                .execute(&mut *conn)
+                .await?;
+            Ok(Outcome::Done)
+        }
+        Mutation::InsertEvent(e) => {
+            let res = sqlx::query(
+                "INSERT INTO events (vm_id, event_id, event_type, boot_id, transport, occurred_at, \
+                 received_at, data, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (vm_id, event_id) WHERE event_id IS NOT NULL DO NOTHING",
+            )
+            .bind(&e.vm_id)
+            .bind(&e.event_id)
+            .bind(&e.event_type)
+            .bind(&e.boot_id)
+            .bind(&e.transport)
+            .bind(e.occurred_at)
+            .bind(e.received_at)
+            .bind(&e.data)
+            .bind(&e.raw)
+            .execute(&mut *conn)
+            .await?;
+            Ok(Outcome::Inserted(res.rows_affected() == 1))
+        }
+        Mutation::Heartbeat { row, vm } => {
+            sqlx::query(
+                "INSERT INTO heartbeats (vm_id, transport, occurred_at, received_at, miglet_state, \
+                 runner_state, cpu_percent, memory_used_bytes, memory_total_bytes, disk_used_bytes, \
+                 disk_total_bytes, report) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&row.vm_id)
+            .bind(&row.transport)
+            .bind(row.occurred_at)
+            .bind(row.received_at)
+            .bind(&row.miglet_state)
+            .bind(&row.runner_state)
+            .bind(row.cpu_percent)
+            .bind(row.memory_used_bytes)
+            .bind(row.memory_total_bytes)
+            .bind(row.disk_used_bytes)
+            .bind(row.disk_total_bytes)
+            .bind(&row.report)
+            .execute(&mut *conn)
+            .await?;
+            log_recovery(conn, &vm.vm_id, vm.at).await?;
+            sqlx::query(
+                "UPDATE vms SET last_seen_at = MAX(last_seen_at, ?1), last_heartbeat_at = ?1, \
+                 health = 'healthy', state = COALESCE(?2, state), runner_state = COALESCE(?3, runner_state), \
+                 current_job = ?4, latest_health = ?5, updated_at = ?1 WHERE vm_id = ?6",
+            )
+            .bind(vm.at)
+            .bind(&vm.state)
+            .bind(&vm.runner_state)
+            .bind(opt_json(&vm.current_job)?)
+            .bind(to_json(&vm.latest_health)?)
+            .bind(&vm.vm_id)
+            .execute(&mut *conn)
+            .await?;
+            Ok(Outcome::Done)
+        }
+        Mutation::InsertRegistration(r) => {
+            sqlx::query(
+                "INSERT INTO registrations (vm_id, requested_at, request, response) VALUES (?, ?, ?, ?)",
+            )
+            .bind(&r.vm_id)
+            .bind(r.requested_at)
+            .bind(&r.request)
+            .bind(&r.response)
+            .execute(&mut *conn)
+            .await?;
+            Ok(Outcome::Done)
+        }
+        Mutation::InsertCommand(c) => {
+            sqlx::query(
+                "INSERT INTO commands (id, vm_id, boot_id, command_type, parameters, state, source, \
+                 created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&c.id)
+            .bind(&c.vm_id)
+            .bind(&c.boot_id)
+            .bind(&c.command_type)
+            .bind(to_json(&c.parameters)?)
+            .bind(c.state.as_str())
+            .bind(&c.source)
+            .bind(c.created_at)
+            .bind(c.expires_at)
+            .execute(&mut *conn)
+            .await?;
+            insert_transition(conn, &c.id, c.created_at, None, c.state, Some(&c.source)).await?;
+            Ok(Outcome::Done)
+        }
+        Mutation::CommandTransition {
+            id,
+            from,
+            to,
+            at,
+            detail,
+            result_message,
+            result,
+        } => {
+            let current: Option<String> = sqlx::query_scalar("SELECT state FROM commands WHERE id = ?")
+                .bind(&id)
+                .fetch_optional(&mut *conn)
+                .await?;
+            let Some(current) = current else {
+                return Ok(Outcome::Applied(false));
+            };
+            let current: CommandState = current.parse()?;
+            if !from.contains(&current) {
+                return Ok(Outcome::Applied(false));
+            }
+            let finished = (!to.is_open()).then_some(at);
+            sqlx::query(
+                "UPDATE commands SET state = ?, finished_at = COALESCE(?, finished_at), \
+                 result_message = COALESCE(?, result_message), result = COALESCE(?, result) WHERE id = ?",
+            )
+            .bind(to.as_str())
+            .bind(finished)
+            .bind(&result_message)
+            .bind(opt_json(&result)?)
+            .bind(&id)
+            .execute(&mut *conn)
+            .await?;
+            insert_transition(conn, &id, at, Some(current), to, detail.as_deref()).await?;
+            Ok(Outcome::Applied(true))
+        }
+        Mutation::MarkDelivered { ids, at, via } => {
+            for id in ids {
+                let res = sqlx::query(
+                    "UPDATE commands SET state = 'delivered', delivered_at = ?, delivered_via = ?, \
+                     delivery_count = delivery_count + 1 WHERE id = ? AND state IN ('pending', 'delivered')",
+                )
+                .bind(at)
+                .bind(&via)
+                .bind(&id)
+                .execute(&mut *conn)
+                .await?;
+                if res.rows_affected() == 1 {
+                    sqlx::query(
+                        "INSERT INTO command_transitions (command_id, at, from_state, to_state, detail) \
+                         VALUES (?, ?, NULL, 'delivered', ?)",
+                    )
+                    .bind(&id)
+                    .bind(at)
+                    .bind(&via)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+            }
+            Ok(Outcome::Done)
+        }
+        Mutation::VmLog(row) => {
+            sqlx::query("INSERT INTO vm_log (vm_id, at, kind, detail) VALUES (?, ?, ?, ?)")
+                .bind(&row.vm_id)
+                .bind(row.at)
+                .bind(&row.kind)
+                .bind(&row.detail)
+                .execute(&mut *conn)
+                .await?;
+            Ok(Outcome::Done)
+        }
+        Mutation::ExpireCommands { now } => {
+            let rows = sqlx::query(
+                "UPDATE commands SET state = 'expired', finished_at = ?1, \
+                 result_message = COALESCE(result_message, 'expired before acknowledgment') \
+                 WHERE state IN ('pending', 'delivered') AND expires_at IS NOT NULL AND expires_at <= ?1 \
+                 RETURNING id, vm_id, command_type",
+            )
+            .bind(now)
+            .fetch_all(&mut *conn)
+            .await?;
+            let mut expired = Vec::with_capacity(rows.len());
+            for r in rows {
+                let e = ExpiredCommand {
+                    id: r.try_get("id")?,
+                    vm_id: r.try_get("vm_id")?,
+                    command_type: r.try_get("command_type")?,
+                };
+                sqlx::query(
+                    "INSERT INTO command_transitions (command_id, at, from_state, to_state, detail) \
+                     VALUES (?, ?, NULL, 'expired', 'expires_at passed')",
+                )
+                .bind(&e.id)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+                sqlx::query(
+                    "UPDATE vms SET registration_command_id = NULL, updated_at = ? \
+                     WHERE vm_id = ? AND registration_command_id = ?",
+                )
+                .bind(now)
+                .bind(&e.vm_id)
+                .bind(&e.id)
+                .execute(&mut *conn)
+                .await?;
+                expired.push(e);
+            }
+            Ok(Outcome::Expired(expired))
+        }
+        Mutation::MarkSilentVms {
+            now,
+            unhealthy_before,
+            lost_before,
+        } => {
+            let mut changes = Vec::new();
+            // Shutting-down VMs that went quiet are done, not sick.
+            let ended = sqlx::query(
+                "UPDATE vms SET state = 'terminated', connected = 0, updated_at = ?1 \
+                 WHERE state = 'shutting_down' AND last_seen_at < ?2 AND connected = 0 RETURNING vm_id",
+            )
+            .bind(now)
+            .bind(unhealthy_before)
+            .fetch_all(&mut *conn)
+            .await?;
+            for r in ended {
+                let vm_id: String = r.try_get("vm_id")?;
+                insert_vm_log(conn, &vm_id, now, "terminated", Some("silent after shutting down")).await?;
+            }
+            for (to, before, from_states) in [
+                (Health::Lost, lost_before, "('healthy', 'unhealthy')"),
+                (Health::Unhealthy, unhealthy_before, "('healthy')"),
+            ] {
+                let sql = format!(
+                    "SELECT vm_id, health FROM vms WHERE health IN {from_states} \
+                     AND last_seen_at < ? AND state != 'terminated'"
+                );
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(before)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                for r in rows {
+                    let vm_id: String = r.try_get("vm_id")?;
+                    let old: String = r.try_get("health")?;
+                    let from: Health = old.parse()?;
+                    sqlx::query("UPDATE vms SET health = ?, updated_at = ? WHERE vm_id = ?")
+                        .bind(to.as_str())
+                        .bind(now)
+                        .bind(&vm_id)
+                        .execute(&mut *conn)
+                        .await?;
+                    let detail = format!("{} -> {}", from.as_str(), to.as_str());
+                    insert_vm_log(conn, &vm_id, now, "health_changed", Some(&detail)).await?;
+                    changes.push(HealthChange { vm_id, from, to });
+                }
+            }
+            Ok(Outcome::HealthChanged(changes))
+        }
+    }
+}
+
+/// A VM that was unhealthy or lost and is heard from again: note it in its log.
+async fn log_recovery(conn: &mut SqliteConnection, vm_id: &str, at: Millis) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO vm_log (vm_id, at, kind, detail) SELECT vm_id, ?, 'health_changed', \
+         health || ' -> healthy' FROM vms WHERE vm_id = ? AND health != 'healthy'",
+    )
+    .bind(at)
+    .bind(vm_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn insert_vm_log(
+    conn: &mut SqliteConnection,
+    vm_id: &str,
+    at: Millis,
+    kind: &str,
+    detail: Option<&str>,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO vm_log (vm_id, at, kind, detail) VALUES (?, ?, ?, ?)")
+        .bind(vm_id)
+        .bind(at)
+        .bind(kind)
+        .bind(detail)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+async fn insert_transition(
+    conn: &mut SqliteConnection,
+    id: &str,
+    at: Millis,
+    from: Option<CommandState>,
+    to: CommandState,
+    detail: Option<&str>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO command_transitions (command_id, at, from_state, to_state, detail) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(id)
+    .bind(at)
+    .bind(from.map(CommandState::as_str))
+    .bind(to.as_str())
+    .bind(detail)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(col: &str, s: Option<String>) -> Result<Option<T>, StoreError> {
+    s.map(|s| serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(format!("{col}: {e}"))))
+        .transpose()
+}
+
+fn vm_from_row(r: &SqliteRow) -> Result<VmRecord, StoreError> {
+    let health: String = r.try_get("health")?;
+    Ok(VmRecord {
+        vm_id: r.try_get("vm_id")?,
+        pool_id: r.try_get("pool_id")?,
+        org_id: r.try_get("org_id")?,
+        boot_id: r.try_get("boot_id")?,
+        boot_seq: r.try_get("boot_seq")?,
+        booted_at: r.try_get("booted_at")?,
+        state: r.try_get("state")?,
+        health: health.parse()?,
+        connected: r.try_get("connected")?,
+        last_seen_at: r.try_get("last_seen_at")?,
+        last_heartbeat_at: r.try_get("last_heartbeat_at")?,
+        runner_state: r.try_get("runner_state")?,
+        current_job: parse_json("current_job", r.try_get("current_job")?)?,
+        latest_health: parse_json("latest_health", r.try_get("latest_health")?)?,
+        registration_command_id: r.try_get("registration_command_id")?,
+        runner_registered: r.try_get("runner_registered")?,
+        acks_commands: r.try_get("acks_commands")?,
+        agent_version: r.try_get("agent_version")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+fn command_from_row(r: &SqliteRow) -> Result<CommandRecord, StoreError> {
+    let state: String = r.try_get("state")?;
+    let params: String = r.try_get("parameters")?;
+    Ok(CommandRecord {
+        seq: r.try_get("seq")?,
+        id: r.try_get("id")?,
+        vm_id: r.try_get("vm_id")?,
+        boot_id: r.try_get("boot_id")?,
+        command_type: r.try_get("command_type")?,
+        parameters: serde_json::from_str(&params)
+            .map_err(|e| StoreError::Corrupt(format!("parameters: {e}")))?,
+        state: state.parse()?,
+        source: r.try_get("source")?,
+        created_at: r.try_get("created_at")?,
+        expires_at: r.try_get("expires_at")?,
+        delivered_at: r.try_get("delivered_at")?,
+        delivered_via: r.try_get("delivered_via")?,
+        delivery_count: r.try_get("delivery_count")?,
+        finished_at: r.try_get("finished_at")?,
+        result_message: r.try_get("result_message")?,
+        result: parse_json("result", r.try_get("result")?)?,
+    })
+}

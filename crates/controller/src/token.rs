@@ -1,0 +1,182 @@
+//! Where registration config comes from: per-pool runner settings plus a token source.
+//!
+//! [`TokenSource`] is the seam for GitHub App / PAT minting (a later issue). Today there are
+//! two sources: a static token from the config, and a token file re-read on every use (so a
+//! sidecar can rotate it).
+
+use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+
+/// A registration token with its expiry. `Debug` never shows the token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IssuedToken {
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("token", &"[REDACTED]")
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum TokenError {
+    #[error("failed to read token file {path}")]
+    ReadFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("token file {path} is empty")]
+    EmptyFile { path: String },
+    #[error("no registration config for pool {0:?}")]
+    UnknownPool(String),
+}
+
+pub type TokenFuture<'a> = Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>>;
+
+/// Produces registration tokens for one pool.
+pub trait TokenSource: Send + Sync + fmt::Debug {
+    fn registration_token(&self) -> TokenFuture<'_>;
+}
+
+/// A fixed token, treated as valid for `ttl` from each issue.
+pub struct StaticToken {
+    token: String,
+    ttl: Duration,
+}
+
+impl StaticToken {
+    pub fn new(token: String, ttl: Duration) -> StaticToken {
+        StaticToken { token, ttl }
+    }
+}
+
+impl fmt::Debug for StaticToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StaticToken").field("ttl", &self.ttl).finish_non_exhaustive()
+    }
+}
+
+fn expiry(ttl: Duration) -> DateTime<Utc> {
+    Utc::now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(1))
+}
+
+impl TokenSource for StaticToken {
+    fn registration_token(&self) -> TokenFuture<'_> {
+        let issued = IssuedToken {
+            token: self.token.clone(),
+            expires_at: expiry(self.ttl),
+        };
+        Box::pin(async move { Ok(issued) })
+    }
+}
+
+/// A token read from a file (whitespace-trimmed) at every use.
+#[derive(Debug)]
+pub struct TokenFile {
+    path: PathBuf,
+    ttl: Duration,
+}
+
+impl TokenFile {
+    pub fn new(path: PathBuf, ttl: Duration) -> TokenFile {
+        TokenFile { path, ttl }
+    }
+}
+
+impl TokenSource for TokenFile {
+    fn registration_token(&self) -> TokenFuture<'_> {
+        Box::pin(async move {
+            let path = self.path.display().to_string();
+            let text = tokio::fs::read_to_string(&self.path)
+                .await
+                .map_err(|source| TokenError::ReadFile { path: path.clone(), source })?;
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(TokenError::EmptyFile { path });
+            }
+            Ok(IssuedToken {
+                token: token.to_owned(),
+                expires_at: expiry(self.ttl),
+            })
+        })
+    }
+}
+
+/// Runner settings and token source of one pool.
+#[derive(Debug, Clone)]
+pub struct PoolRegistration {
+    pub runner_url: String,
+    pub runner_group: String,
+    pub labels: Vec<String>,
+    pub token: Arc<dyn TokenSource>,
+}
+
+/// Registration config by pool id, with an optional fallback for pools not listed.
+#[derive(Debug, Clone, Default)]
+pub struct Pools {
+    by_id: HashMap<String, PoolRegistration>,
+    fallback: Option<PoolRegistration>,
+}
+
+impl Pools {
+    pub fn new(by_id: HashMap<String, PoolRegistration>, fallback: Option<PoolRegistration>) -> Pools {
+        Pools { by_id, fallback }
+    }
+
+    pub fn get(&self, pool_id: &str) -> Result<&PoolRegistration, TokenError> {
+        self.by_id
+            .get(pool_id)
+            .or(self.fallback.as_ref())
+            .ok_or_else(|| TokenError::UnknownPool(pool_id.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn token_file_is_reread_and_trimmed() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  first\n")?;
+        let src = TokenFile::new(path.clone(), Duration::from_secs(60));
+        assert_eq!(src.registration_token().await?.token, "first");
+        std::fs::write(&path, "second")?;
+        let t = src.registration_token().await?;
+        assert_eq!(t.token, "second");
+        assert!(t.expires_at > Utc::now());
+        assert!(!format!("{t:?}").contains("second"));
+        std::fs::write(&path, "\n")?;
+        assert!(matches!(src.registration_token().await, Err(TokenError::EmptyFile { .. })));
+        Ok(())
+    }
+
+    #[test]
+    fn pools_fall_back() {
+        let reg = |url: &str| PoolRegistration {
+            runner_url: url.into(),
+            runner_group: "default".into(),
+            labels: vec![],
+            token: Arc::new(StaticToken::new("t".into(), Duration::from_secs(1))),
+        };
+        let pools = Pools::new([("a".to_owned(), reg("A"))].into(), None);
+        assert!(pools.get("b").is_err());
+        let pools = Pools::new([("a".to_owned(), reg("A"))].into(), Some(reg("ANY")));
+        assert_eq!(pools.get("a").map(|p| p.runner_url.as_str()).ok(), Some("A"));
+        assert_eq!(pools.get("b").map(|p| p.runner_url.as_str()).ok(), Some("ANY"));
+    }
+}
