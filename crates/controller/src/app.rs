@@ -95,7 +95,11 @@ fn check_body_vm(path_vm: &str, body_vm: Option<&str>) -> Result<(), ApiError> {
 }
 
 impl Controller {
-    pub fn new(store: Store, settings: Arc<Settings>, shutdown: CancellationToken) -> Arc<Controller> {
+    pub fn new(
+        store: Store,
+        settings: Arc<Settings>,
+        shutdown: CancellationToken,
+    ) -> Arc<Controller> {
         Arc::new(Controller {
             store,
             settings,
@@ -143,13 +147,16 @@ impl Controller {
         let now = now_ms();
         let _guard = self.locks.lock(vm_id).await;
         let existing = self.store.vm_get(vm_id).await?;
-        if let Some(event_id) = &report.event_id {
-            if self.store.event_exists(vm_id, event_id).await? {
-                let vm = existing.unwrap_or_else(|| {
-                    lifecycle::adopt(vm_id, report.pool_id.as_deref(), None, None, now)
-                });
-                return Ok(EventAccepted { vm, duplicate: true });
-            }
+        if let Some(event_id) = &report.event_id
+            && self.store.event_exists(vm_id, event_id).await?
+        {
+            let vm = existing.unwrap_or_else(|| {
+                lifecycle::adopt(vm_id, report.pool_id.as_deref(), None, None, now)
+            });
+            return Ok(EventAccepted {
+                vm,
+                duplicate: true,
+            });
         }
         let kind = report.kind();
         let mut batch = Vec::with_capacity(4);
@@ -186,7 +193,8 @@ impl Controller {
         if new_boot {
             self.push_new_boot(&mut batch, existing.as_ref(), &vm, now, "vm_started");
         }
-        let data = serde_json::to_string(&report).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let data =
+            serde_json::to_string(&report).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         batch.push(Mutation::InsertEvent(EventRow {
             seq: 0,
             vm_id: vm_id.to_owned(),
@@ -208,12 +216,22 @@ impl Controller {
         if lifecycle::needs_registration(&vm) {
             self.issue_registration_locked(&mut vm).await?;
         }
-        Ok(EventAccepted { vm, duplicate: false })
+        Ok(EventAccepted {
+            vm,
+            duplicate: false,
+        })
     }
 
     /// The writes that open a new boot: the old boot's unfinished registration is superseded
     /// and the boot is logged.
-    fn push_new_boot(&self, batch: &mut Vec<Mutation>, old: Option<&VmRecord>, vm: &VmRecord, now: Millis, via: &str) {
+    fn push_new_boot(
+        &self,
+        batch: &mut Vec<Mutation>,
+        old: Option<&VmRecord>,
+        vm: &VmRecord,
+        now: Millis,
+        via: &str,
+    ) {
         if let Some(old_reg) = old.and_then(|o| o.registration_command_id.clone()) {
             batch.push(Mutation::CommandTransition {
                 id: old_reg,
@@ -229,7 +247,9 @@ impl Controller {
             vm_id: vm.vm_id.clone(),
             at: now,
             kind: "boot_started".into(),
-            detail: Some(json!({"boot_id": vm.boot_id, "boot_seq": vm.boot_seq, "via": via}).to_string()),
+            detail: Some(
+                json!({"boot_id": vm.boot_id, "boot_seq": vm.boot_seq, "via": via}).to_string(),
+            ),
         }));
     }
 
@@ -262,7 +282,9 @@ impl Controller {
             }
         };
         let current = lifecycle::is_current_boot(&vm, report.boot_id.as_deref());
-        let state = current.then(|| lifecycle::heartbeat_state(&report)).flatten();
+        let state = current
+            .then(|| lifecycle::heartbeat_state(&report))
+            .flatten();
         let current_job = match (&report.current_job, &vm.current_job) {
             _ if !current => vm.current_job.clone(),
             // The job event knew more (name, branch, ...) than a heartbeat carries.
@@ -292,7 +314,11 @@ impl Controller {
                 vm_id: vm_id.to_owned(),
                 at: now,
                 state,
-                runner_state: if current { report.runner_state.clone() } else { None },
+                runner_state: if current {
+                    report.runner_state.clone()
+                } else {
+                    None
+                },
                 current_job,
                 latest_health: report.health.clone(),
             },
@@ -314,7 +340,14 @@ impl Controller {
         }
         let now = now_ms();
         let envelopes = self
-            .deliver_locked(&vm, Channel::Http { acks: vm.acks_commands }, "http", now)
+            .deliver_locked(
+                &vm,
+                Channel::Http {
+                    acks: vm.acks_commands,
+                },
+                "http",
+                now,
+            )
             .await?;
         Ok(envelopes.iter().map(CommandEnvelope::to_json).collect())
     }
@@ -358,20 +391,29 @@ impl Controller {
 
     /// Turns a stored command back into the typed command, filling in secrets that are never
     /// stored (the registration token comes fresh from the pool's token source).
-    async fn materialize(&self, vm: &VmRecord, c: &CommandRecord) -> Result<CommandEnvelope, String> {
-        let mut command = Command::from_json_parameters(&c.command_type, &c.parameters).map_err(|e| e.to_string())?;
-        if let Command::RegisterRunner(r) = &mut command {
-            if r.registration_token.as_deref() == Some(REDACTED) {
-                let reg = self.settings.pools.get(&vm.pool_id).map_err(|e| e.to_string())?;
-                let token = reg
-                    .token
-                    .registration_token()
-                    .await
-                    .map_err(|e| crate::error::chain(&e))?;
-                r.registration_token = Some(token.token);
-                let stored = c.expires_at.map(crate::store::from_millis);
-                r.expires_at = Some(stored.map_or(token.expires_at, |s| s.min(token.expires_at)));
-            }
+    async fn materialize(
+        &self,
+        vm: &VmRecord,
+        c: &CommandRecord,
+    ) -> Result<CommandEnvelope, String> {
+        let mut command = Command::from_json_parameters(&c.command_type, &c.parameters)
+            .map_err(|e| e.to_string())?;
+        if let Command::RegisterRunner(r) = &mut command
+            && r.registration_token.as_deref() == Some(REDACTED)
+        {
+            let reg = self
+                .settings
+                .pools
+                .get(&vm.pool_id)
+                .map_err(|e| e.to_string())?;
+            let token = reg
+                .token
+                .registration_token()
+                .await
+                .map_err(|e| crate::error::chain(&e))?;
+            r.registration_token = Some(token.token);
+            let stored = c.expires_at.map(crate::store::from_millis);
+            r.expires_at = Some(stored.map_or(token.expires_at, |s| s.min(token.expires_at)));
         }
         Ok(CommandEnvelope {
             id: c.id.clone(),
@@ -434,7 +476,10 @@ impl Controller {
         vm.registration_command_id = Some(id.clone());
         vm.updated_at = now;
         self.store
-            .write(vec![Mutation::InsertCommand(record), Mutation::PutVm(vm.clone())])
+            .write(vec![
+                Mutation::InsertCommand(record),
+                Mutation::PutVm(vm.clone()),
+            ])
             .await?;
         info!(vm_id = %vm.vm_id, command_id = %id, boot_id = %vm.boot_id, "Queued register_runner");
         self.streams.nudge(&vm.vm_id);
@@ -458,10 +503,16 @@ impl Controller {
         let cmd = match self.store.command_get(command_id).await? {
             Some(c) if c.vm_id == vm_id => c,
             _ => {
-                return Err(ApiError::NotFound(format!("no command {command_id:?} for VM {vm_id:?}")));
+                return Err(ApiError::NotFound(format!(
+                    "no command {command_id:?} for VM {vm_id:?}"
+                )));
             }
         };
-        let to = if success { CommandState::Acknowledged } else { CommandState::Failed };
+        let to = if success {
+            CommandState::Acknowledged
+        } else {
+            CommandState::Failed
+        };
         let mut msg = message.to_owned();
         if msg.len() > MAX_ACK_MESSAGE {
             let mut cut = MAX_ACK_MESSAGE;
@@ -473,19 +524,23 @@ impl Controller {
         let now = now_ms();
         let mut batch = vec![Mutation::CommandTransition {
             id: cmd.id.clone(),
-            from: &[CommandState::Pending, CommandState::Delivered, CommandState::Expired],
+            from: &[
+                CommandState::Pending,
+                CommandState::Delivered,
+                CommandState::Expired,
+            ],
             to,
             at: now,
             detail: Some(format!("ack via {via}")),
             result_message: Some(msg.clone()),
             result: (!result.is_empty()).then_some(result),
         }];
-        if let Some(mut vm) = self.store.vm_get(vm_id).await? {
-            if !vm.acks_commands {
-                vm.acks_commands = true;
-                vm.updated_at = now;
-                batch.push(Mutation::PutVm(vm));
-            }
+        if let Some(mut vm) = self.store.vm_get(vm_id).await?
+            && !vm.acks_commands
+        {
+            vm.acks_commands = true;
+            vm.updated_at = now;
+            batch.push(Mutation::PutVm(vm));
         }
         let outcomes = self.store.write(batch).await?;
         if outcomes.first() == Some(&Outcome::Applied(true)) {
@@ -550,13 +605,19 @@ impl Controller {
 
     /// Opens a stream session for a `ConnectRequest`. A connect from an unknown VM counts as
     /// its `vm_started`; a reconnect never causes a second registration.
-    pub async fn stream_open(&self, c: &pb::ConnectRequest, remote: Option<SocketAddr>) -> Result<StreamHandle, ApiError> {
+    pub async fn stream_open(
+        &self,
+        c: &pb::ConnectRequest,
+        remote: Option<SocketAddr>,
+    ) -> Result<StreamHandle, ApiError> {
         validate_vm_id(&c.vm_id).map_err(bad)?;
         check_optional_id("pool_id", Some(&c.pool_id))?;
         check_optional_id("org_id", Some(&c.org_id))?;
         check_optional_id("boot_id", Some(&c.boot_id))?;
         if c.version.len() > 128 {
-            return Err(ApiError::BadRequest("version is longer than 128 characters".into()));
+            return Err(ApiError::BadRequest(
+                "version is longer than 128 characters".into(),
+            ));
         }
         let vm_id = c.vm_id.as_str();
         let now = now_ms();
@@ -613,7 +674,12 @@ impl Controller {
         batch.push(Mutation::VmLog(VmLogRow {
             vm_id: vm_id.to_owned(),
             at: now,
-            kind: if current { "stream_disconnected" } else { "stream_replaced" }.into(),
+            kind: if current {
+                "stream_disconnected"
+            } else {
+                "stream_replaced"
+            }
+            .into(),
             detail: Some(json!({"stream_id": handle.stream_id, "reason": reason}).to_string()),
         }));
         if let Err(e) = self.store.write(batch).await {
@@ -623,7 +689,11 @@ impl Controller {
     }
 
     /// The commands to push on a stream now (marked delivered), and how many stay open.
-    pub async fn stream_deliverable(&self, vm_id: &str, handle: &StreamHandle) -> Result<(Vec<pb::Command>, usize), ApiError> {
+    pub async fn stream_deliverable(
+        &self,
+        vm_id: &str,
+        handle: &StreamHandle,
+    ) -> Result<(Vec<pb::Command>, usize), ApiError> {
         let _guard = self.locks.lock(vm_id).await;
         let Some(vm) = self.store.vm_get(vm_id).await? else {
             return Ok((Vec::new(), 0));
@@ -631,7 +701,14 @@ impl Controller {
         let now = now_ms();
         let via = lifecycle::stream_via(&handle.stream_id);
         let envs = self
-            .deliver_locked(&vm, Channel::Stream { stream_id: &handle.stream_id }, &via, now)
+            .deliver_locked(
+                &vm,
+                Channel::Stream {
+                    stream_id: &handle.stream_id,
+                },
+                &via,
+                now,
+            )
             .await?;
         let open = self.store.commands_open_for_vm(vm_id).await?.len();
         Ok((envs.iter().map(CommandEnvelope::to_pb).collect(), open))
@@ -648,7 +725,9 @@ impl Controller {
     ) -> Result<CommandRecord, ApiError> {
         validate_vm_id(vm_id).map_err(bad)?;
         if matches!(command, Command::RegisterRunner(_)) {
-            return Err(ApiError::BadRequest("register_runner is issued by the controller itself".into()));
+            return Err(ApiError::BadRequest(
+                "register_runner is issued by the controller itself".into(),
+            ));
         }
         let _guard = self.locks.lock(vm_id).await;
         let vm = self
@@ -676,7 +755,9 @@ impl Controller {
             result_message: None,
             result: None,
         };
-        self.store.write(vec![Mutation::InsertCommand(record.clone())]).await?;
+        self.store
+            .write(vec![Mutation::InsertCommand(record.clone())])
+            .await?;
         info!(vm_id, command_id = %record.id, command_type = %record.command_type, source, "Command queued");
         self.streams.nudge(vm_id);
         Ok(record)
@@ -693,7 +774,8 @@ impl Controller {
                 Mutation::ExpireCommands { now },
                 Mutation::MarkSilentVms {
                     now,
-                    unhealthy_before: now - interval * Millis::from(self.settings.unhealthy_after_missed),
+                    unhealthy_before: now
+                        - interval * Millis::from(self.settings.unhealthy_after_missed),
                     lost_before: now - interval * Millis::from(self.settings.lost_after_missed),
                 },
             ])
@@ -708,12 +790,12 @@ impl Controller {
                         if e.command_type == REGISTER_RUNNER {
                             // Re-check under the VM lock: a concurrent write may have put the id back.
                             let _guard = self.locks.lock(&e.vm_id).await;
-                            if let Some(mut vm) = self.store.vm_get(&e.vm_id).await? {
-                                if vm.registration_command_id.as_deref() == Some(e.id.as_str()) {
-                                    vm.registration_command_id = None;
-                                    vm.updated_at = now;
-                                    self.store.write(vec![Mutation::PutVm(vm)]).await?;
-                                }
+                            if let Some(mut vm) = self.store.vm_get(&e.vm_id).await?
+                                && vm.registration_command_id.as_deref() == Some(e.id.as_str())
+                            {
+                                vm.registration_command_id = None;
+                                vm.updated_at = now;
+                                self.store.write(vec![Mutation::PutVm(vm)]).await?;
                             }
                         }
                     }
@@ -729,12 +811,12 @@ impl Controller {
         }
         for candidate in self.store.vms_needing_registration().await? {
             let _guard = self.locks.lock(&candidate.vm_id).await;
-            if let Some(mut vm) = self.store.vm_get(&candidate.vm_id).await? {
-                if lifecycle::needs_registration(&vm) {
-                    self.issue_registration_locked(&mut vm).await?;
-                    if vm.registration_command_id.is_some() {
-                        report.registrations_issued += 1;
-                    }
+            if let Some(mut vm) = self.store.vm_get(&candidate.vm_id).await?
+                && lifecycle::needs_registration(&vm)
+            {
+                self.issue_registration_locked(&mut vm).await?;
+                if vm.registration_command_id.is_some() {
+                    report.registrations_issued += 1;
                 }
             }
         }

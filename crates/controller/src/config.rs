@@ -85,7 +85,12 @@ pub struct ServeArgs {
     #[arg(long, env = "MIG_CONTROLLER_RUNNER_URL", hide = true)]
     pub runner_url: Option<String>,
     /// Development default: static registration token for pools with no config.
-    #[arg(long, env = "MIG_CONTROLLER_STATIC_TOKEN", hide = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "MIG_CONTROLLER_STATIC_TOKEN",
+        hide = true,
+        hide_env_values = true
+    )]
     pub static_token: Option<String>,
 }
 
@@ -204,8 +209,14 @@ impl Settings {
             }
             Ok(Duration::from_secs(v))
         };
-        let unhealthy = args.unhealthy_after_missed.or(file.unhealthy_after_missed).unwrap_or(3);
-        let lost = args.lost_after_missed.or(file.lost_after_missed).unwrap_or(20);
+        let unhealthy = args
+            .unhealthy_after_missed
+            .or(file.unhealthy_after_missed)
+            .unwrap_or(3);
+        let lost = args
+            .lost_after_missed
+            .or(file.lost_after_missed)
+            .unwrap_or(20);
         if unhealthy == 0 || lost <= unhealthy {
             return Err(ConfigError::Invalid {
                 name: "lost_after_missed".into(),
@@ -216,28 +227,48 @@ impl Settings {
         }
         let (pools, dev_defaults) = build_pools(&args, &file.pools)?;
         Ok(Settings {
-            http_addr: args.http_addr.or(file.http_addr).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
-            grpc_addr: args.grpc_addr.or(file.grpc_addr).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 50051))),
-            data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./controller_data")),
+            http_addr: args
+                .http_addr
+                .or(file.http_addr)
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
+            grpc_addr: args
+                .grpc_addr
+                .or(file.grpc_addr)
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 50051))),
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("./controller_data")),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
-            log_level: args.log_level.or(file.log_level).unwrap_or_else(|| "info".into()),
+            log_level: args
+                .log_level
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
             heartbeat_interval: secs(
                 "heartbeat_interval_secs",
-                args.heartbeat_interval_secs.or(file.heartbeat_interval_secs).unwrap_or(15),
+                args.heartbeat_interval_secs
+                    .or(file.heartbeat_interval_secs)
+                    .unwrap_or(15),
             )?,
             unhealthy_after_missed: unhealthy,
             lost_after_missed: lost,
             redelivery_timeout: secs(
                 "redelivery_timeout_secs",
-                args.redelivery_timeout_secs.or(file.redelivery_timeout_secs).unwrap_or(30),
+                args.redelivery_timeout_secs
+                    .or(file.redelivery_timeout_secs)
+                    .unwrap_or(30),
             )?,
             command_ttl: secs(
                 "command_ttl_secs",
-                args.command_ttl_secs.or(file.command_ttl_secs).unwrap_or(86_400),
+                args.command_ttl_secs
+                    .or(file.command_ttl_secs)
+                    .unwrap_or(86_400),
             )?,
             reconcile_interval: secs(
                 "reconcile_interval_secs",
-                args.reconcile_interval_secs.or(file.reconcile_interval_secs).unwrap_or(5),
+                args.reconcile_interval_secs
+                    .or(file.reconcile_interval_secs)
+                    .unwrap_or(5),
             )?,
             addr_file: args.addr_file,
             pools,
@@ -266,7 +297,10 @@ fn unreachable_settings() -> Settings {
     }
 }
 
-fn build_pools(args: &ServeArgs, pools: &HashMap<String, PoolConfig>) -> Result<(Pools, bool), ConfigError> {
+fn build_pools(
+    args: &ServeArgs,
+    pools: &HashMap<String, PoolConfig>,
+) -> Result<(Pools, bool), ConfigError> {
     if pools.is_empty() {
         let token = args
             .static_token
@@ -281,7 +315,10 @@ fn build_pools(args: &ServeArgs, pools: &HashMap<String, PoolConfig>) -> Result<
                 .unwrap_or_else(|| "https://github.com/example-org".into()),
             runner_group: default_group(),
             labels: default_labels(),
-            token: Arc::new(StaticToken::new(token, Duration::from_secs(default_token_ttl()))),
+            token: Arc::new(StaticToken::new(
+                token,
+                Duration::from_secs(default_token_ttl()),
+            )),
         };
         return Ok((Pools::new(HashMap::new(), Some(reg)), true));
     }
@@ -357,7 +394,10 @@ mod tests {
         assert_eq!(s.heartbeat_interval, Duration::from_secs(20));
         assert_eq!(s.redelivery_timeout, Duration::from_secs(30));
         assert!(!s.dev_defaults);
-        assert_eq!(s.pools.get("linux-x64")?.runner_url, "https://github.com/acme");
+        assert_eq!(
+            s.pools.get("linux-x64")?.runner_url,
+            "https://github.com/acme"
+        );
         assert_eq!(s.pools.get("other")?.labels, vec!["self-hosted"]);
         Ok(())
     }
@@ -366,7 +406,8 @@ mod tests {
     fn bad_config_is_refused() {
         assert!(toml::from_str::<FileConfig>("htp_addr = \"x\"").is_err());
         let file: FileConfig =
-            toml::from_str("[pools.p]\nrunner_url = \"u\"\ntoken = \"a\"\ntoken_file = \"/f\"").unwrap_or_default();
+            toml::from_str("[pools.p]\nrunner_url = \"u\"\ntoken = \"a\"\ntoken_file = \"/f\"")
+                .unwrap_or_default();
         assert!(Settings::resolve(ServeArgs::default(), file).is_err());
         let args = ServeArgs {
             unhealthy_after_missed: Some(5),

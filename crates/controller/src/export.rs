@@ -97,7 +97,10 @@ pub async fn export(store: &Store, out: &Path) -> Result<ExportSummary, ExportEr
                     .map(|r| pretty(&r.to_json()))
                     .unwrap_or_else(|_| e.raw.clone())
             };
-            d.write(&format!("event-{}-{}", e.event_type, stamp(e.received_at)), &body)?;
+            d.write(
+                &format!("event-{}-{}", e.event_type, stamp(e.received_at)),
+                &body,
+            )?;
         }
         for h in store.heartbeats_for_vm(&vm.vm_id).await? {
             let body = serde_json::from_str::<HeartbeatReport>(&h.report)
@@ -113,7 +116,10 @@ pub async fn export(store: &Store, out: &Path) -> Result<ExportSummary, ExportEr
         for c in store.commands_for_vm(&vm.vm_id).await? {
             let history = store.command_transitions(&c.id).await?;
             let doc = serde_json::json!({"command": c, "history": history});
-            d.write(&format!("command-{}-{}", c.command_type, stamp(c.created_at)), &pretty(&doc))?;
+            d.write(
+                &format!("command-{}-{}", c.command_type, stamp(c.created_at)),
+                &pretty(&doc),
+            )?;
         }
         summary.vms += 1;
         summary.files += d.written;

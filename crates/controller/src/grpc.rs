@@ -74,9 +74,15 @@ impl CommandService for GrpcService {
             .map_err(|_| Status::deadline_exceeded("no connect message within 30 s"))??
             .ok_or_else(|| Status::cancelled("stream closed before connect"))?;
         let Some(mi_glet_message::Message::Connect(connect)) = first.message else {
-            return Err(Status::failed_precondition("the first message on the stream must be connect"));
+            return Err(Status::failed_precondition(
+                "the first message on the stream must be connect",
+            ));
         };
-        let handle = self.app.stream_open(&connect, remote).await.map_err(Status::from)?;
+        let handle = self
+            .app
+            .stream_open(&connect, remote)
+            .await
+            .map_err(Status::from)?;
         let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
         let ack = msg(controller_message::Message::ConnectAck(pb::ConnectAck {
             accepted: true,
@@ -116,7 +122,11 @@ async fn run_session(
                 Ok((commands, still_open)) => {
                     open = still_open;
                     for c in commands {
-                        if tx.send(Ok(msg(controller_message::Message::Command(c)))).await.is_err() {
+                        if tx
+                            .send(Ok(msg(controller_message::Message::Command(c))))
+                            .await
+                            .is_err()
+                        {
                             return "peer gone";
                         }
                     }
@@ -151,18 +161,36 @@ async fn run_session(
     }
 }
 
-async fn handle_message(app: &Controller, vm_id: &str, m: MiGletMessage, tx: &Outbound) -> Result<(), &'static str> {
+async fn handle_message(
+    app: &Controller,
+    vm_id: &str,
+    m: MiGletMessage,
+    tx: &Outbound,
+) -> Result<(), &'static str> {
     let reply = match m.message {
         None => None,
-        Some(mi_glet_message::Message::Connect(_)) => Some(msg(controller_message::Message::ConnectAck(pb::ConnectAck {
-            accepted: true,
-            message: "Already connected".into(),
-            server_version: SERVER_VERSION.into(),
-        }))),
+        Some(mi_glet_message::Message::Connect(_)) => Some(msg(
+            controller_message::Message::ConnectAck(pb::ConnectAck {
+                accepted: true,
+                message: "Already connected".into(),
+                server_version: SERVER_VERSION.into(),
+            }),
+        )),
         Some(mi_glet_message::Message::CommandAck(ack)) => {
-            let result: Map<String, Value> = ack.result.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+            let result: Map<String, Value> = ack
+                .result
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect();
             match app
-                .ack_command(vm_id, &ack.command_id, ack.success, &ack.message, result, "grpc")
+                .ack_command(
+                    vm_id,
+                    &ack.command_id,
+                    ack.success,
+                    &ack.message,
+                    result,
+                    "grpc",
+                )
                 .await
             {
                 Ok(_) => None,
@@ -175,13 +203,18 @@ async fn handle_message(app: &Controller, vm_id: &str, m: MiGletMessage, tx: &Ou
             let event_id = report.event_id.clone();
             match app.ingest_event(vm_id, report, raw, Transport::Grpc).await {
                 Ok(_) => event_id.map(|id| {
-                    msg(controller_message::Message::EventAck(pb::EventAck { event_ids: vec![id] }))
+                    msg(controller_message::Message::EventAck(pb::EventAck {
+                        event_ids: vec![id],
+                    }))
                 }),
                 Err(e) => Some(reject("invalid_event", e)),
             }
         }
         Some(mi_glet_message::Message::Heartbeat(hb)) => {
-            match app.ingest_heartbeat(vm_id, HeartbeatReport::from_pb(&hb), Transport::Grpc).await {
+            match app
+                .ingest_heartbeat(vm_id, HeartbeatReport::from_pb(&hb), Transport::Grpc)
+                .await
+            {
                 Ok(()) => None,
                 Err(e) => Some(reject("invalid_heartbeat", e)),
             }
@@ -199,16 +232,19 @@ async fn handle_message(app: &Controller, vm_id: &str, m: MiGletMessage, tx: &Ou
                 ..Default::default()
             };
             let raw = event_raw(&ev);
-            match app.ingest_event(vm_id, EventReport::from_pb(&ev), raw, Transport::Grpc).await {
+            match app
+                .ingest_event(vm_id, EventReport::from_pb(&ev), raw, Transport::Grpc)
+                .await
+            {
                 Ok(_) => None,
                 Err(e) => Some(reject("invalid_error", e)),
             }
         }
     };
-    if let Some(r) = reply {
-        if tx.send(Ok(r)).await.is_err() {
-            return Err("peer gone");
-        }
+    if let Some(r) = reply
+        && tx.send(Ok(r)).await.is_err()
+    {
+        return Err("peer gone");
     }
     Ok(())
 }

@@ -56,13 +56,22 @@ pub fn router(app: AppState) -> Router {
         .route("/health", get(health))
         .route("/api/v1/vms/{vm_id}/events", post(post_event))
         .route("/api/v1/vms/{vm_id}/heartbeat", post(post_heartbeat))
-        .route("/api/v1/vms/{vm_id}/registration-token", post(post_registration_token))
+        .route(
+            "/api/v1/vms/{vm_id}/registration-token",
+            post(post_registration_token),
+        )
         .route("/api/v1/vms/{vm_id}/commands", get(get_commands))
-        .route("/api/v1/vms/{vm_id}/commands/{command_id}/ack", post(post_ack))
+        .route(
+            "/api/v1/vms/{vm_id}/commands/{command_id}/ack",
+            post(post_ack),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
         .layer(TraceLayer::new_for_http())
         .with_state(app)
 }
@@ -89,7 +98,8 @@ async fn health(State(app): State<AppState>) -> axum::Json<HealthBody> {
 }
 
 fn path_one(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    p.map(|Path(v)| v).map_err(|e| ApiError::BadRequest(e.body_text()))
+    p.map(|Path(v)| v)
+        .map_err(|e| ApiError::BadRequest(e.body_text()))
 }
 
 fn body_bytes(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -103,7 +113,8 @@ fn body_bytes(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 }
 
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))
 }
 
 fn body_text(bytes: &Bytes) -> String {
@@ -120,7 +131,9 @@ async fn post_event(
     let parsed: EventBody = parse_json(&bytes)?;
     let report = EventReport::from_json(parsed);
     let is_vm_started = matches!(report.kind(), EventKind::VmStarted { .. });
-    let accepted = app.ingest_event(&vm_id, report, body_text(&bytes), Transport::Http).await?;
+    let accepted = app
+        .ingest_event(&vm_id, report, body_text(&bytes), Transport::Http)
+        .await?;
     if is_vm_started {
         return Ok(axum::Json(VmStartedAck {
             status: "acknowledged".into(),
@@ -128,7 +141,8 @@ async fn post_event(
             vm_id,
             pool_id: accepted.vm.pool_id,
             org_id: accepted.vm.org_id,
-            message: "VM started event acknowledged - MIGlet is ready for registration config".into(),
+            message: "VM started event acknowledged - MIGlet is ready for registration config"
+                .into(),
             timestamp: Some(chrono::Utc::now()),
         })
         .into_response());
@@ -155,7 +169,11 @@ async fn post_heartbeat(
     let vm_id = path_one(vm_id)?;
     let bytes = body_bytes(body)?;
     let parsed: HeartbeatBody = parse_json(&bytes)?;
-    if let Some(b) = parsed.vm_id.as_deref().filter(|b| !b.is_empty() && *b != vm_id) {
+    if let Some(b) = parsed
+        .vm_id
+        .as_deref()
+        .filter(|b| !b.is_empty() && *b != vm_id)
+    {
         return Err(ApiError::BadRequest(format!(
             "vm_id in the body ({b:?}) does not match the path ({vm_id:?})"
         )));
@@ -184,7 +202,9 @@ async fn post_registration_token(
     } else {
         parse_json(&bytes)?
     };
-    let response = app.registration_config(&vm_id, request, body_text(&bytes)).await?;
+    let response = app
+        .registration_config(&vm_id, request, body_text(&bytes))
+        .await?;
     Ok(axum::Json(response).into_response())
 }
 
@@ -206,7 +226,14 @@ async fn post_ack(
     let bytes = body_bytes(body)?;
     let ack: CommandAckBody = parse_json(&bytes)?;
     let state = app
-        .ack_command(&vm_id, &command_id, ack.success, &ack.message, ack.result, "http")
+        .ack_command(
+            &vm_id,
+            &command_id,
+            ack.success,
+            &ack.message,
+            ack.result,
+            "http",
+        )
         .await?;
     Ok(axum::Json(CommandAckResponse {
         status: "received".into(),

@@ -48,7 +48,12 @@ pub fn starts_new_boot(existing: Option<&VmRecord>, c: &Contact<'_>) -> bool {
 }
 
 /// Applies an announcement. Returns the new record and whether it began a new boot.
-pub fn on_contact(existing: Option<&VmRecord>, vm_id: &str, c: &Contact<'_>, now: Millis) -> (VmRecord, bool) {
+pub fn on_contact(
+    existing: Option<&VmRecord>,
+    vm_id: &str,
+    c: &Contact<'_>,
+    now: Millis,
+) -> (VmRecord, bool) {
     let new_boot = starts_new_boot(existing, c);
     let mut vm = match existing {
         Some(v) => v.clone(),
@@ -109,7 +114,13 @@ pub fn on_contact(existing: Option<&VmRecord>, vm_id: &str, c: &Contact<'_>, now
 /// A VM we hear from without an announcement (the controller lost its data, or the agent
 /// skips `vm_started` and reports over HTTP only). It is adopted as it is: it may already run
 /// a runner, so it is never sent a registration on this evidence.
-pub fn adopt(vm_id: &str, pool_id: Option<&str>, org_id: Option<&str>, boot_id: Option<&str>, now: Millis) -> VmRecord {
+pub fn adopt(
+    vm_id: &str,
+    pool_id: Option<&str>,
+    org_id: Option<&str>,
+    boot_id: Option<&str>,
+    now: Millis,
+) -> VmRecord {
     let c = Contact {
         kind: ContactKind::Connect,
         boot_id,
@@ -152,7 +163,10 @@ pub fn on_event(vm: &VmRecord, kind: &EventKind, now: Millis) -> VmRecord {
         EventKind::RunnerRegistered { .. } => {
             vm.runner_registered = true;
             vm.runner_state = Some("idle".into());
-            if PRE_REGISTRATION.contains(&vm.state.as_str()) || vm.state == "registering_runner" || vm.state == "unknown" {
+            if PRE_REGISTRATION.contains(&vm.state.as_str())
+                || vm.state == "registering_runner"
+                || vm.state == "unknown"
+            {
                 vm.state = MigletState::Idle.as_str().into();
             }
         }
@@ -238,7 +252,8 @@ pub fn select_deliverable<'c>(
                 match channel {
                     Channel::Http { acks } => acks && timed_out,
                     Channel::Stream { stream_id } => {
-                        c.delivered_via.as_deref() != Some(stream_via(stream_id).as_str()) || timed_out
+                        c.delivered_via.as_deref() != Some(stream_via(stream_id).as_str())
+                            || timed_out
                     }
                 }
             }
@@ -271,7 +286,10 @@ mod tests {
         for kind in [ContactKind::VmStarted, ContactKind::Connect] {
             let (vm, new) = on_contact(None, "vm-1", &contact(kind, None), 10);
             assert!(new);
-            assert_eq!((vm.boot_seq, vm.state.as_str(), vm.pool_id.as_str()), (1, "ready", "p"));
+            assert_eq!(
+                (vm.boot_seq, vm.state.as_str(), vm.pool_id.as_str()),
+                (1, "ready", "p")
+            );
             assert!(needs_registration(&vm));
         }
     }
@@ -286,18 +304,37 @@ mod tests {
         assert_eq!(after.registration_command_id.as_deref(), Some("r"));
         assert_eq!(after.state, "idle");
         // Same boot id: still a reconnect.
-        let (after, new) = on_contact(Some(&vm), "vm-1", &contact(ContactKind::Connect, Some("boot-1")), 5);
+        let (after, new) = on_contact(
+            Some(&vm),
+            "vm-1",
+            &contact(ContactKind::Connect, Some("boot-1")),
+            5,
+        );
         assert!(!new);
         assert_eq!(after.boot_seq, 1);
     }
 
     #[test]
     fn vm_started_resend_with_same_boot_is_not_a_new_boot() {
-        let (vm, _) = on_contact(None, "vm-1", &contact(ContactKind::VmStarted, Some("b1")), 1);
-        assert!(!starts_new_boot(Some(&vm), &contact(ContactKind::VmStarted, Some("b1"))));
-        assert!(starts_new_boot(Some(&vm), &contact(ContactKind::VmStarted, Some("b2"))));
+        let (vm, _) = on_contact(
+            None,
+            "vm-1",
+            &contact(ContactKind::VmStarted, Some("b1")),
+            1,
+        );
+        assert!(!starts_new_boot(
+            Some(&vm),
+            &contact(ContactKind::VmStarted, Some("b1"))
+        ));
+        assert!(starts_new_boot(
+            Some(&vm),
+            &contact(ContactKind::VmStarted, Some("b2"))
+        ));
         // The seed's agent sends no boot id: every vm_started is a boot, as in the sample.
-        assert!(starts_new_boot(Some(&vm), &contact(ContactKind::VmStarted, None)));
+        assert!(starts_new_boot(
+            Some(&vm),
+            &contact(ContactKind::VmStarted, None)
+        ));
     }
 
     #[test]
@@ -320,7 +357,14 @@ mod tests {
     #[test]
     fn events_move_the_state() {
         let vm = fresh(1);
-        let vm = on_event(&vm, &EventKind::RunnerRegistered { runner_url: None, runner_name: None }, 2);
+        let vm = on_event(
+            &vm,
+            &EventKind::RunnerRegistered {
+                runner_url: None,
+                runner_name: None,
+            },
+            2,
+        );
         assert_eq!((vm.state.as_str(), vm.runner_registered), ("idle", true));
         assert!(!needs_registration(&vm));
         let job = JobDetails {
@@ -329,7 +373,10 @@ mod tests {
         };
         let vm = on_event(&vm, &EventKind::JobStarted(job.clone()), 3);
         assert_eq!(vm.state, "job_running");
-        assert_eq!(vm.current_job.as_ref().and_then(|j| j.run_id.as_deref()), Some("7"));
+        assert_eq!(
+            vm.current_job.as_ref().and_then(|j| j.run_id.as_deref()),
+            Some("7")
+        );
         let vm = on_event(&vm, &EventKind::JobCompleted(job), 4);
         assert_eq!(vm.state, "idle");
         assert!(vm.current_job.is_none());
@@ -345,13 +392,23 @@ mod tests {
 
     #[test]
     fn boot_matching() {
-        let (vm, _) = on_contact(None, "vm-1", &contact(ContactKind::VmStarted, Some("b1")), 1);
+        let (vm, _) = on_contact(
+            None,
+            "vm-1",
+            &contact(ContactKind::VmStarted, Some("b1")),
+            1,
+        );
         assert!(is_current_boot(&vm, None));
         assert!(is_current_boot(&vm, Some("b1")));
         assert!(!is_current_boot(&vm, Some("b0")));
     }
 
-    fn cmd(id: &str, state: CommandState, delivered: Option<(Millis, &str)>, expires: Option<Millis>) -> CommandRecord {
+    fn cmd(
+        id: &str,
+        state: CommandState,
+        delivered: Option<(Millis, &str)>,
+        expires: Option<Millis>,
+    ) -> CommandRecord {
         CommandRecord {
             seq: 0,
             id: id.into(),
@@ -381,27 +438,72 @@ mod tests {
         let open = vec![
             cmd("pending", CommandState::Pending, None, None),
             cmd("expired", CommandState::Pending, None, Some(100)),
-            cmd("on-s1", CommandState::Delivered, Some((90, "grpc:s1")), None),
+            cmd(
+                "on-s1",
+                CommandState::Delivered,
+                Some((90, "grpc:s1")),
+                None,
+            ),
             cmd("http", CommandState::Delivered, Some((90, "http")), None),
         ];
-        // Same stream, before the timeout: only the pending one.
-        assert_eq!(ids(select_deliverable(&open, Channel::Stream { stream_id: "s1" }, 100, 30)), ["pending"]);
+        // Same stream, before the timeout: the pending one, and the one that went out on
+        // another channel (HTTP) without an acknowledgment.
+        assert_eq!(
+            ids(select_deliverable(
+                &open,
+                Channel::Stream { stream_id: "s1" },
+                100,
+                30
+            )),
+            ["pending", "http"]
+        );
         // A new stream (reconnect): everything unacknowledged goes again.
         assert_eq!(
-            ids(select_deliverable(&open, Channel::Stream { stream_id: "s2" }, 100, 30)),
+            ids(select_deliverable(
+                &open,
+                Channel::Stream { stream_id: "s2" },
+                100,
+                30
+            )),
             ["pending", "on-s1", "http"]
         );
         // Same stream after the timeout.
         assert_eq!(
-            ids(select_deliverable(&open, Channel::Stream { stream_id: "s1" }, 120, 30)),
+            ids(select_deliverable(
+                &open,
+                Channel::Stream { stream_id: "s1" },
+                120,
+                30
+            )),
             ["pending", "on-s1", "http"]
         );
         // HTTP, base-contract agent: each command once.
-        assert_eq!(ids(select_deliverable(&open, Channel::Http { acks: false }, 500, 30)), ["pending"]);
-        // HTTP, acknowledging agent: again after the timeout only.
-        assert_eq!(ids(select_deliverable(&open, Channel::Http { acks: true }, 100, 30)), ["pending"]);
         assert_eq!(
-            ids(select_deliverable(&open, Channel::Http { acks: true }, 120, 30)),
+            ids(select_deliverable(
+                &open,
+                Channel::Http { acks: false },
+                500,
+                30
+            )),
+            ["pending"]
+        );
+        // HTTP, acknowledging agent: again after the timeout only.
+        assert_eq!(
+            ids(select_deliverable(
+                &open,
+                Channel::Http { acks: true },
+                100,
+                30
+            )),
+            ["pending"]
+        );
+        assert_eq!(
+            ids(select_deliverable(
+                &open,
+                Channel::Http { acks: true },
+                120,
+                30
+            )),
             ["pending", "on-s1", "http"]
         );
     }

@@ -14,7 +14,11 @@ use tracing_subscriber::EnvFilter;
 const EXIT_CONFIG: u8 = 78;
 
 #[derive(Debug, Parser)]
-#[command(name = "mig-controller", version, about = "The MIG controller for MIGlet VMs")]
+#[command(
+    name = "mig-controller",
+    version,
+    about = "The MIG controller for MIGlet VMs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -23,11 +27,15 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Serve the HTTP and gRPC APIs.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write every stored VM's data as the sample controller's per-VM JSON files.
     Export {
         /// Data dir of the controller.
-        #[arg(long, env = "MIG_CONTROLLER_DATA_DIR", default_value = "./controller_data")]
+        #[arg(
+            long,
+            env = "MIG_CONTROLLER_DATA_DIR",
+            default_value = "./controller_data"
+        )]
         data_dir: PathBuf,
         /// Folder to write into (created if missing).
         #[arg(long)]
@@ -39,17 +47,26 @@ fn init_logging(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_env("RUST_LOG")
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mig-controller: failed to start the async runtime: {e}");
@@ -57,7 +74,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Cmd::Serve(args) => match Settings::load(args) {
+        Cmd::Serve(args) => match Settings::load(*args) {
             Ok(settings) => runtime.block_on(serve(settings)),
             Err(e) => {
                 eprintln!("mig-controller: {:#}", anyhow::Error::from(e));
@@ -99,8 +116,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             "grpc_addr": running.grpc_addr.to_string(),
         });
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, doc.to_string()).with_context(|| format!("failed to write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("failed to write {}", path.display()))?;
+        std::fs::write(&tmp, doc.to_string())
+            .with_context(|| format!("failed to write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("failed to write {}", path.display()))?;
     }
     let stop = running.shutdown_token();
     tokio::spawn(async move {
@@ -136,6 +155,11 @@ async fn export(data_dir: PathBuf, out: PathBuf) -> anyhow::Result<()> {
         .context("failed to open the store")?;
     let summary = mig_controller::export::export(&store, &out).await?;
     store.close().await;
-    eprintln!("Exported {} VMs ({} files) to {}", summary.vms, summary.files, out.display());
+    eprintln!(
+        "Exported {} VMs ({} files) to {}",
+        summary.vms,
+        summary.files,
+        out.display()
+    );
     Ok(())
 }

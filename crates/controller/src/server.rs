@@ -41,16 +41,20 @@ pub enum ServeError {
 
 /// Binds the HTTP and gRPC listeners of `settings`.
 pub async fn bind(settings: &Settings) -> Result<(TcpListener, TcpListener), ServeError> {
-    let http = TcpListener::bind(settings.http_addr).await.map_err(|source| ServeError::Bind {
-        what: "HTTP",
-        addr: settings.http_addr,
-        source,
-    })?;
-    let grpc = TcpListener::bind(settings.grpc_addr).await.map_err(|source| ServeError::Bind {
-        what: "gRPC",
-        addr: settings.grpc_addr,
-        source,
-    })?;
+    let http = TcpListener::bind(settings.http_addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            what: "HTTP",
+            addr: settings.http_addr,
+            source,
+        })?;
+    let grpc = TcpListener::bind(settings.grpc_addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            what: "gRPC",
+            addr: settings.grpc_addr,
+            source,
+        })?;
     Ok((http, grpc))
 }
 
@@ -69,7 +73,11 @@ pub struct RunningServer {
 }
 
 /// Opens the store and starts serving on the given listeners.
-pub async fn start(settings: Settings, http: TcpListener, grpc: TcpListener) -> Result<RunningServer, ServeError> {
+pub async fn start(
+    settings: Settings,
+    http: TcpListener,
+    grpc: TcpListener,
+) -> Result<RunningServer, ServeError> {
     let http_addr = http.local_addr().map_err(ServeError::LocalAddr)?;
     let grpc_addr = grpc.local_addr().map_err(ServeError::LocalAddr)?;
     let store = Store::open_sqlite(&settings.data_dir).await?;
@@ -81,8 +89,11 @@ pub async fn start(settings: Settings, http: TcpListener, grpc: TcpListener) -> 
     let router = crate::http::router(app.clone());
     let stop = shutdown.clone();
     let http_task = tokio::spawn(async move {
-        let serve = axum::serve(http, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(stop.cancelled_owned());
+        let serve = axum::serve(
+            http,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.cancelled_owned());
         if let Err(e) = serve.await {
             warn!(error = %e, "HTTP server stopped with an error");
         }
@@ -111,7 +122,11 @@ pub async fn start(settings: Settings, http: TcpListener, grpc: TcpListener) -> 
             .await;
     });
 
-    let reconciler = tokio::spawn(reconcile_loop(app.clone(), settings.reconcile_interval, shutdown.clone()));
+    let reconciler = tokio::spawn(reconcile_loop(
+        app.clone(),
+        settings.reconcile_interval,
+        shutdown.clone(),
+    ));
     info!(%http_addr, %grpc_addr, data_dir = %settings.data_dir.display(), "MIG controller listening");
     Ok(RunningServer {
         http_addr,
@@ -166,7 +181,10 @@ impl RunningServer {
             }
         };
         self.sessions.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.sessions.wait()).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.sessions.wait())
+            .await
+            .is_err()
+        {
             warn!("Stream sessions did not end within the grace period");
         }
         bounded("gRPC server", self.grpc_task).await;

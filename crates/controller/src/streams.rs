@@ -70,7 +70,9 @@ impl Streams {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, StreamHandle>> {
         // A panic while holding this lock cannot leave the map inconsistent (single inserts
         // and removes), so a poisoned lock is still usable.
-        self.by_vm.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.by_vm
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -44,7 +44,8 @@ pub enum TokenError {
     UnknownPool(String),
 }
 
-pub type TokenFuture<'a> = Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>>;
+pub type TokenFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>>;
 
 /// Produces registration tokens for one pool.
 pub trait TokenSource: Send + Sync + fmt::Debug {
@@ -65,7 +66,9 @@ impl StaticToken {
 
 impl fmt::Debug for StaticToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StaticToken").field("ttl", &self.ttl).finish_non_exhaustive()
+        f.debug_struct("StaticToken")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
     }
 }
 
@@ -102,7 +105,10 @@ impl TokenSource for TokenFile {
             let path = self.path.display().to_string();
             let text = tokio::fs::read_to_string(&self.path)
                 .await
-                .map_err(|source| TokenError::ReadFile { path: path.clone(), source })?;
+                .map_err(|source| TokenError::ReadFile {
+                    path: path.clone(),
+                    source,
+                })?;
             let token = text.trim();
             if token.is_empty() {
                 return Err(TokenError::EmptyFile { path });
@@ -132,7 +138,10 @@ pub struct Pools {
 }
 
 impl Pools {
-    pub fn new(by_id: HashMap<String, PoolRegistration>, fallback: Option<PoolRegistration>) -> Pools {
+    pub fn new(
+        by_id: HashMap<String, PoolRegistration>,
+        fallback: Option<PoolRegistration>,
+    ) -> Pools {
         Pools { by_id, fallback }
     }
 
@@ -161,7 +170,10 @@ mod tests {
         assert!(t.expires_at > Utc::now());
         assert!(!format!("{t:?}").contains("second"));
         std::fs::write(&path, "\n")?;
-        assert!(matches!(src.registration_token().await, Err(TokenError::EmptyFile { .. })));
+        assert!(matches!(
+            src.registration_token().await,
+            Err(TokenError::EmptyFile { .. })
+        ));
         Ok(())
     }
 
@@ -176,7 +188,13 @@ mod tests {
         let pools = Pools::new([("a".to_owned(), reg("A"))].into(), None);
         assert!(pools.get("b").is_err());
         let pools = Pools::new([("a".to_owned(), reg("A"))].into(), Some(reg("ANY")));
-        assert_eq!(pools.get("a").map(|p| p.runner_url.as_str()).ok(), Some("A"));
-        assert_eq!(pools.get("b").map(|p| p.runner_url.as_str()).ok(), Some("ANY"));
+        assert_eq!(
+            pools.get("a").map(|p| p.runner_url.as_str()).ok(),
+            Some("A")
+        );
+        assert_eq!(
+            pools.get("b").map(|p| p.runner_url.as_str()).ok(),
+            Some("ANY")
+        );
     }
 }

@@ -71,7 +71,10 @@ pub struct RegisterRunner {
 impl fmt::Debug for RegisterRunner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RegisterRunner")
-            .field("registration_token", &self.registration_token.as_ref().map(|_| REDACTED))
+            .field(
+                "registration_token",
+                &self.registration_token.as_ref().map(|_| REDACTED),
+            )
             .field("jit_config", &self.jit_config.as_ref().map(|_| REDACTED))
             .field("runner_url", &self.runner_url)
             .field("runner_group", &self.runner_group)
@@ -206,7 +209,7 @@ impl Command {
         p: &Map<String, Value>,
     ) -> Result<Command, CommandError> {
         let params = JsonParams(p);
-        params.into_command(command_type)
+        params.to_command(command_type)
     }
 
     /// The gRPC form's parameter maps.
@@ -292,7 +295,7 @@ impl CommandEnvelope {
         Ok(CommandEnvelope {
             id: c.id.clone(),
             created_at: crate::from_unix(c.created_at).unwrap_or_default(),
-            command: params.into_command(&c.r#type)?,
+            command: params.to_command(&c.r#type)?,
         })
     }
 }
@@ -323,7 +326,7 @@ trait Params {
         Ok(self.string(name)?.filter(|s| !s.is_empty()))
     }
 
-    fn into_command(&self, command_type: &str) -> Result<Command, CommandError> {
+    fn to_command(&self, command_type: &str) -> Result<Command, CommandError> {
         Ok(match command_type {
             REGISTER_RUNNER => {
                 let registration_token = self.non_empty("registration_token")?;
@@ -351,7 +354,9 @@ trait Params {
                     registration_token,
                     jit_config,
                     runner_url,
-                    runner_group: self.non_empty("runner_group")?.unwrap_or_else(|| "default".into()),
+                    runner_group: self
+                        .non_empty("runner_group")?
+                        .unwrap_or_else(|| "default".into()),
                     labels: self.labels()?,
                     expires_at,
                     runner_name: self.non_empty("runner_name")?,
@@ -461,10 +466,14 @@ impl Params for PbParams<'_> {
         }
         match self.0.string_params.get(name) {
             None => Ok(None),
-            Some(s) => s.trim().parse().map(Some).map_err(|_| CommandError::Invalid {
-                name,
-                expected: "integer",
-            }),
+            Some(s) => s
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| CommandError::Invalid {
+                    name,
+                    expected: "integer",
+                }),
         }
     }
 
@@ -571,7 +580,8 @@ mod tests {
             };
             let json = env.to_json();
             let text = serde_json::to_string(&json).unwrap_or_default();
-            let reparsed: CommandJson = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+            let reparsed: CommandJson =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(CommandEnvelope::from_json(&reparsed), Ok(env));
         }
     }
@@ -591,7 +601,10 @@ mod tests {
                     assert_eq!(pb.string_array_params, r.labels);
                     assert_eq!(pb.string_params.get("runner_group"), Some(&r.runner_group));
                 }
-                Command::Drain { timeout_seconds: Some(s), .. } => {
+                Command::Drain {
+                    timeout_seconds: Some(s),
+                    ..
+                } => {
                     assert_eq!(pb.int_params.get("timeout_seconds"), Some(s));
                 }
                 Command::Shutdown { force, .. } => {
@@ -619,7 +632,10 @@ mod tests {
         let Command::RegisterRunner(r) = env.command else {
             panic!("wrong variant")
         };
-        assert_eq!(r.registration_token.as_deref(), Some("AHTXXXXXXXXXXXXXXXXXXXX"));
+        assert_eq!(
+            r.registration_token.as_deref(),
+            Some("AHTXXXXXXXXXXXXXXXXXXXX")
+        );
         assert_eq!(r.expires_at, Some(t(1_705_318_200)));
     }
 
@@ -639,13 +655,22 @@ mod tests {
             ..Default::default()
         };
         let env = CommandEnvelope::from_pb(&pb).unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(env.command, Command::RegisterRunner(RegisterRunner { expires_at: None, .. })));
+        assert!(matches!(
+            env.command,
+            Command::RegisterRunner(RegisterRunner {
+                expires_at: None,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn missing_or_bad_parameters_are_named() {
         let p = |v: Value| v.as_object().cloned().unwrap_or_default();
-        let e = Command::from_json_parameters("register_runner", &p(serde_json::json!({"runner_url":"u"})));
+        let e = Command::from_json_parameters(
+            "register_runner",
+            &p(serde_json::json!({"runner_url":"u"})),
+        );
         assert_eq!(e, Err(CommandError::NoCredential));
         let e = Command::from_json_parameters(
             "register_runner",
@@ -656,9 +681,19 @@ mod tests {
             "register_runner",
             &p(serde_json::json!({"registration_token":"t","runner_url":"u","expires_at":"soon"})),
         );
-        assert!(matches!(e, Err(CommandError::Invalid { name: "expires_at", .. })));
-        let e = Command::from_json_parameters("set_log_level", &p(serde_json::json!({"level":"loud"})));
-        assert!(matches!(e, Err(CommandError::Invalid { name: "level", .. })));
+        assert!(matches!(
+            e,
+            Err(CommandError::Invalid {
+                name: "expires_at",
+                ..
+            })
+        ));
+        let e =
+            Command::from_json_parameters("set_log_level", &p(serde_json::json!({"level":"loud"})));
+        assert!(matches!(
+            e,
+            Err(CommandError::Invalid { name: "level", .. })
+        ));
         let e = Command::from_json_parameters("reboot", &Map::new());
         assert_eq!(e, Err(CommandError::UnknownType("reboot".into())));
         // Tolerant: strings for numbers and booleans, unknown extras ignored.
@@ -666,9 +701,21 @@ mod tests {
             "drain",
             &p(serde_json::json!({"reason":"r","timeout_seconds":"30","extra":1})),
         );
-        assert_eq!(ok, Ok(Command::Drain { reason: "r".into(), timeout_seconds: Some(30) }));
+        assert_eq!(
+            ok,
+            Ok(Command::Drain {
+                reason: "r".into(),
+                timeout_seconds: Some(30)
+            })
+        );
         let ok = Command::from_json_parameters("shutdown", &p(serde_json::json!({"force":"true"})));
-        assert_eq!(ok, Ok(Command::Shutdown { reason: String::new(), force: true }));
+        assert_eq!(
+            ok,
+            Ok(Command::Shutdown {
+                reason: String::new(),
+                force: true
+            })
+        );
     }
 
     #[test]

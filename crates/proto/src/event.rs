@@ -22,7 +22,14 @@ pub const ERROR: &str = "error";
 /// Per-type fields whose JSON value is a boolean.
 const BOOL_FIELDS: &[&str] = &["success"];
 /// Per-type fields whose JSON value is an integer.
-const INT_FIELDS: &[&str] = &["exit_code", "duration", "cpu", "memory", "disk", "runner_id"];
+const INT_FIELDS: &[&str] = &[
+    "exit_code",
+    "duration",
+    "cpu",
+    "memory",
+    "disk",
+    "runner_id",
+];
 /// Per-type fields whose JSON value is a list of strings (comma-joined in gRPC `data`).
 const LIST_FIELDS: &[&str] = &["labels"];
 
@@ -187,9 +194,11 @@ impl EventReport {
             JOB_STARTED => EventKind::JobStarted(self.job()),
             JOB_COMPLETED => EventKind::JobCompleted(self.job()),
             RUNNER_CRASHED => EventKind::RunnerCrashed {
-                reason: self
-                    .str_field("reason")
-                    .or_else(|| self.metadata.get("error").and_then(|v| v.as_str().map(str::to_owned))),
+                reason: self.str_field("reason").or_else(|| {
+                    self.metadata
+                        .get("error")
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                }),
             },
             VM_SHUTTING_DOWN => EventKind::VmShuttingDown {
                 reason: self.str_field("reason"),
@@ -352,8 +361,10 @@ impl HeartbeatReport {
             runner_name: None,
             runner_labels: Vec::new(),
             health,
-            current_job: b.current_job.filter(|j| !j.job_id.is_empty() || !j.run_id.is_empty()).map(|j| {
-                CurrentJob {
+            current_job: b
+                .current_job
+                .filter(|j| !j.job_id.is_empty() || !j.run_id.is_empty())
+                .map(|j| CurrentJob {
                     job_id: non_empty(&j.job_id),
                     run_id: non_empty(&j.run_id),
                     job_name: j.job_name,
@@ -362,8 +373,7 @@ impl HeartbeatReport {
                     commit: j.commit,
                     status: Some("running".into()),
                     started_at: j.started_at,
-                }
-            }),
+                }),
         }
     }
 
@@ -467,7 +477,10 @@ impl HeartbeatReport {
                 disk_used_bytes: h.disk_used_bytes.unwrap_or_default(),
             }),
             runner_state: Some(pb::RunnerState {
-                state: self.runner_state.clone().unwrap_or_else(|| "offline".into()),
+                state: self
+                    .runner_state
+                    .clone()
+                    .unwrap_or_else(|| "offline".into()),
                 configured: self.runner_configured.unwrap_or(false),
                 runner_name: self.runner_name.clone().unwrap_or_default(),
                 labels: self.runner_labels.clone(),
@@ -527,7 +540,13 @@ mod tests {
         let r = EventReport::from_pb(&n);
         assert_eq!(r.event_id, None);
         assert_eq!(r.fields["success"], Value::Bool(true));
-        assert!(matches!(r.kind(), EventKind::JobCompleted(JobDetails { success: Some(true), .. })));
+        assert!(matches!(
+            r.kind(),
+            EventKind::JobCompleted(JobDetails {
+                success: Some(true),
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -542,14 +561,20 @@ mod tests {
         assert_eq!(r.health.memory_used_bytes, Some(512 * MIB));
         assert_eq!(r.health.disk_total_bytes, Some(10 * GIB));
         let pb = r.to_pb("v");
-        assert_eq!(pb.health.as_ref().map(|h| h.memory_usage_percent), Some(50.0));
+        assert_eq!(
+            pb.health.as_ref().map(|h| h.memory_usage_percent),
+            Some(50.0)
+        );
         let back = HeartbeatReport::from_pb(&pb);
         assert_eq!(back.health, r.health);
         assert_eq!(back.miglet_state.as_deref(), Some("idle"));
         // JSON written by us carries both unit systems.
         let j = r.to_json("v");
         let h = j.vm_health.unwrap_or_default();
-        assert_eq!((h.memory_used, h.memory_used_bytes), (Some(512), Some(512 * MIB)));
+        assert_eq!(
+            (h.memory_used, h.memory_used_bytes),
+            (Some(512), Some(512 * MIB))
+        );
     }
 
     #[test]

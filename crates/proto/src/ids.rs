@@ -72,7 +72,14 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_ids() {
-        for ok in ["vm-123", "a", "test-vm-001", "gke.node_1-a", "9", &"x".repeat(128)] {
+        for ok in [
+            "vm-123",
+            "a",
+            "test-vm-001",
+            "gke.node_1-a",
+            "9",
+            &"x".repeat(128),
+        ] {
             assert_eq!(validate_vm_id(ok), Ok(()), "{ok}");
         }
     }

@@ -300,7 +300,10 @@ pub enum Mutation {
     /// Insert or replace the whole VM row.
     PutVm(VmRecord),
     /// Note contact with a VM (any message) and mark it healthy again.
-    TouchVm { vm_id: String, at: Millis },
+    TouchVm {
+        vm_id: String,
+        at: Millis,
+    },
     SetConnected {
         vm_id: String,
         connected: bool,
@@ -334,7 +337,9 @@ pub enum Mutation {
     VmLog(VmLogRow),
     /// Expire every open command whose `expires_at` is at or before `now`:
     /// [`Outcome::Expired`].
-    ExpireCommands { now: Millis },
+    ExpireCommands {
+        now: Millis,
+    },
     /// Healthy VMs silent since before `unhealthy_before` become unhealthy, any VM silent
     /// since before `lost_before` becomes lost; VMs that were shutting down become
     /// `terminated` instead: [`Outcome::HealthChanged`].

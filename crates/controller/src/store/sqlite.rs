@@ -12,7 +12,8 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 /// Numbered migrations, applied in order, each once. Never edit a released one: add a new one.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
 
 /// How many [`Store::write`] calls share one transaction at most.
 const MAX_GROUP: usize = 1024;
@@ -335,7 +336,10 @@ async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>) {
             break;
         }
     }
-    if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&mut conn).await {
+    if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut conn)
+        .await
+    {
         tracing::warn!(error = %e, "WAL checkpoint at close failed");
     }
     let _ = conn.close().await;
@@ -372,7 +376,11 @@ async fn commit_group(conn: &mut SqliteConnection, group: Vec<(Vec<Mutation>, Re
             }
         }
     }
-    tracing::trace!(size, elapsed_us = started.elapsed().as_micros() as u64, "Store group committed");
+    tracing::trace!(
+        size,
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "Store group committed"
+    );
 }
 
 fn clone_err(e: &sqlx::Error) -> sqlx::Error {
@@ -389,13 +397,19 @@ async fn apply_in_savepoint(
         match apply(conn, m).await {
             Ok(o) => outcomes.push(o),
             Err(e) => {
-                sqlx::query("ROLLBACK TO SAVEPOINT w").execute(&mut *conn).await?;
-                sqlx::query("RELEASE SAVEPOINT w").execute(&mut *conn).await?;
+                sqlx::query("ROLLBACK TO SAVEPOINT w")
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query("RELEASE SAVEPOINT w")
+                    .execute(&mut *conn)
+                    .await?;
                 return Err(e);
             }
         }
     }
-    sqlx::query("RELEASE SAVEPOINT w").execute(&mut *conn).await?;
+    sqlx::query("RELEASE SAVEPOINT w")
+        .execute(&mut *conn)
+        .await?;
     Ok(outcomes)
 }
 
@@ -562,10 +576,11 @@ async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Outcome, Stor
             result_message,
             result,
         } => {
-            let current: Option<String> = sqlx::query_scalar("SELECT state FROM commands WHERE id = ?")
-                .bind(&id)
-                .fetch_optional(&mut *conn)
-                .await?;
+            let current: Option<String> =
+                sqlx::query_scalar("SELECT state FROM commands WHERE id = ?")
+                    .bind(&id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
             let Some(current) = current else {
                 return Ok(Outcome::Applied(false));
             };
@@ -678,7 +693,14 @@ async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Outcome, Stor
             .await?;
             for r in ended {
                 let vm_id: String = r.try_get("vm_id")?;
-                insert_vm_log(conn, &vm_id, now, "terminated", Some("silent after shutting down")).await?;
+                insert_vm_log(
+                    conn,
+                    &vm_id,
+                    now,
+                    "terminated",
+                    Some("silent after shutting down"),
+                )
+                .await?;
             }
             for (to, before, from_states) in [
                 (Health::Lost, lost_before, "('healthy', 'unhealthy')"),
@@ -713,7 +735,11 @@ async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Outcome, Stor
 }
 
 /// A VM that was unhealthy or lost and is heard from again: note it in its log.
-async fn log_recovery(conn: &mut SqliteConnection, vm_id: &str, at: Millis) -> Result<(), StoreError> {
+async fn log_recovery(
+    conn: &mut SqliteConnection,
+    vm_id: &str,
+    at: Millis,
+) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO vm_log (vm_id, at, kind, detail) SELECT vm_id, ?, 'health_changed', \
          health || ' -> healthy' FROM vms WHERE vm_id = ? AND health != 'healthy'",
@@ -763,7 +789,10 @@ async fn insert_transition(
     Ok(())
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(col: &str, s: Option<String>) -> Result<Option<T>, StoreError> {
+fn parse_json<T: serde::de::DeserializeOwned>(
+    col: &str,
+    s: Option<String>,
+) -> Result<Option<T>, StoreError> {
     s.map(|s| serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(format!("{col}: {e}"))))
         .transpose()
 }

@@ -1,0 +1,307 @@
+//! Helpers shared by the integration tests. Every wait is bounded.
+
+use mig_controller::app::Controller;
+use mig_controller::config::Settings;
+use mig_controller::server::{self, RunningServer};
+use miglet_proto::pb::command_service_client::CommandServiceClient;
+use miglet_proto::pb::{
+    self, ControllerMessage, MiGletMessage, controller_message, mi_glet_message,
+};
+use serde_json::Value;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+pub const TOKEN: &str = "AHTTESTSECRETTOKEN0123456789";
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub struct TestServer {
+    pub server: Option<RunningServer>,
+    pub base: String,
+    pub grpc: String,
+    pub data_dir: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+    pub client: reqwest::Client,
+}
+
+pub fn settings(data_dir: &Path) -> Settings {
+    Settings::for_tests(data_dir, TOKEN)
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Settings)) -> TestServer {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let path = dir.path().to_owned();
+        let mut s = Self::start_in(&path, tweak).await;
+        s._dir = Some(dir);
+        s
+    }
+
+    /// Starts on an existing data dir (the caller keeps it alive).
+    pub async fn start_in(data_dir: &Path, tweak: impl FnOnce(&mut Settings)) -> TestServer {
+        let mut s = settings(data_dir);
+        tweak(&mut s);
+        let (http, grpc) = server::bind(&s)
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let running = server::start(s, http, grpc)
+            .await
+            .unwrap_or_else(|e| panic!("start: {e}"));
+        TestServer {
+            base: format!("http://{}", running.http_addr),
+            grpc: format!("http://{}", running.grpc_addr),
+            server: Some(running),
+            data_dir: data_dir.to_owned(),
+            _dir: None,
+            client: reqwest::Client::builder()
+                .timeout(WAIT)
+                .build()
+                .unwrap_or_else(|e| panic!("client: {e}")),
+        }
+    }
+
+    pub fn app(&self) -> &Arc<Controller> {
+        match &self.server {
+            Some(s) => &s.app,
+            None => panic!("server stopped"),
+        }
+    }
+
+    /// Graceful shutdown; the data dir stays (owned by the returned guard, if any).
+    pub async fn stop(&mut self) -> Option<tempfile::TempDir> {
+        if let Some(s) = self.server.take() {
+            tokio::time::timeout(Duration::from_secs(20), s.shutdown())
+                .await
+                .unwrap_or_else(|_| panic!("shutdown took longer than 20 s"));
+        }
+        self._dir.take()
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_raw(path, body.to_string()).await
+    }
+
+    pub async fn post_raw(&self, path: &str, body: String) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `vm_started` over HTTP with the seed's body.
+    pub async fn vm_started(&self, vm: &str, pool: &str) -> Value {
+        let (status, body) = self
+            .post(
+                &format!("/api/v1/vms/{vm}/events"),
+                &serde_json::json!({"type":"vm_started","vm_id":vm,"pool_id":pool,"org_id":"org-001"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    pub async fn poll(&self, vm: &str) -> Vec<Value> {
+        let (status, body) = self.get(&format!("/api/v1/vms/{vm}/commands")).await;
+        assert_eq!(status, 200, "{body}");
+        body["commands"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("commands not an array: {body}"))
+    }
+}
+
+/// Polls `cond` until it holds, at most `WAIT`.
+pub async fn wait_until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if cond().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A raw gRPC agent: sends what the test says, returns what the controller sends.
+pub struct GrpcAgent {
+    pub tx: mpsc::Sender<MiGletMessage>,
+    pub rx: tonic::Streaming<ControllerMessage>,
+}
+
+pub fn connect_msg(vm: &str, pool: &str, boot: &str) -> MiGletMessage {
+    MiGletMessage {
+        message: Some(mi_glet_message::Message::Connect(pb::ConnectRequest {
+            vm_id: vm.into(),
+            pool_id: pool.into(),
+            org_id: "org-001".into(),
+            version: "test".into(),
+            boot_id: boot.into(),
+        })),
+    }
+}
+
+impl GrpcAgent {
+    /// Opens a stream and sends `first` (normally a connect).
+    pub async fn open(url: &str, first: MiGletMessage) -> Result<GrpcAgent, tonic::Status> {
+        let mut client = CommandServiceClient::connect(url.to_owned())
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(first)
+            .await
+            .map_err(|_| tonic::Status::internal("send"))?;
+        let inbound = client
+            .stream_commands(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(GrpcAgent { tx, rx: inbound })
+    }
+
+    /// Connects and checks the ConnectAck.
+    pub async fn connect(url: &str, vm: &str, pool: &str, boot: &str) -> GrpcAgent {
+        let mut a = Self::open(url, connect_msg(vm, pool, boot))
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        match a.recv().await {
+            Some(controller_message::Message::ConnectAck(ack)) => assert!(ack.accepted, "{ack:?}"),
+            other => panic!("expected ConnectAck, got {other:?}"),
+        }
+        a
+    }
+
+    /// The next message, or None when the stream ended. Panics after `WAIT`.
+    pub async fn recv(&mut self) -> Option<controller_message::Message> {
+        match tokio::time::timeout(WAIT, self.rx.message()).await {
+            Ok(Ok(Some(m))) => m.message,
+            Ok(Ok(None)) => None,
+            Ok(Err(status)) => panic!("stream error: {status}"),
+            Err(_) => panic!("no message within {WAIT:?}"),
+        }
+    }
+
+    /// The next message within `d`, if any (stream errors are returned as Err).
+    pub async fn recv_within(
+        &mut self,
+        d: Duration,
+    ) -> Result<Option<controller_message::Message>, tonic::Status> {
+        match tokio::time::timeout(d, self.rx.message()).await {
+            Ok(Ok(Some(m))) => Ok(m.message),
+            Ok(Ok(None)) => Ok(None),
+            Ok(Err(status)) => Err(status),
+            Err(_) => Ok(None),
+        }
+    }
+
+    pub async fn recv_command(&mut self) -> pb::Command {
+        loop {
+            match self.recv().await {
+                Some(controller_message::Message::Command(c)) => return c,
+                Some(_) => continue,
+                None => panic!("stream ended while waiting for a command"),
+            }
+        }
+    }
+
+    /// Asserts no command arrives within `d`.
+    pub async fn expect_no_command(&mut self, d: Duration) {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            match self.recv_within(left).await {
+                Ok(Some(controller_message::Message::Command(c))) => {
+                    panic!("unexpected command {c:?}")
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return,
+            }
+        }
+    }
+
+    pub async fn send(&self, m: mi_glet_message::Message) {
+        self.tx
+            .send(MiGletMessage { message: Some(m) })
+            .await
+            .unwrap_or_else(|_| panic!("stream closed"));
+    }
+
+    pub async fn ack(&self, id: &str, success: bool, message: &str) {
+        self.send(mi_glet_message::Message::CommandAck(pb::CommandAck {
+            command_id: id.into(),
+            success,
+            message: message.into(),
+            result: Default::default(),
+        }))
+        .await;
+    }
+}
+
+/// Waits until the controller has recorded the command's state.
+pub async fn wait_command_state(app: &Controller, id: &str, state: &str) {
+    let store = app.store().clone();
+    let id = id.to_owned();
+    let state = state.to_owned();
+    wait_until(&format!("command {id} to be {state}"), || {
+        let store = store.clone();
+        let id = id.clone();
+        let state = state.clone();
+        async move {
+            matches!(store.command_get(&id).await, Ok(Some(c)) if c.state.as_str() == state)
+        }
+    })
+    .await;
+}
+
+/// Every byte of every file under `dir`, as lossy text (for secret scans).
+pub fn all_bytes_under(dir: &Path) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                out.push((p, String::from_utf8_lossy(&bytes).into_owned()));
+            }
+        }
+    }
+    out
+}
