@@ -846,3 +846,166 @@ fn command_from_row(r: &SqliteRow) -> Result<CommandRecord, StoreError> {
         result: parse_json("result", r.try_get("result")?)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type R = Result<(), Box<dyn std::error::Error>>;
+
+    fn command(id: &str) -> CommandRecord {
+        CommandRecord {
+            seq: 0,
+            id: id.into(),
+            vm_id: "vm".into(),
+            boot_id: None,
+            command_type: "drain".into(),
+            parameters: Map::new(),
+            state: CommandState::Pending,
+            source: "test".into(),
+            created_at: 1,
+            expires_at: None,
+            delivered_at: None,
+            delivered_via: None,
+            delivery_count: 0,
+            finished_at: None,
+            result_message: None,
+            result: None,
+        }
+    }
+
+    fn event(id: Option<&str>) -> EventRow {
+        EventRow {
+            seq: 0,
+            vm_id: "vm".into(),
+            event_id: id.map(str::to_owned),
+            event_type: "job_started".into(),
+            boot_id: None,
+            transport: "http".into(),
+            occurred_at: None,
+            received_at: 1,
+            data: "{}".into(),
+            raw: "{}".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn migrations_apply_once_and_data_survives_reopen() -> R {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open_sqlite(dir.path()).await?;
+        store
+            .write(vec![Mutation::InsertCommand(command("c1"))])
+            .await?;
+        store.close().await;
+        let store = Store::open_sqlite(dir.path()).await?;
+        assert!(store.command_get("c1").await?.is_some());
+        let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM schema_migrations")
+            .fetch_one(&store.backend.reads)
+            .await?;
+        assert_eq!(applied, MIGRATIONS.len() as i64);
+        store.close().await;
+        assert!(matches!(store.write(vec![]).await, Err(StoreError::Closed)));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_failing_batch_does_not_take_its_group_down() -> R {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open_sqlite(dir.path()).await?;
+        store
+            .write(vec![Mutation::InsertCommand(command("dup"))])
+            .await?;
+        // Many concurrent batches share group commits; the bad ones (duplicate id, and a
+        // good mutation before it in the same batch) roll back alone.
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let batch = if i % 10 == 0 {
+                    vec![
+                        Mutation::InsertCommand(command(&format!("partial-{i}"))),
+                        Mutation::InsertCommand(command("dup")),
+                    ]
+                } else {
+                    vec![Mutation::InsertEvent(event(Some(&format!("e{i}"))))]
+                };
+                (i, s.write(batch).await.is_ok())
+            }));
+        }
+        for t in tasks {
+            let (i, ok) = t.await?;
+            assert_eq!(ok, i % 10 != 0, "batch {i}");
+        }
+        assert_eq!(store.events_for_vm("vm").await?.len(), 180);
+        assert!(
+            store.command_get("partial-0").await?.is_none(),
+            "half a batch was kept"
+        );
+        store.close().await;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn events_deduplicate_by_id_only() -> R {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open_sqlite(dir.path()).await?;
+        let out = store
+            .write(vec![
+                Mutation::InsertEvent(event(Some("x"))),
+                Mutation::InsertEvent(event(Some("x"))),
+                Mutation::InsertEvent(event(None)),
+                Mutation::InsertEvent(event(None)),
+            ])
+            .await?;
+        assert_eq!(
+            out,
+            vec![
+                Outcome::Inserted(true),
+                Outcome::Inserted(false),
+                Outcome::Inserted(true),
+                Outcome::Inserted(true)
+            ]
+        );
+        store.close().await;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn command_transitions_are_guarded_and_recorded() -> R {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open_sqlite(dir.path()).await?;
+        store
+            .write(vec![Mutation::InsertCommand(command("c"))])
+            .await?;
+        let ack = |to| Mutation::CommandTransition {
+            id: "c".into(),
+            from: CommandState::OPEN,
+            to,
+            at: 5,
+            detail: None,
+            result_message: Some("done".into()),
+            result: None,
+        };
+        let out = store
+            .write(vec![
+                ack(CommandState::Acknowledged),
+                ack(CommandState::Failed),
+            ])
+            .await?;
+        assert_eq!(out, vec![Outcome::Applied(true), Outcome::Applied(false)]);
+        let c = store.command_get("c").await?.ok_or("missing")?;
+        assert_eq!(
+            (c.state, c.finished_at),
+            (CommandState::Acknowledged, Some(5))
+        );
+        let states: Vec<String> = store
+            .command_transitions("c")
+            .await?
+            .into_iter()
+            .map(|t| t.to_state)
+            .collect();
+        assert_eq!(states, ["pending", "acknowledged"]);
+        store.close().await;
+        Ok(())
+    }
+}

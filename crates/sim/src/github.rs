@@ -1,0 +1,251 @@
+//! A fake GitHub for self-hosted runners.
+//!
+//! Real endpoint: `POST {api}/actions/runner-registration` with `Authorization: RemoteAuth
+//! <registration token>` and `{"url": ..., "runner_event": "register"|"remove"}`; for hosts
+//! other than github.com the API base is `https://HOST/api/v3`, which is what the stand-in
+//! listener calls. A token that is not valid (unknown or expired) gets 404, as on GitHub.
+//!
+//! Simulation endpoints (prefix `/_sim`) stand in for the Actions service's session and job
+//! messages: runners add themselves, poll for a job, report the result; tests queue jobs and
+//! read what happened.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+/// A job the test wants a runner to run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    /// Display name printed by the runner (`Running job: <name>`).
+    pub name: String,
+    /// The job's YAML key (`GITHUB_JOB`).
+    #[serde(default)]
+    pub job_key: String,
+    /// `Succeeded`, `Failed`, `Canceled`, ... (the runner's TaskResult names).
+    #[serde(default = "succeeded")]
+    pub result: String,
+    #[serde(default)]
+    pub duration_ms: u64,
+    #[serde(default)]
+    pub run_id: String,
+    #[serde(default)]
+    pub repository: String,
+    #[serde(default)]
+    pub sha: String,
+    #[serde(default)]
+    pub git_ref: String,
+    /// Only this runner may take it; any registered runner when empty.
+    #[serde(default)]
+    pub runner: String,
+}
+
+fn succeeded() -> String {
+    "Succeeded".into()
+}
+
+/// A runner as registered.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RegisteredRunner {
+    pub name: String,
+    pub labels: Vec<String>,
+    pub group: String,
+    pub ephemeral: bool,
+    pub url: String,
+    /// `online` while polling, `deleted` after an ephemeral job or removal.
+    pub status: String,
+}
+
+/// A finished job as the runner reported it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobReport {
+    pub runner: String,
+    pub name: String,
+    pub result: String,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    tokens: Vec<String>,
+    registrations: Vec<String>,
+    runners: HashMap<String, RegisteredRunner>,
+    queue: VecDeque<Job>,
+    reports: Vec<JobReport>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FakeGitHub {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl FakeGitHub {
+    /// A fake that accepts the given registration tokens.
+    pub fn new(tokens: &[&str]) -> FakeGitHub {
+        let g = FakeGitHub::default();
+        g.lock().tokens = tokens.iter().map(|t| (*t).to_owned()).collect();
+        g
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn enqueue_job(&self, job: Job) {
+        self.lock().queue.push_back(job);
+    }
+
+    pub fn runners(&self) -> Vec<RegisteredRunner> {
+        let mut v: Vec<_> = self.lock().runners.values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn reports(&self) -> Vec<JobReport> {
+        self.lock().reports.clone()
+    }
+
+    /// How many registration-token exchanges succeeded.
+    pub fn registrations(&self) -> usize {
+        self.lock().registrations.len()
+    }
+
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/api/v3/actions/runner-registration", post(exchange))
+            .route("/_sim/runners", get(list_runners).post(add_runner))
+            .route("/_sim/runners/{name}/job", get(next_job))
+            .route("/_sim/runners/{name}/delete", post(delete_runner))
+            .route("/_sim/reports", post(report))
+            .route("/_sim/jobs", post(add_job))
+            .with_state(self.clone())
+    }
+
+    /// Serves on `listener` until the returned task is aborted.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+    ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+        let addr = listener.local_addr()?;
+        let router = self.router();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Ok((addr, task))
+    }
+}
+
+#[derive(Deserialize)]
+struct ExchangeBody {
+    url: String,
+    runner_event: String,
+}
+
+async fn exchange(
+    State(g): State<FakeGitHub>,
+    headers: HeaderMap,
+    Json(body): Json<ExchangeBody>,
+) -> Response {
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("RemoteAuth "))
+        .unwrap_or_default()
+        .to_owned();
+    let mut inner = g.lock();
+    if !inner.tokens.contains(&token) {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"message": "Not Found"})),
+        )
+            .into_response();
+    }
+    if body.runner_event == "register" {
+        inner.registrations.push(body.url.clone());
+    }
+    Json(serde_json::json!({
+        "url": body.url,
+        "token_schema": "OAuthAccessToken",
+        "token": format!("svc-{}", uuid::Uuid::new_v4().simple()),
+        "use_v2_flow": true,
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct AddRunner {
+    name: String,
+    labels: Vec<String>,
+    group: String,
+    ephemeral: bool,
+    url: String,
+    replace: bool,
+}
+
+async fn add_runner(State(g): State<FakeGitHub>, Json(r): Json<AddRunner>) -> StatusCode {
+    let mut inner = g.lock();
+    if let Some(existing) = inner.runners.get(&r.name)
+        && existing.status != "deleted"
+        && !r.replace
+    {
+        return StatusCode::CONFLICT;
+    }
+    inner.runners.insert(
+        r.name.clone(),
+        RegisteredRunner {
+            name: r.name,
+            labels: r.labels,
+            group: r.group,
+            ephemeral: r.ephemeral,
+            url: r.url,
+            status: "online".into(),
+        },
+    );
+    StatusCode::CREATED
+}
+
+async fn list_runners(State(g): State<FakeGitHub>) -> Json<Vec<RegisteredRunner>> {
+    Json(g.runners())
+}
+
+async fn next_job(State(g): State<FakeGitHub>, Path(name): Path<String>) -> Response {
+    let mut inner = g.lock();
+    match inner.runners.get(&name) {
+        Some(r) if r.status != "deleted" => {}
+        _ => return (StatusCode::NOT_FOUND, "runner not registered").into_response(),
+    }
+    let pos = inner
+        .queue
+        .iter()
+        .position(|j| j.runner.is_empty() || j.runner == name);
+    match pos.and_then(|p| inner.queue.remove(p)) {
+        Some(job) => Json(job).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    }
+}
+
+async fn delete_runner(State(g): State<FakeGitHub>, Path(name): Path<String>) -> StatusCode {
+    match g.lock().runners.get_mut(&name) {
+        Some(r) => {
+            r.status = "deleted".into();
+            StatusCode::NO_CONTENT
+        }
+        None => StatusCode::NOT_FOUND,
+    }
+}
+
+async fn report(State(g): State<FakeGitHub>, Json(r): Json<JobReport>) -> StatusCode {
+    g.lock().reports.push(r);
+    StatusCode::NO_CONTENT
+}
+
+async fn add_job(State(g): State<FakeGitHub>, Json(job): Json<Job>) -> StatusCode {
+    g.enqueue_job(job);
+    StatusCode::CREATED
+}

@@ -1,0 +1,16 @@
+//! Stand-ins for what tests and demos cannot reach, speaking the real protocols:
+//!
+//! * [`github`]: the GitHub side of a self-hosted runner: the registration-token exchange that
+//!   `config.sh` performs, and job dispatch to a registered runner (driven by the test).
+//! * [`runner_dir`]: installs a runner directory (`config.sh`, `run.sh`, `env.sh`,
+//!   `bin/Runner.Listener`) whose listener is the `fake-runner-listener` binary of this crate.
+//! * [`metadata`]: the GCE metadata server.
+//!
+//! Nothing here is linked into the agent or the controller.
+
+pub mod github;
+pub mod metadata;
+pub mod runner_dir;
+
+/// The runner version the stand-in reports.
+pub const RUNNER_VERSION: &str = "2.336.0";
