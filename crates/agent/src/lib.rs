@@ -1,0 +1,3 @@
+//! MIGlet, the agent. See ARCHITECTURE.md.
+
+pub mod machine;
