@@ -224,7 +224,11 @@ fn pick(a: &Option<String>, b: &Option<String>, c: Option<&String>) -> Option<St
         .or_else(|| c.cloned().filter(|s| !s.is_empty()))
 }
 
-fn duration(name: &'static str, v: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+fn duration(
+    name: &'static str,
+    v: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     match v {
         None => Ok(default),
         Some(s) => parse_duration(&s)
@@ -252,13 +256,17 @@ pub fn wants_metadata(args: &AgentArgs, file: &FileConfig) -> bool {
 }
 
 pub fn metadata_base(args: &AgentArgs, file: &FileConfig) -> String {
-    pick(&args.metadata_url, &file.metadata.url, None).unwrap_or_else(|| "http://metadata.google.internal".into())
+    pick(&args.metadata_url, &file.metadata.url, None)
+        .unwrap_or_else(|| "http://metadata.google.internal".into())
 }
 
 /// Reads the instance name and `miglet-*` attributes. Unreachable server or missing keys
 /// leave the values empty; the caller decides what is required.
 pub async fn fetch_metadata(base: &str) -> MetadataValues {
-    let client = match reqwest::Client::builder().timeout(Duration::from_secs(2)).build() {
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+    {
         Ok(c) => c,
         Err(_) => return MetadataValues::default(),
     };
@@ -266,7 +274,12 @@ pub async fn fetch_metadata(base: &str) -> MetadataValues {
         let client = client.clone();
         let url = format!("{}/computeMetadata/v1/{path}", base.trim_end_matches('/'));
         async move {
-            let r = client.get(url).header("Metadata-Flavor", "Google").send().await.ok()?;
+            let r = client
+                .get(url)
+                .header("Metadata-Flavor", "Google")
+                .send()
+                .await
+                .ok()?;
             if !r.status().is_success() {
                 return None;
             }
@@ -304,21 +317,37 @@ fn read_boot_id() -> String {
 }
 
 fn check_id(name: &'static str, v: &str) -> Result<(), ConfigError> {
-    miglet_proto::ids::validate_id(name, v).map_err(|e| ConfigError::Invalid { name, reason: e.to_string() })
+    miglet_proto::ids::validate_id(name, v).map_err(|e| ConfigError::Invalid {
+        name,
+        reason: e.to_string(),
+    })
 }
 
 impl Settings {
-    pub fn resolve(args: &AgentArgs, file: &FileConfig, meta: &MetadataValues, running_as_root: bool) -> Result<Settings, ConfigError> {
-        let pool_id = pick(&args.pool_id, &file.pool_id, meta.pool_id.as_ref()).ok_or(ConfigError::Missing("pool_id (MIGLET_POOL_ID)"))?;
-        let vm_id = pick(&args.vm_id, &file.vm_id, meta.instance_name.as_ref()).ok_or(ConfigError::Missing("vm_id (MIGLET_VM_ID)"))?;
+    pub fn resolve(
+        args: &AgentArgs,
+        file: &FileConfig,
+        meta: &MetadataValues,
+        running_as_root: bool,
+    ) -> Result<Settings, ConfigError> {
+        let pool_id = pick(&args.pool_id, &file.pool_id, meta.pool_id.as_ref())
+            .ok_or(ConfigError::Missing("pool_id (MIGLET_POOL_ID)"))?;
+        let vm_id = pick(&args.vm_id, &file.vm_id, meta.instance_name.as_ref())
+            .ok_or(ConfigError::Missing("vm_id (MIGLET_VM_ID)"))?;
         check_id("pool_id", &pool_id)?;
         check_id("vm_id", &vm_id)?;
         let org_id = pick(&args.org_id, &file.org_id, meta.org_id.as_ref()).unwrap_or_default();
         if !org_id.is_empty() {
             check_id("org_id", &org_id)?;
         }
-        let endpoint = pick(&args.controller_endpoint, &file.controller.endpoint, meta.controller_endpoint.as_ref())
-            .ok_or(ConfigError::Missing("controller endpoint (MIGLET_CONTROLLER_ENDPOINT)"))?;
+        let endpoint = pick(
+            &args.controller_endpoint,
+            &file.controller.endpoint,
+            meta.controller_endpoint.as_ref(),
+        )
+        .ok_or(ConfigError::Missing(
+            "controller endpoint (MIGLET_CONTROLLER_ENDPOINT)",
+        ))?;
         let endpoint = endpoint.trim_end_matches('/').to_owned();
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
             return Err(ConfigError::Invalid {
@@ -326,25 +355,42 @@ impl Settings {
                 reason: format!("{endpoint:?} must start with http:// or https://"),
             });
         }
-        let grpc = match pick(&args.controller_grpc_endpoint, &file.controller.grpc_endpoint, meta.controller_grpc_endpoint.as_ref()) {
+        let grpc = match pick(
+            &args.controller_grpc_endpoint,
+            &file.controller.grpc_endpoint,
+            meta.controller_grpc_endpoint.as_ref(),
+        ) {
             Some(g) if g == "disabled" || g == "none" => None,
             Some(g) if g.contains("://") => Some(g),
             Some(g) => Some(format!("http://{g}")),
             None => derive_grpc_endpoint(&endpoint),
         };
-        let level = pick(&args.logging_level, &file.logging.level, None).unwrap_or_else(|| "info".into());
+        let level =
+            pick(&args.logging_level, &file.logging.level, None).unwrap_or_else(|| "info".into());
         if miglet_proto::command::LogLevel::parse(&level).is_none() {
-            return Err(ConfigError::Invalid { name: "logging level", reason: format!("{level:?} (trace, debug, info, warn, error)") });
+            return Err(ConfigError::Invalid {
+                name: "logging level",
+                reason: format!("{level:?} (trace, debug, info, warn, error)"),
+            });
         }
-        let format = pick(&args.logging_format, &file.logging.format, None).unwrap_or_else(|| "text".into());
+        let format =
+            pick(&args.logging_format, &file.logging.format, None).unwrap_or_else(|| "text".into());
         let logging_json = match format.as_str() {
             "json" => true,
             "text" => false,
-            other => return Err(ConfigError::Invalid { name: "logging format", reason: format!("{other:?} (text, json)") }),
+            other => {
+                return Err(ConfigError::Invalid {
+                    name: "logging format",
+                    reason: format!("{other:?} (text, json)"),
+                });
+            }
         };
-        let post = pick(&args.post_job_action, &file.runner.post_job_action, None).unwrap_or_else(|| "exit".into());
-        let post_job_action = PostJobAction::parse(&post)
-            .ok_or(ConfigError::Invalid { name: "post_job_action", reason: format!("{post:?} (exit, poweroff, none)") })?;
+        let post = pick(&args.post_job_action, &file.runner.post_job_action, None)
+            .unwrap_or_else(|| "exit".into());
+        let post_job_action = PostJobAction::parse(&post).ok_or(ConfigError::Invalid {
+            name: "post_job_action",
+            reason: format!("{post:?} (exit, poweroff, none)"),
+        })?;
         let runner_user = match pick(&args.runner_user, &file.runner.user, None) {
             Some(u) => Some(u),
             // An explicit empty value means "run as root".
@@ -352,12 +398,18 @@ impl Settings {
             None if running_as_root => Some("runner".into()),
             None => None,
         };
-        let sha = pick(&args.runner_sha256, &file.runner.sha256, None).map(|s| s.to_ascii_lowercase());
+        let sha =
+            pick(&args.runner_sha256, &file.runner.sha256, None).map(|s| s.to_ascii_lowercase());
         let download = pick(&args.runner_download_url, &file.runner.download_url, None);
-        if download.is_some() && !sha.as_ref().is_some_and(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())) {
+        if download.is_some()
+            && !sha
+                .as_ref()
+                .is_some_and(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
             return Err(ConfigError::Invalid {
                 name: "runner_sha256",
-                reason: "a runner download URL needs the 64-hex-digit SHA-256 of the archive".into(),
+                reason: "a runner download URL needs the 64-hex-digit SHA-256 of the archive"
+                    .into(),
             });
         }
         Ok(Settings {
@@ -368,17 +420,46 @@ impl Settings {
             controller_grpc_endpoint: grpc,
             logging_level: level,
             logging_json,
-            data_dir: args.data_dir.clone().or_else(|| file.data_dir.clone()).unwrap_or_else(|| PathBuf::from("/var/lib/miglet")),
-            runner_dir: args.runner_dir.clone().or_else(|| file.runner.dir.clone()).unwrap_or_else(|| PathBuf::from("/opt/actions-runner")),
-            runner_work_dir: pick(&args.runner_work_dir, &file.runner.work_dir, None).unwrap_or_else(|| "_work".into()),
+            data_dir: args
+                .data_dir
+                .clone()
+                .or_else(|| file.data_dir.clone())
+                .unwrap_or_else(|| PathBuf::from("/var/lib/miglet")),
+            runner_dir: args
+                .runner_dir
+                .clone()
+                .or_else(|| file.runner.dir.clone())
+                .unwrap_or_else(|| PathBuf::from("/opt/actions-runner")),
+            runner_work_dir: pick(&args.runner_work_dir, &file.runner.work_dir, None)
+                .unwrap_or_else(|| "_work".into()),
             runner_user,
             runner_download_url: download,
             runner_sha256: sha,
             post_job_action,
-            heartbeat_interval: duration("heartbeat_interval", pick(&args.heartbeat_interval, &file.heartbeat.interval, None), Duration::from_secs(15))?,
-            poll_interval: duration("poll_interval", pick(&args.poll_interval, &file.poll_interval, None), Duration::from_secs(5))?,
-            shutdown_grace: duration("shutdown_grace_period", pick(&args.shutdown_grace_period, &file.shutdown.grace_period, None), Duration::from_secs(30))?,
-            controller_timeout: duration("controller_timeout", pick(&args.controller_timeout, &file.controller.timeout, None), Duration::from_secs(30))?,
+            heartbeat_interval: duration(
+                "heartbeat_interval",
+                pick(&args.heartbeat_interval, &file.heartbeat.interval, None),
+                Duration::from_secs(15),
+            )?,
+            poll_interval: duration(
+                "poll_interval",
+                pick(&args.poll_interval, &file.poll_interval, None),
+                Duration::from_secs(5),
+            )?,
+            shutdown_grace: duration(
+                "shutdown_grace_period",
+                pick(
+                    &args.shutdown_grace_period,
+                    &file.shutdown.grace_period,
+                    None,
+                ),
+                Duration::from_secs(30),
+            )?,
+            controller_timeout: duration(
+                "controller_timeout",
+                pick(&args.controller_timeout, &file.controller.timeout, None),
+                Duration::from_secs(30),
+            )?,
             boot_id: pick(&args.boot_id, &None, None).unwrap_or_else(read_boot_id),
         })
     }
@@ -399,16 +480,39 @@ mod tests {
 
     #[test]
     fn defaults_and_grpc_derivation() -> Result<(), ConfigError> {
-        let s = Settings::resolve(&args(), &FileConfig::default(), &MetadataValues::default(), false)?;
-        assert_eq!(s.controller_grpc_endpoint.as_deref(), Some("http://ctl:50051"));
+        let s = Settings::resolve(
+            &args(),
+            &FileConfig::default(),
+            &MetadataValues::default(),
+            false,
+        )?;
+        assert_eq!(
+            s.controller_grpc_endpoint.as_deref(),
+            Some("http://ctl:50051")
+        );
         assert_eq!(s.heartbeat_interval, Duration::from_secs(15));
         assert_eq!(s.poll_interval, Duration::from_secs(5));
         assert_eq!(s.post_job_action, PostJobAction::Exit);
         assert_eq!(s.runner_user, None);
-        let root = Settings::resolve(&args(), &FileConfig::default(), &MetadataValues::default(), true)?;
-        assert_eq!(root.runner_user.as_deref(), Some("runner"), "root runs the runner unprivileged by default");
-        assert_eq!(derive_grpc_endpoint("https://[::1]:8443/x").as_deref(), Some("https://[::1]:50051"));
-        assert_eq!(derive_grpc_endpoint("http://10.0.0.2").as_deref(), Some("http://10.0.0.2:50051"));
+        let root = Settings::resolve(
+            &args(),
+            &FileConfig::default(),
+            &MetadataValues::default(),
+            true,
+        )?;
+        assert_eq!(
+            root.runner_user.as_deref(),
+            Some("runner"),
+            "root runs the runner unprivileged by default"
+        );
+        assert_eq!(
+            derive_grpc_endpoint("https://[::1]:8443/x").as_deref(),
+            Some("https://[::1]:50051")
+        );
+        assert_eq!(
+            derive_grpc_endpoint("http://10.0.0.2").as_deref(),
+            Some("http://10.0.0.2:50051")
+        );
         Ok(())
     }
 
@@ -424,15 +528,24 @@ mod tests {
             controller_endpoint: Some("http://meta:8080".into()),
             controller_grpc_endpoint: None,
         };
-        let a = AgentArgs { pool_id: Some("from-flag".into()), ..AgentArgs::default() };
+        let a = AgentArgs {
+            pool_id: Some("from-flag".into()),
+            ..AgentArgs::default()
+        };
         let s = Settings::resolve(&a, &file, &meta, true)?;
         assert_eq!(s.pool_id, "from-flag");
-        assert_eq!(s.vm_id, "gce-instance-7", "instance name is the default vm_id");
+        assert_eq!(
+            s.vm_id, "gce-instance-7",
+            "instance name is the default vm_id"
+        );
         assert_eq!(s.org_id, "org-file");
         assert_eq!(s.controller_endpoint, "http://file:8080");
         assert_eq!(s.controller_grpc_endpoint, None);
         assert_eq!(s.heartbeat_interval, Duration::from_secs(20));
-        assert_eq!(s.runner_user, None, "an explicit empty user runs the runner as root");
+        assert_eq!(
+            s.runner_user, None,
+            "an explicit empty user runs the runner as root"
+        );
         Ok(())
     }
 
@@ -440,24 +553,56 @@ mod tests {
     fn missing_and_invalid_settings_are_named() {
         let mut a = args();
         a.pool_id = None;
-        let e = Settings::resolve(&a, &FileConfig::default(), &MetadataValues::default(), false);
+        let e = Settings::resolve(
+            &a,
+            &FileConfig::default(),
+            &MetadataValues::default(),
+            false,
+        );
         assert!(matches!(e, Err(ConfigError::Missing(m)) if m.starts_with("pool_id")));
         for (mutate, name) in [
-            (Box::new(|a: &mut AgentArgs| a.vm_id = Some("../x".into())) as Box<dyn Fn(&mut AgentArgs)>, "vm_id"),
-            (Box::new(|a: &mut AgentArgs| a.controller_endpoint = Some("ctl:8080".into())), "controller endpoint"),
-            (Box::new(|a: &mut AgentArgs| a.heartbeat_interval = Some("often".into())), "heartbeat_interval"),
-            (Box::new(|a: &mut AgentArgs| a.post_job_action = Some("reboot".into())), "post_job_action"),
-            (Box::new(|a: &mut AgentArgs| a.logging_format = Some("xml".into())), "logging format"),
-            (Box::new(|a: &mut AgentArgs| a.runner_download_url = Some("http://x/r.tgz".into())), "runner_sha256"),
+            (
+                Box::new(|a: &mut AgentArgs| a.vm_id = Some("../x".into()))
+                    as Box<dyn Fn(&mut AgentArgs)>,
+                "vm_id",
+            ),
+            (
+                Box::new(|a: &mut AgentArgs| a.controller_endpoint = Some("ctl:8080".into())),
+                "controller endpoint",
+            ),
+            (
+                Box::new(|a: &mut AgentArgs| a.heartbeat_interval = Some("often".into())),
+                "heartbeat_interval",
+            ),
+            (
+                Box::new(|a: &mut AgentArgs| a.post_job_action = Some("reboot".into())),
+                "post_job_action",
+            ),
+            (
+                Box::new(|a: &mut AgentArgs| a.logging_format = Some("xml".into())),
+                "logging format",
+            ),
+            (
+                Box::new(|a: &mut AgentArgs| a.runner_download_url = Some("http://x/r.tgz".into())),
+                "runner_sha256",
+            ),
         ] {
             let mut a = args();
             mutate(&mut a);
-            match Settings::resolve(&a, &FileConfig::default(), &MetadataValues::default(), false) {
+            match Settings::resolve(
+                &a,
+                &FileConfig::default(),
+                &MetadataValues::default(),
+                false,
+            ) {
                 Err(ConfigError::Invalid { name: n, .. }) => assert_eq!(n, name),
                 other => panic!("{name}: {other:?}"),
             }
         }
-        assert!(serde_yaml_ng::from_str::<FileConfig>("pool_idd: x").is_err(), "typos are refused");
+        assert!(
+            serde_yaml_ng::from_str::<FileConfig>("pool_idd: x").is_err(),
+            "typos are refused"
+        );
     }
 
     #[tokio::test]
@@ -465,7 +610,10 @@ mod tests {
         let m = miglet_sim::metadata::FakeMetadata::default();
         m.set("instance/name", "mig-abc1\n");
         m.set("instance/attributes/miglet-pool-id", "linux-x64");
-        m.set("instance/attributes/miglet-controller-endpoint", "http://10.0.0.2:8080");
+        m.set(
+            "instance/attributes/miglet-controller-endpoint",
+            "http://10.0.0.2:8080",
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let router = m.router();
@@ -476,8 +624,14 @@ mod tests {
         assert_eq!(v.pool_id.as_deref(), Some("linux-x64"));
         assert_eq!(v.org_id, None);
         let s = Settings::resolve(&AgentArgs::default(), &FileConfig::default(), &v, false)?;
-        assert_eq!((s.vm_id.as_str(), s.pool_id.as_str()), ("mig-abc1", "linux-x64"));
-        assert_eq!(s.controller_grpc_endpoint.as_deref(), Some("http://10.0.0.2:50051"));
+        assert_eq!(
+            (s.vm_id.as_str(), s.pool_id.as_str()),
+            ("mig-abc1", "linux-x64")
+        );
+        assert_eq!(
+            s.controller_grpc_endpoint.as_deref(),
+            Some("http://10.0.0.2:50051")
+        );
         // Unreachable: nothing, quickly.
         let none = fetch_metadata("http://127.0.0.1:9").await;
         assert_eq!(none, MetadataValues::default());

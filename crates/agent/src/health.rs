@@ -11,7 +11,11 @@ pub struct Sampler {
 /// (busy, total) jiffies of the `cpu` line.
 fn cpu_times(stat: &str) -> Option<(u64, u64)> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     if v.len() < 4 {
         return None;
     }
@@ -37,7 +41,11 @@ fn meminfo(text: &str) -> Option<(i64, i64)> {
 impl Sampler {
     pub fn sample(&mut self) -> HealthFigures {
         let mut h = HealthFigures::default();
-        if let Some((busy, total)) = std::fs::read_to_string("/proc/stat").ok().as_deref().and_then(cpu_times) {
+        if let Some((busy, total)) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .as_deref()
+            .and_then(cpu_times)
+        {
             if let Some((b0, t0)) = self.last {
                 let dt = total.saturating_sub(t0);
                 if dt > 0 {
@@ -46,7 +54,11 @@ impl Sampler {
             }
             self.last = Some((busy, total));
         }
-        if let Some((used, total)) = std::fs::read_to_string("/proc/meminfo").ok().as_deref().and_then(meminfo) {
+        if let Some((used, total)) = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .as_deref()
+            .and_then(meminfo)
+        {
             h.memory_used_bytes = Some(used);
             h.memory_total_bytes = Some(total);
         }
@@ -67,8 +79,14 @@ mod tests {
 
     #[test]
     fn parses_proc_formats() {
-        assert_eq!(cpu_times("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n"), Some((150, 1000)));
-        assert_eq!(meminfo("MemTotal:       1000 kB\nMemFree: 10 kB\nMemAvailable:    250 kB\n"), Some((750 * 1024, 1000 * 1024)));
+        assert_eq!(
+            cpu_times("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n"),
+            Some((150, 1000))
+        );
+        assert_eq!(
+            meminfo("MemTotal:       1000 kB\nMemFree: 10 kB\nMemAvailable:    250 kB\n"),
+            Some((750 * 1024, 1000 * 1024))
+        );
     }
 
     #[test]
@@ -77,7 +95,10 @@ mod tests {
         let _ = s.sample();
         std::thread::sleep(std::time::Duration::from_millis(50));
         let h = s.sample();
-        assert!(h.cpu_percent.is_some_and(|c| (0.0..=100.0).contains(&c)), "{h:?}");
+        assert!(
+            h.cpu_percent.is_some_and(|c| (0.0..=100.0).contains(&c)),
+            "{h:?}"
+        );
         assert!(h.memory_total_bytes.unwrap_or(0) > 0 && h.disk_total_bytes.unwrap_or(0) > 0);
     }
 }

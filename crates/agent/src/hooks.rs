@@ -87,14 +87,22 @@ pub fn install(data_dir: &Path, agent_exe: &Path) -> std::io::Result<Hooks> {
     }
     let completed = paths.pop().unwrap_or_default();
     let started = paths.pop().unwrap_or_default();
-    Ok(Hooks { started, completed, inbox })
+    Ok(Hooks {
+        started,
+        completed,
+        inbox,
+    })
 }
 
 /// `miglet hook KIND --inbox DIR`: writes the report atomically. Errors are printed, not
 /// returned as a failure.
 pub fn run_hook(kind: &str, inbox: &Path) {
     let report = HookReport::from_env(kind);
-    let name = format!("{:020}-{}.json", chrono::Utc::now().timestamp_micros(), uuid::Uuid::new_v4().simple());
+    let name = format!(
+        "{:020}-{}.json",
+        chrono::Utc::now().timestamp_micros(),
+        uuid::Uuid::new_v4().simple()
+    );
     let tmp = inbox.join(format!(".{name}.tmp"));
     let result = serde_json::to_vec(&report)
         .map_err(std::io::Error::other)
@@ -112,15 +120,20 @@ pub fn drain_inbox(inbox: &Path) -> Vec<HookReport> {
     };
     let mut names: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json") && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "json")
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
         .collect();
     names.sort();
     let mut out = Vec::new();
     for p in names {
-        if let Ok(bytes) = std::fs::read(&p) {
-            if let Ok(r) = serde_json::from_slice::<HookReport>(&bytes) {
-                out.push(r);
-            }
+        if let Ok(bytes) = std::fs::read(&p)
+            && let Ok(r) = serde_json::from_slice::<HookReport>(&bytes)
+        {
+            out.push(r);
         }
         let _ = std::fs::remove_file(&p);
     }

@@ -90,21 +90,36 @@ pub enum Input {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Send (and spool until acknowledged) an event with these per-type fields.
-    Event { event_type: &'static str, fields: Map<String, Value> },
-    Ack { id: String, via: Via, success: bool, message: String },
+    Event {
+        event_type: &'static str,
+        fields: Map<String, Value>,
+    },
+    Ack {
+        id: String,
+        via: Via,
+        success: bool,
+        message: String,
+    },
     /// Log one of PROTOCOL.md's verbatim transition messages at info.
     Log(&'static str),
     /// Configure the runner with these parameters, then start its listener.
     StartRunner(RegisterRunner),
     /// Start the listener again after `after` (retryable exit or self-update).
-    RestartRunner { after: Duration },
+    RestartRunner {
+        after: Duration,
+    },
     /// SIGINT the listener; SIGKILL after the grace period, or at once with `force`.
-    StopRunner { force: bool },
+    StopRunner {
+        force: bool,
+    },
     SetLogLevel(LogLevel),
     SetHeartbeatInterval(Duration),
     SendHeartbeat,
     /// Flush the spool and end: exit with `code`, then `post` (poweroff or stay).
-    Finish { code: u8, post: PostJobAction },
+    Finish {
+        code: u8,
+        post: PostJobAction,
+    },
 }
 
 /// The job the agent knows is running.
@@ -208,7 +223,11 @@ impl Machine {
     }
 
     fn remember(&mut self, id: &str, success: bool, message: &str) {
-        if self.executed.insert(id.to_owned(), (success, message.to_owned())).is_none() {
+        if self
+            .executed
+            .insert(id.to_owned(), (success, message.to_owned()))
+            .is_none()
+        {
             self.executed_order.push_back(id.to_owned());
             while self.executed_order.len() > REMEMBERED_COMMANDS {
                 if let Some(old) = self.executed_order.pop_front() {
@@ -239,9 +258,13 @@ impl Machine {
             }
             Input::VmStartedAcked => {
                 if self.state == MigletState::WaitingForController {
-                    out.push(Action::Log("Controller acknowledgment received, transitioning to ready state"));
+                    out.push(Action::Log(
+                        "Controller acknowledgment received, transitioning to ready state",
+                    ));
                     self.state = MigletState::Ready;
-                    out.push(Action::Log("MIGlet is ready - polling controller for registration config"));
+                    out.push(Action::Log(
+                        "MIGlet is ready - polling controller for registration config",
+                    ));
                 }
             }
             Input::Command { id, via, parsed } => self.on_command(&id, via, parsed, now, &mut out),
@@ -282,17 +305,20 @@ impl Machine {
             Input::RunnerExited { code } => self.on_runner_exit(code, &mut out),
             Input::Signal => self.begin_shutdown(false, &mut out),
             Input::Tick => {
-                if let Some(deadline) = self.drain_deadline {
-                    if now >= deadline && self.runner_alive && self.state == MigletState::Draining {
-                        self.drain_deadline = None;
-                        self.state = MigletState::ShuttingDown;
-                        out.push(Action::StopRunner { force: true });
-                    }
+                if let Some(deadline) = self.drain_deadline
+                    && now >= deadline
+                    && self.runner_alive
+                    && self.state == MigletState::Draining
+                {
+                    self.drain_deadline = None;
+                    self.state = MigletState::ShuttingDown;
+                    out.push(Action::StopRunner { force: true });
                 }
-                if let Some(job) = &self.job {
-                    if !job.reported && now - job.started_at >= JOB_DETAILS_WAIT {
-                        self.report_job_started(&mut out);
-                    }
+                if let Some(job) = &self.job
+                    && !job.reported
+                    && now - job.started_at >= JOB_DETAILS_WAIT
+                {
+                    self.report_job_started(&mut out);
                 }
             }
         }
@@ -302,7 +328,14 @@ impl Machine {
         out
     }
 
-    fn on_command(&mut self, id: &str, via: Via, parsed: Result<Command, CommandError>, now: Millis, out: &mut Vec<Action>) {
+    fn on_command(
+        &mut self,
+        id: &str,
+        via: Via,
+        parsed: Result<Command, CommandError>,
+        now: Millis,
+        out: &mut Vec<Action>,
+    ) {
         if let Some((success, message)) = self.executed.get(id) {
             // Delivered again (a lost ack): acknowledge again, do not execute again.
             out.push(ack(id, via, *success, message.clone()));
@@ -319,14 +352,25 @@ impl Machine {
         };
         let (success, message) = match command {
             Command::RegisterRunner(r) => self.on_register(r, now, out),
-            Command::Drain { reason, timeout_seconds } => self.on_drain(&reason, timeout_seconds, now, out),
+            Command::Drain {
+                reason,
+                timeout_seconds,
+            } => self.on_drain(&reason, timeout_seconds, now, out),
             Command::Shutdown { reason, force } => {
                 if matches!(self.state, MigletState::ShuttingDown | MigletState::Error) && !force {
                     (true, "already shutting down".to_owned())
                 } else {
                     let _ = reason;
                     self.begin_shutdown(force, out);
-                    (true, if force { "shutting down now" } else { "shutting down" }.to_owned())
+                    (
+                        true,
+                        if force {
+                            "shutting down now"
+                        } else {
+                            "shutting down"
+                        }
+                        .to_owned(),
+                    )
                 }
             }
             Command::SetLogLevel { level } => {
@@ -340,23 +384,41 @@ impl Machine {
         out.insert(0, ack(id, via, success, message));
     }
 
-    fn on_register(&mut self, r: RegisterRunner, now: Millis, out: &mut Vec<Action>) -> (bool, String) {
+    fn on_register(
+        &mut self,
+        r: RegisterRunner,
+        now: Millis,
+        out: &mut Vec<Action>,
+    ) -> (bool, String) {
         if self.state != MigletState::Ready {
-            return (false, format!("register_runner is not allowed in state {}", self.state));
+            return (
+                false,
+                format!("register_runner is not allowed in state {}", self.state),
+            );
         }
         if self.draining {
             return (false, "draining: no runner will be registered".into());
         }
-        out.push(Action::Log("Received register_runner command from controller"));
-        if let Some(exp) = r.expires_at {
-            if exp.timestamp_millis() <= now {
-                return (false, format!("registration token expired at {}", miglet_proto::rfc3339(exp)));
-            }
+        out.push(Action::Log(
+            "Received register_runner command from controller",
+        ));
+        if let Some(exp) = r.expires_at
+            && exp.timestamp_millis() <= now
+        {
+            return (
+                false,
+                format!(
+                    "registration token expired at {}",
+                    miglet_proto::rfc3339(exp)
+                ),
+            );
         }
         if r.jit_config.is_none() && r.runner_url.is_empty() {
             return (false, "missing parameter runner_url".into());
         }
-        out.push(Action::Log("Registration config received, transitioning to registering runner"));
+        out.push(Action::Log(
+            "Registration config received, transitioning to registering runner",
+        ));
         self.state = MigletState::RegisteringRunner;
         self.runner_name = r.runner_name.clone();
         self.labels = r.labels.clone();
@@ -364,14 +426,25 @@ impl Machine {
         (true, "Registration config received".into())
     }
 
-    fn on_drain(&mut self, _reason: &str, timeout: Option<i64>, now: Millis, out: &mut Vec<Action>) -> (bool, String) {
+    fn on_drain(
+        &mut self,
+        _reason: &str,
+        timeout: Option<i64>,
+        now: Millis,
+        out: &mut Vec<Action>,
+    ) -> (bool, String) {
         match self.state {
-            MigletState::ShuttingDown | MigletState::Error => (true, "already shutting down".into()),
+            MigletState::ShuttingDown | MigletState::Error => {
+                (true, "already shutting down".into())
+            }
             MigletState::JobRunning => {
                 self.draining = true;
                 self.state = MigletState::Draining;
                 self.drain_deadline = timeout.map(|t| now + t * 1000);
-                (true, "draining: the current job will finish, no new job will be taken".into())
+                (
+                    true,
+                    "draining: the current job will finish, no new job will be taken".into(),
+                )
             }
             MigletState::Draining => (true, "already draining".into()),
             _ => {
@@ -383,21 +456,38 @@ impl Machine {
         }
     }
 
-    fn on_update_config(&mut self, key: &str, value: &str, out: &mut Vec<Action>) -> (bool, String) {
+    fn on_update_config(
+        &mut self,
+        key: &str,
+        value: &str,
+        out: &mut Vec<Action>,
+    ) -> (bool, String) {
         match key {
             "heartbeat_interval" => match parse_duration(value) {
                 Some(d) if d >= Duration::from_secs(1) => {
                     out.push(Action::SetHeartbeatInterval(d));
                     (true, format!("heartbeat_interval set to {}s", d.as_secs()))
                 }
-                _ => (false, format!("invalid heartbeat_interval {value:?} (e.g. 15s, 1m, or seconds)")),
+                _ => (
+                    false,
+                    format!("invalid heartbeat_interval {value:?} (e.g. 15s, 1m, or seconds)"),
+                ),
             },
             "post_job_action" => match PostJobAction::parse(value) {
                 Some(a) => {
                     self.post_job_action = a;
-                    (true, format!("post_job_action set to {}", value.trim().to_ascii_lowercase()))
+                    (
+                        true,
+                        format!(
+                            "post_job_action set to {}",
+                            value.trim().to_ascii_lowercase()
+                        ),
+                    )
                 }
-                None => (false, format!("invalid post_job_action {value:?} (exit, poweroff, none)")),
+                None => (
+                    false,
+                    format!("invalid post_job_action {value:?} (exit, poweroff, none)"),
+                ),
             },
             "log_level" => match LogLevel::parse(value) {
                 Some(l) => {
@@ -406,7 +496,12 @@ impl Machine {
                 }
                 None => (false, format!("invalid log level {value:?}")),
             },
-            other => (false, format!("unknown config key {other:?} (heartbeat_interval, post_job_action, log_level)")),
+            other => (
+                false,
+                format!(
+                    "unknown config key {other:?} (heartbeat_interval, post_job_action, log_level)"
+                ),
+            ),
         }
     }
 
@@ -430,7 +525,10 @@ impl Machine {
                     ..RunningJob::default()
                 });
                 job.name = Some(name);
-                if matches!(self.state, MigletState::Idle | MigletState::RegisteringRunner) {
+                if matches!(
+                    self.state,
+                    MigletState::Idle | MigletState::RegisteringRunner
+                ) {
                     self.state = MigletState::JobRunning;
                 }
             }
@@ -448,7 +546,10 @@ impl Machine {
                     let success = matches!(result.as_str(), "Succeeded" | "SucceededWithIssues");
                     f.insert("result".into(), Value::String(result));
                     f.insert("success".into(), Value::Bool(success));
-                    f.insert("duration".into(), json!(((now - job.started_at).max(0) + 500) / 1000));
+                    f.insert(
+                        "duration".into(),
+                        json!(((now - job.started_at).max(0) + 500) / 1000),
+                    );
                     out.push(Action::Event {
                         event_type: "job_completed",
                         fields: f,
@@ -463,15 +564,15 @@ impl Machine {
     }
 
     fn report_job_started(&mut self, out: &mut Vec<Action>) {
-        if let Some(job) = self.job.as_mut() {
-            if !job.reported {
-                job.reported = true;
-                let f = job_fields(job);
-                out.push(Action::Event {
-                    event_type: "job_started",
-                    fields: f,
-                });
-            }
+        if let Some(job) = self.job.as_mut()
+            && !job.reported
+        {
+            job.reported = true;
+            let f = job_fields(job);
+            out.push(Action::Event {
+                event_type: "job_started",
+                fields: f,
+            });
         }
     }
 
@@ -551,7 +652,9 @@ impl Machine {
         }
         out.push(Action::Event {
             event_type: "vm_shutting_down",
-            fields: fields(json!({"reason": if self.state == MigletState::Error { "error" } else { "done" }})),
+            fields: fields(
+                json!({"reason": if self.state == MigletState::Error { "error" } else { "done" }}),
+            ),
         });
         let post = match self.post_job_action {
             PostJobAction::None if self.finish_code == exit_code::OK => PostJobAction::None,

@@ -92,7 +92,9 @@ impl Spool {
         }
         let path = self.path(seq);
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))?;
         self.next += 1;
         Ok(seq)
     }
@@ -181,7 +183,12 @@ mod tests {
         assert!(matches!(s.push(&ev("c")), Err(SpoolError::Full(2))));
         std::fs::write(dir.path().join(format!("{:020}.json", 0)), b"{not json")?;
         assert_eq!(s.first()?.map(|e| e.body.event_type), Some("a".into()));
-        assert!(dir.path().join("rejected").join(format!("{:020}.json", 0)).exists());
+        assert!(
+            dir.path()
+                .join("rejected")
+                .join(format!("{:020}.json", 0))
+                .exists()
+        );
         Ok(())
     }
 }

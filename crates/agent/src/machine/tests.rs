@@ -35,7 +35,9 @@ fn acks(actions: &[Action]) -> Vec<(bool, String)> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Ack { success, message, .. } => Some((*success, message.clone())),
+            Action::Ack {
+                success, message, ..
+            } => Some((*success, message.clone())),
             _ => None,
         })
         .collect()
@@ -67,7 +69,10 @@ fn boot_flow_logs_the_four_lines_in_order() {
     assert_eq!(m.state, MigletState::Ready);
     let a = m.step(cmd("r1", reg(Some(NOW / 1000 + 3600))), NOW);
     assert_eq!(m.state, MigletState::RegisteringRunner);
-    assert!(matches!(a[0], Action::Ack { success: true, .. }), "ack comes first: {a:?}");
+    assert!(
+        matches!(a[0], Action::Ack { success: true, .. }),
+        "ack comes first: {a:?}"
+    );
     assert!(a.iter().any(|x| matches!(x, Action::StartRunner(_))));
     all.extend(a);
     let logs: Vec<&str> = all
@@ -95,7 +100,10 @@ fn boot_flow_logs_the_four_lines_in_order() {
 #[test]
 fn job_uses_hook_details_and_completes_then_ephemeral_exit_shuts_down() {
     let mut m = idle();
-    let a = m.step(Input::RunnerLine(format!("{TS}: Running job: build (ubuntu)")), NOW);
+    let a = m.step(
+        Input::RunnerLine(format!("{TS}: Running job: build (ubuntu)")),
+        NOW,
+    );
     assert_eq!(m.state, MigletState::JobRunning);
     assert!(events(&a).is_empty(), "waits for the hook's details");
     let details = JobDetails {
@@ -107,25 +115,44 @@ fn job_uses_hook_details_and_completes_then_ephemeral_exit_shuts_down() {
         ..JobDetails::default()
     };
     let a = m.step(Input::HookStarted(details.clone()), NOW + 500);
-    let Some(Action::Event { event_type: "job_started", fields }) = a.first() else {
+    let Some(Action::Event {
+        event_type: "job_started",
+        fields,
+    }) = a.first()
+    else {
         panic!("{a:?}")
     };
     assert_eq!(fields["run_id"], "4242");
     assert_eq!(fields["job_name"], "build (ubuntu)");
     assert_eq!(fields["repository"], "acme/app");
     m.step(Input::HookCompleted(details), NOW + 30_000);
-    let a = m.step(Input::RunnerLine(format!("{TS}: Job build (ubuntu) completed with result: Failed")), NOW + 30_400);
-    let Some(Action::Event { event_type: "job_completed", fields }) = a.first() else {
+    let a = m.step(
+        Input::RunnerLine(format!(
+            "{TS}: Job build (ubuntu) completed with result: Failed"
+        )),
+        NOW + 30_400,
+    );
+    let Some(Action::Event {
+        event_type: "job_completed",
+        fields,
+    }) = a.first()
+    else {
         panic!("{a:?}")
     };
-    assert_eq!((fields["success"].as_bool(), fields["result"].as_str()), (Some(false), Some("Failed")));
+    assert_eq!(
+        (fields["success"].as_bool(), fields["result"].as_str()),
+        (Some(false), Some("Failed"))
+    );
     assert_eq!(fields["duration"], 30);
     assert_eq!(fields["commit"], "abc");
     assert_eq!(m.state, MigletState::Idle);
     // The ephemeral runner exits 0 after its job: report, shut down, finish.
     let a = m.step(Input::RunnerExited { code: Some(0) }, NOW + 31_000);
     assert_eq!(events(&a), ["vm_shutting_down"]);
-    assert!(a.contains(&Action::Finish { code: 0, post: PostJobAction::Exit }));
+    assert!(a.contains(&Action::Finish {
+        code: 0,
+        post: PostJobAction::Exit
+    }));
     assert_eq!(m.state, MigletState::ShuttingDown);
 }
 
@@ -136,7 +163,10 @@ fn job_started_is_reported_without_hooks_after_a_wait() {
     assert!(events(&m.step(Input::Tick, NOW + JOB_DETAILS_WAIT - 1)).is_empty());
     let a = m.step(Input::Tick, NOW + JOB_DETAILS_WAIT);
     assert_eq!(events(&a), ["job_started"]);
-    assert!(events(&m.step(Input::Tick, NOW + 2 * JOB_DETAILS_WAIT)).is_empty(), "reported once");
+    assert!(
+        events(&m.step(Input::Tick, NOW + 2 * JOB_DETAILS_WAIT)).is_empty(),
+        "reported once"
+    );
 }
 
 #[test]
@@ -145,25 +175,50 @@ fn register_runner_is_refused_outside_ready_and_when_expired() {
     let mut m = Machine::new(PostJobAction::Exit);
     m.step(Input::Started, NOW);
     let a = m.step(cmd("r0", reg(None)), NOW);
-    assert_eq!(acks(&a), [(false, "register_runner is not allowed in state waiting_for_controller".to_owned())]);
+    assert_eq!(
+        acks(&a),
+        [(
+            false,
+            "register_runner is not allowed in state waiting_for_controller".to_owned()
+        )]
+    );
     assert!(!a.iter().any(|x| matches!(x, Action::StartRunner(_))));
     // Expired token.
     m.step(Input::VmStartedAcked, NOW);
     let a = m.step(cmd("r1", reg(Some(NOW / 1000 - 1))), NOW);
-    assert!(acks(&a)[0].1.starts_with("registration token expired at "), "{a:?}");
+    assert!(
+        acks(&a)[0].1.starts_with("registration token expired at "),
+        "{a:?}"
+    );
     assert_eq!(m.state, MigletState::Ready);
     assert!(!a.iter().any(|x| matches!(x, Action::StartRunner(_))));
     // Missing fields (parse errors) are acknowledged as failures.
     let a = m.step(
-        Input::Command { id: "r2".into(), via: Via::Http, parsed: Err(CommandError::NoCredential) },
+        Input::Command {
+            id: "r2".into(),
+            via: Via::Http,
+            parsed: Err(CommandError::NoCredential),
+        },
         NOW,
     );
-    assert_eq!(acks(&a), [(false, "register_runner needs registration_token or jit_config".to_owned())]);
+    assert_eq!(
+        acks(&a),
+        [(
+            false,
+            "register_runner needs registration_token or jit_config".to_owned()
+        )]
+    );
     // While a job runs.
     let mut m = idle();
     m.step(Input::RunnerLine(format!("{TS}: Running job: x")), NOW);
     let a = m.step(cmd("r9", reg(None)), NOW);
-    assert_eq!(acks(&a), [(false, "register_runner is not allowed in state job_running".to_owned())]);
+    assert_eq!(
+        acks(&a),
+        [(
+            false,
+            "register_runner is not allowed in state job_running".to_owned()
+        )]
+    );
     assert_eq!(m.state, MigletState::JobRunning);
 }
 
@@ -173,42 +228,103 @@ fn a_command_id_is_executed_once_and_acknowledged_every_time() {
     m.step(Input::Started, NOW);
     m.step(Input::VmStartedAcked, NOW);
     let first = m.step(cmd("r1", reg(None)), NOW);
-    assert_eq!(first.iter().filter(|a| matches!(a, Action::StartRunner(_))).count(), 1);
+    assert_eq!(
+        first
+            .iter()
+            .filter(|a| matches!(a, Action::StartRunner(_)))
+            .count(),
+        1
+    );
     let again = m.step(cmd("r1", reg(None)), NOW);
-    assert_eq!(again, vec![Action::Ack { id: "r1".into(), via: Via::Stream, success: true, message: "Registration config received".into() }]);
+    assert_eq!(
+        again,
+        vec![Action::Ack {
+            id: "r1".into(),
+            via: Via::Stream,
+            success: true,
+            message: "Registration config received".into()
+        }]
+    );
 }
 
 #[test]
 fn drain_during_a_job_waits_then_shuts_down() {
     let mut m = idle();
     m.step(Input::RunnerLine(format!("{TS}: Running job: x")), NOW);
-    let a = m.step(cmd("d1", Command::Drain { reason: "scale".into(), timeout_seconds: Some(60) }), NOW);
-    assert_eq!(acks(&a)[0].0, true);
+    let a = m.step(
+        cmd(
+            "d1",
+            Command::Drain {
+                reason: "scale".into(),
+                timeout_seconds: Some(60),
+            },
+        ),
+        NOW,
+    );
+    assert!(acks(&a)[0].0);
     assert_eq!(m.state, MigletState::Draining);
-    assert!(!a.iter().any(|x| matches!(x, Action::StopRunner { .. })), "the job is not interrupted");
-    m.step(Input::RunnerLine(format!("{TS}: Job x completed with result: Succeeded")), NOW + 5_000);
-    assert_eq!(m.state, MigletState::Draining, "stays draining until the runner exits");
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::StopRunner { .. })),
+        "the job is not interrupted"
+    );
+    m.step(
+        Input::RunnerLine(format!("{TS}: Job x completed with result: Succeeded")),
+        NOW + 5_000,
+    );
+    assert_eq!(
+        m.state,
+        MigletState::Draining,
+        "stays draining until the runner exits"
+    );
     let a = m.step(Input::RunnerExited { code: Some(0) }, NOW + 6_000);
-    assert!(a.iter().any(|x| matches!(x, Action::Finish { code: 0, .. })));
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::Finish { code: 0, .. }))
+    );
 }
 
 #[test]
 fn drain_deadline_forces_the_runner_down() {
     let mut m = idle();
     m.step(Input::RunnerLine(format!("{TS}: Running job: x")), NOW);
-    m.step(cmd("d1", Command::Drain { reason: String::new(), timeout_seconds: Some(5) }), NOW);
-    assert!(m.step(Input::Tick, NOW + 4_999).iter().all(|a| !matches!(a, Action::StopRunner { .. })));
+    m.step(
+        cmd(
+            "d1",
+            Command::Drain {
+                reason: String::new(),
+                timeout_seconds: Some(5),
+            },
+        ),
+        NOW,
+    );
+    assert!(
+        m.step(Input::Tick, NOW + 4_999)
+            .iter()
+            .all(|a| !matches!(a, Action::StopRunner { .. }))
+    );
     let a = m.step(Input::Tick, NOW + 5_000);
     assert!(a.contains(&Action::StopRunner { force: true }));
     // Cut off before the hook reported: the job is still reported, started then canceled.
     let a = m.step(Input::RunnerExited { code: None }, NOW + 5_500);
-    assert_eq!(events(&a), ["job_started", "job_completed", "vm_shutting_down"]);
+    assert_eq!(
+        events(&a),
+        ["job_started", "job_completed", "vm_shutting_down"]
+    );
 }
 
 #[test]
 fn drain_while_idle_stops_the_runner_and_finishes() {
     let mut m = idle();
-    let a = m.step(cmd("d1", Command::Drain { reason: String::new(), timeout_seconds: None }), NOW);
+    let a = m.step(
+        cmd(
+            "d1",
+            Command::Drain {
+                reason: String::new(),
+                timeout_seconds: None,
+            },
+        ),
+        NOW,
+    );
     assert!(a.contains(&Action::StopRunner { force: false }));
     let a = m.step(Input::RunnerExited { code: Some(0) }, NOW);
     assert!(a.iter().any(|x| matches!(x, Action::Finish { .. })));
@@ -216,8 +332,20 @@ fn drain_while_idle_stops_the_runner_and_finishes() {
     let mut m = Machine::new(PostJobAction::Poweroff);
     m.step(Input::Started, NOW);
     m.step(Input::VmStartedAcked, NOW);
-    let a = m.step(cmd("d", Command::Drain { reason: String::new(), timeout_seconds: None }), NOW);
-    assert!(a.contains(&Action::Finish { code: 0, post: PostJobAction::Poweroff }));
+    let a = m.step(
+        cmd(
+            "d",
+            Command::Drain {
+                reason: String::new(),
+                timeout_seconds: None,
+            },
+        ),
+        NOW,
+    );
+    assert!(a.contains(&Action::Finish {
+        code: 0,
+        post: PostJobAction::Poweroff
+    }));
     let a = m.step(cmd("r", reg(None)), NOW);
     assert!(!acks(&a)[0].0);
 }
@@ -225,10 +353,31 @@ fn drain_while_idle_stops_the_runner_and_finishes() {
 #[test]
 fn shutdown_graceful_and_forced() {
     let mut m = idle();
-    let a = m.step(cmd("s", Command::Shutdown { reason: String::new(), force: false }), NOW);
+    let a = m.step(
+        cmd(
+            "s",
+            Command::Shutdown {
+                reason: String::new(),
+                force: false,
+            },
+        ),
+        NOW,
+    );
     assert!(a.contains(&Action::StopRunner { force: false }));
-    let a = m.step(cmd("s2", Command::Shutdown { reason: String::new(), force: true }), NOW);
-    assert!(a.contains(&Action::StopRunner { force: true }), "force escalates: {a:?}");
+    let a = m.step(
+        cmd(
+            "s2",
+            Command::Shutdown {
+                reason: String::new(),
+                force: true,
+            },
+        ),
+        NOW,
+    );
+    assert!(
+        a.contains(&Action::StopRunner { force: true }),
+        "force escalates: {a:?}"
+    );
     // SIGTERM takes the same path.
     let mut m = idle();
     let a = m.step(Input::Signal, NOW);
@@ -242,9 +391,15 @@ fn runner_failures_end_in_error_with_a_distinct_code() {
     m.step(Input::Started, NOW);
     m.step(Input::VmStartedAcked, NOW);
     m.step(cmd("r", reg(None)), NOW);
-    let a = m.step(Input::RunnerConfigured(Err("config.sh exited 1".into())), NOW);
+    let a = m.step(
+        Input::RunnerConfigured(Err("config.sh exited 1".into())),
+        NOW,
+    );
     assert_eq!(events(&a), ["error", "vm_shutting_down"]);
-    assert!(a.contains(&Action::Finish { code: exit_code::RUNNER_FAILED, post: PostJobAction::Exit }));
+    assert!(a.contains(&Action::Finish {
+        code: exit_code::RUNNER_FAILED,
+        post: PostJobAction::Exit
+    }));
     assert_eq!(m.state, MigletState::Error);
     // A crash while idle.
     let mut m = idle();
@@ -254,33 +409,93 @@ fn runner_failures_end_in_error_with_a_distinct_code() {
     // Retryable exits restart the listener instead.
     let mut m = idle();
     let a = m.step(Input::RunnerExited { code: Some(2) }, NOW);
-    assert_eq!(a, vec![Action::RestartRunner { after: Duration::from_secs(5) }]);
+    assert_eq!(
+        a,
+        vec![Action::RestartRunner {
+            after: Duration::from_secs(5)
+        }]
+    );
 }
 
 #[test]
 fn set_log_level_and_update_config() {
     let mut m = idle();
-    let a = m.step(cmd("l", Command::SetLogLevel { level: LogLevel::Debug }), NOW);
+    let a = m.step(
+        cmd(
+            "l",
+            Command::SetLogLevel {
+                level: LogLevel::Debug,
+            },
+        ),
+        NOW,
+    );
     assert!(a.contains(&Action::SetLogLevel(LogLevel::Debug)));
-    let a = m.step(cmd("u1", Command::UpdateConfig { key: "heartbeat_interval".into(), value: "10s".into() }), NOW);
+    let a = m.step(
+        cmd(
+            "u1",
+            Command::UpdateConfig {
+                key: "heartbeat_interval".into(),
+                value: "10s".into(),
+            },
+        ),
+        NOW,
+    );
     assert!(a.contains(&Action::SetHeartbeatInterval(Duration::from_secs(10))));
-    let a = m.step(cmd("u2", Command::UpdateConfig { key: "post_job_action".into(), value: "poweroff".into() }), NOW);
+    let a = m.step(
+        cmd(
+            "u2",
+            Command::UpdateConfig {
+                key: "post_job_action".into(),
+                value: "poweroff".into(),
+            },
+        ),
+        NOW,
+    );
     assert!(acks(&a)[0].0);
     assert_eq!(m.post_job_action, PostJobAction::Poweroff);
-    let a = m.step(cmd("u3", Command::UpdateConfig { key: "colour".into(), value: "red".into() }), NOW);
+    let a = m.step(
+        cmd(
+            "u3",
+            Command::UpdateConfig {
+                key: "colour".into(),
+                value: "red".into(),
+            },
+        ),
+        NOW,
+    );
     assert!(!acks(&a)[0].0);
-    let a = m.step(cmd("u4", Command::UpdateConfig { key: "heartbeat_interval".into(), value: "soon".into() }), NOW);
+    let a = m.step(
+        cmd(
+            "u4",
+            Command::UpdateConfig {
+                key: "heartbeat_interval".into(),
+                value: "soon".into(),
+            },
+        ),
+        NOW,
+    );
     assert!(!acks(&a)[0].0);
 }
 
 #[test]
 fn runner_lines_parse_strictly() {
-    assert_eq!(parse_runner_line("2026-08-17 14:16:01Z: Running job: build (a, b)"), Some(RunnerLine::JobStarted("build (a, b)".into())));
     assert_eq!(
-        parse_runner_line("2026-08-17 14:16:30Z: Job job: with: colons completed with result: Succeeded"),
-        Some(RunnerLine::JobCompleted { name: "job: with: colons".into(), result: "Succeeded".into() })
+        parse_runner_line("2026-08-17 14:16:01Z: Running job: build (a, b)"),
+        Some(RunnerLine::JobStarted("build (a, b)".into()))
     );
-    assert_eq!(parse_runner_line("2026-08-17 14:15:44Z: Listening for Jobs"), Some(RunnerLine::Listening));
+    assert_eq!(
+        parse_runner_line(
+            "2026-08-17 14:16:30Z: Job job: with: colons completed with result: Succeeded"
+        ),
+        Some(RunnerLine::JobCompleted {
+            name: "job: with: colons".into(),
+            result: "Succeeded".into()
+        })
+    );
+    assert_eq!(
+        parse_runner_line("2026-08-17 14:15:44Z: Listening for Jobs"),
+        Some(RunnerLine::Listening)
+    );
     // A job's own output that merely mentions the words is not a runner line.
     assert_eq!(parse_runner_line("echo Running job: fake"), None);
     assert_eq!(parse_runner_line("Running job: fake"), None);

@@ -1,0 +1,331 @@
+//! Talking to the controller: the HTTP client (base contract plus the command ack) and the
+//! gRPC stream with reconnects.
+//!
+//! The stream task is the only writer of its stream: everything the agent sends on it goes
+//! through one channel. Keepalive pings are sent every 5 minutes at most, the minimum that
+//! default gRPC servers accept (more frequent pings get a GOAWAY `too_many_pings`).
+
+use crate::machine::{Input, Via};
+use miglet_proto::command::CommandEnvelope;
+use miglet_proto::json::{
+    AnyAck, CommandAckBody, CommandJson, CommandsResponse, EventBody, HeartbeatBody,
+};
+use miglet_proto::pb::command_service_client::CommandServiceClient;
+use miglet_proto::pb::{self, MiGletMessage, controller_message, mi_glet_message};
+use rand::Rng;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{debug, info, warn};
+
+#[derive(Debug, Error)]
+pub enum TransportError {
+    #[error("request to the controller failed")]
+    Request(#[from] reqwest::Error),
+    #[error("controller answered {code}: {body}")]
+    Status { code: u16, body: String },
+}
+
+impl TransportError {
+    /// The controller refuses this request for good (retrying cannot help).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, TransportError::Status { code, .. } if (400..500).contains(code) && *code != 408 && *code != 429)
+    }
+}
+
+/// Capped exponential backoff with jitter: the n-th wait is uniform in [d/2, d] where
+/// d = min(base * 2^n, cap).
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Backoff {
+        Backoff {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = self.base.saturating_mul(1u32 << self.attempt.min(16));
+        self.attempt = self.attempt.saturating_add(1);
+        let d = exp.min(self.cap);
+        let half = d / 2;
+        half + Duration::from_millis(rand::rng().random_range(0..=half.as_millis() as u64))
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Http {
+    client: reqwest::Client,
+    base: String,
+    vm_id: String,
+}
+
+fn excerpt(s: &str) -> String {
+    s.chars().take(300).collect()
+}
+
+impl Http {
+    pub fn new(base: &str, vm_id: &str, timeout: Duration) -> Result<Http, TransportError> {
+        Ok(Http {
+            client: reqwest::Client::builder()
+                .timeout(timeout)
+                .connect_timeout(Duration::from_secs(5))
+                .build()?,
+            base: base.trim_end_matches('/').to_owned(),
+            vm_id: vm_id.to_owned(),
+        })
+    }
+
+    fn url(&self, suffix: &str) -> String {
+        format!("{}/api/v1/vms/{}/{suffix}", self.base, self.vm_id)
+    }
+
+    async fn check(r: reqwest::Response) -> Result<reqwest::Response, TransportError> {
+        if r.status().as_u16() == 200 {
+            return Ok(r);
+        }
+        let code = r.status().as_u16();
+        let body = r.text().await.unwrap_or_default();
+        Err(TransportError::Status {
+            code,
+            body: excerpt(&body),
+        })
+    }
+
+    /// Posts an event; `Ok` means the controller stored it (HTTP 200).
+    pub async fn post_event(&self, body: &EventBody) -> Result<AnyAck, TransportError> {
+        let r = Self::check(
+            self.client
+                .post(self.url("events"))
+                .json(body)
+                .send()
+                .await?,
+        )
+        .await?;
+        Ok(r.json::<AnyAck>().await.unwrap_or_default())
+    }
+
+    pub async fn post_heartbeat(&self, body: &HeartbeatBody) -> Result<(), TransportError> {
+        Self::check(
+            self.client
+                .post(self.url("heartbeat"))
+                .json(body)
+                .send()
+                .await?,
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn poll_commands(&self) -> Result<Vec<CommandJson>, TransportError> {
+        let r = Self::check(self.client.get(self.url("commands")).send().await?).await?;
+        let text = r.text().await?;
+        serde_json::from_str::<CommandsResponse>(&text)
+            .map(|c| c.commands)
+            .map_err(|e| TransportError::Status {
+                code: 200,
+                body: format!("unreadable commands answer: {e}"),
+            })
+    }
+
+    pub async fn ack(&self, id: &str, success: bool, message: &str) -> Result<(), TransportError> {
+        let body = CommandAckBody {
+            success,
+            message: message.to_owned(),
+            result: Default::default(),
+        };
+        Self::check(
+            self.client
+                .post(self.url(&format!("commands/{id}/ack")))
+                .json(&body)
+                .send()
+                .await?,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Turns a JSON command into a core input (a parse failure is still an input: it is
+/// acknowledged as failed).
+pub fn command_input(c: &CommandJson, via: Via) -> Input {
+    Input::Command {
+        id: c.id.clone(),
+        via,
+        parsed: CommandEnvelope::from_json(c).map(|e| e.command),
+    }
+}
+
+/// Keeps a stream to the controller open while `stop` is false: connect, `ConnectRequest`
+/// first, wait for `ConnectAck`, then forward commands to the core and `outbound` to the
+/// controller. `connected` says whether a stream is up.
+pub async fn run_stream(
+    endpoint: String,
+    connect: pb::ConnectRequest,
+    core: mpsc::Sender<Input>,
+    mut outbound: mpsc::Receiver<MiGletMessage>,
+    connected: watch::Sender<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let started = tokio::time::Instant::now();
+        match session(
+            &endpoint,
+            &connect,
+            &core,
+            &mut outbound,
+            &connected,
+            &mut stop,
+        )
+        .await
+        {
+            Ok(()) => return,
+            Err(reason) => {
+                let _ = connected.send(false);
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff.reset();
+                }
+                let wait = backoff.next_delay();
+                info!(%reason, retry_in_ms = wait.as_millis() as u64, "Controller stream unavailable; using HTTP polling until it is back");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }
+}
+
+async fn session(
+    endpoint: &str,
+    connect: &pb::ConnectRequest,
+    core: &mpsc::Sender<Input>,
+    outbound: &mut mpsc::Receiver<MiGletMessage>,
+    connected: &watch::Sender<bool>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|e| format!("bad endpoint: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(300))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(false)
+        .connect()
+        .await
+        .map_err(|e| format!("connect failed: {e}"))?;
+    let mut client = CommandServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel::<MiGletMessage>(64);
+    tx.send(MiGletMessage {
+        message: Some(mi_glet_message::Message::Connect(connect.clone())),
+    })
+    .await
+    .map_err(|_| "stream closed".to_owned())?;
+    let mut inbound = client
+        .stream_commands(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("stream refused: {}", s.message()))?
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+        .await
+        .map_err(|_| "no ConnectAck within 10 s".to_owned())?
+        .map_err(|s| format!("stream failed: {}", s.message()))?;
+    match first.and_then(|m| m.message) {
+        Some(controller_message::Message::ConnectAck(ack)) if ack.accepted => {
+            info!(server_version = %ack.server_version, "Connection accepted by controller");
+        }
+        Some(controller_message::Message::ConnectAck(ack)) => {
+            return Err(format!(
+                "connection rejected by controller: {}",
+                ack.message
+            ));
+        }
+        other => return Err(format!("expected ConnectAck, got {other:?}")),
+    }
+    let _ = connected.send(true);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => {
+                if *stop.borrow() {
+                    // Let what is queued go out (final acks and heartbeat), then close.
+                    while let Ok(m) = outbound.try_recv() {
+                        let _ = tx.send(m).await;
+                    }
+                    return Ok(());
+                }
+            }
+            m = outbound.recv() => match m {
+                Some(m) => {
+                    if tx.send(m).await.is_err() {
+                        return Err("stream closed while sending".into());
+                    }
+                }
+                None => return Ok(()),
+            },
+            msg = inbound.message() => match msg {
+                Ok(Some(m)) => match m.message {
+                    Some(controller_message::Message::Command(c)) => {
+                        debug!(command_id = %c.id, command_type = %c.r#type, "Received command from controller");
+                        let input = Input::Command {
+                            id: c.id.clone(),
+                            via: Via::Stream,
+                            parsed: CommandEnvelope::from_pb(&c).map(|e| e.command),
+                        };
+                        if core.send(input).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Some(controller_message::Message::Error(e)) => {
+                        warn!(code = %e.code, message = %e.message, "Controller reported an error");
+                    }
+                    Some(controller_message::Message::EventAck(_) | controller_message::Message::ConnectAck(_)) | None => {}
+                },
+                Ok(None) => return Err("controller closed the stream".into()),
+                Err(s) => return Err(format!("stream broken: {} {}", s.code(), s.message())),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+        let waits: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
+        for (i, w) in waits.iter().enumerate() {
+            let d = Duration::from_secs(1u64 << i.min(3));
+            assert!(*w >= d / 2 && *w <= d, "wait {i}: {w:?}");
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn permanent_errors() {
+        let e = |code| TransportError::Status {
+            code,
+            body: String::new(),
+        };
+        assert!(e(400).is_permanent());
+        assert!(!e(429).is_permanent());
+        assert!(!e(503).is_permanent());
+    }
+}

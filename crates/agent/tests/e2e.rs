@@ -1,0 +1,829 @@
+//! End to end: the real `miglet` binary against the real controller (in-process, loopback,
+//! port 0), with the runner stand-in and the fake GitHub of `miglet-sim`. Every wait is
+//! bounded.
+
+use mig_controller::config::Settings as ControllerSettings;
+use mig_controller::server::{self, RunningServer};
+use mig_controller::token::{PoolRegistration, Pools, StaticToken};
+use miglet_proto::command::Command;
+use miglet_sim::github::{FakeGitHub, Job};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+type R = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+const TOKEN: &str = "AHTE2ESECRETREGISTRATIONTOKEN42";
+const MIGLET: &str = env!("CARGO_BIN_EXE_miglet");
+
+/// The runner stand-in's binary, built next to `miglet` (built on demand when this package's
+/// tests run alone).
+fn listener_binary() -> PathBuf {
+    let dir = Path::new(MIGLET)
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_default();
+    let bin = dir.join("fake-runner-listener");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "-p", "miglet-sim", "--bin", "fake-runner-listener"])
+            .status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "could not build the runner stand-in"
+        );
+    }
+    bin
+}
+
+async fn wait_for<F, Fut>(what: &str, secs: u64, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Controller {
+    server: Option<RunningServer>,
+    http: SocketAddr,
+    grpc: SocketAddr,
+    data: PathBuf,
+    github_url: String,
+}
+
+fn controller_settings(
+    data: &Path,
+    github_url: &str,
+    http: SocketAddr,
+    grpc: SocketAddr,
+) -> ControllerSettings {
+    let mut s = ControllerSettings::for_tests(data, TOKEN);
+    s.http_addr = http;
+    s.grpc_addr = grpc;
+    s.redelivery_timeout = Duration::from_secs(2);
+    s.reconcile_interval = Duration::from_secs(1);
+    s.pools = Pools::new(
+        Default::default(),
+        Some(PoolRegistration {
+            runner_url: github_url.to_owned(),
+            runner_group: "default".into(),
+            labels: vec![
+                "self-hosted".into(),
+                "linux".into(),
+                "x64".into(),
+                "e2e".into(),
+            ],
+            token: Arc::new(StaticToken::new(TOKEN.into(), Duration::from_secs(3600))),
+        }),
+    );
+    s
+}
+
+impl Controller {
+    async fn start(data: &Path, github_url: &str) -> Controller {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_at(data, github_url, any, any).await
+    }
+
+    async fn start_at(
+        data: &Path,
+        github_url: &str,
+        http: SocketAddr,
+        grpc: SocketAddr,
+    ) -> Controller {
+        let s = controller_settings(data, github_url, http, grpc);
+        let (h, g) = server::bind(&s)
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let running = server::start(s, h, g)
+            .await
+            .unwrap_or_else(|e| panic!("start: {e}"));
+        Controller {
+            http: running.http_addr,
+            grpc: running.grpc_addr,
+            server: Some(running),
+            data: data.to_owned(),
+            github_url: github_url.to_owned(),
+        }
+    }
+
+    async fn stop(&mut self) {
+        if let Some(s) = self.server.take() {
+            tokio::time::timeout(Duration::from_secs(20), s.shutdown())
+                .await
+                .unwrap_or_else(|_| panic!("controller shutdown hung"));
+        }
+    }
+
+    async fn restart(&mut self) {
+        self.stop().await;
+        let again = Controller::start_at(&self.data, &self.github_url, self.http, self.grpc).await;
+        self.server = again.server;
+    }
+
+    fn app(&self) -> &Arc<mig_controller::app::Controller> {
+        match &self.server {
+            Some(s) => &s.app,
+            None => panic!("controller stopped"),
+        }
+    }
+
+    async fn event_types(&self, vm: &str) -> Vec<String> {
+        self.app()
+            .store()
+            .events_for_vm(vm)
+            .await
+            .map(|e| e.into_iter().map(|e| e.event_type).collect())
+            .unwrap_or_default()
+    }
+
+    async fn event(&self, vm: &str, ty: &str) -> Option<serde_json::Value> {
+        let events = self.app().store().events_for_vm(vm).await.ok()?;
+        let e = events.into_iter().find(|e| e.event_type == ty)?;
+        let report: serde_json::Value = serde_json::from_str(&e.data).ok()?;
+        Some(report["fields"].clone())
+    }
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    github: FakeGitHub,
+    github_url: String,
+}
+
+async fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let github = FakeGitHub::new(&[TOKEN]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (addr, _task) = github
+        .serve(listener)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let runner = dir.path().join("runner");
+    miglet_sim::runner_dir::install(&runner, &listener_binary())
+        .unwrap_or_else(|e| panic!("install runner: {e}"));
+    Env {
+        dir,
+        github,
+        github_url: format!("http://{addr}/test-org"),
+    }
+}
+
+struct Agent {
+    child: tokio::process::Child,
+    log: PathBuf,
+    data: PathBuf,
+}
+
+impl Agent {
+    fn spawn(
+        env: &Env,
+        vm: &str,
+        http: SocketAddr,
+        grpc: Option<SocketAddr>,
+        extra: &[(&str, &str)],
+    ) -> Agent {
+        let data = env.dir.path().join(format!("agent-{vm}"));
+        let log = env.dir.path().join(format!("agent-{vm}.log"));
+        let log_file = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+        let mut cmd = tokio::process::Command::new(MIGLET);
+        cmd.arg("--runner-user=")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("MIGLET_POOL_ID", "pool-e2e")
+            .env("MIGLET_VM_ID", vm)
+            .env("MIGLET_ORG_ID", "org-e2e")
+            .env("MIGLET_CONTROLLER_ENDPOINT", format!("http://{http}"))
+            .env(
+                "MIGLET_CONTROLLER_GRPC_ENDPOINT",
+                grpc.map_or("disabled".to_owned(), |g| format!("http://{g}")),
+            )
+            .env("MIGLET_DATA_DIR", &data)
+            .env("MIGLET_RUNNER_DIR", env.dir.path().join("runner"))
+            .env("MIGLET_HEARTBEAT_INTERVAL", "2s")
+            .env("MIGLET_POLL_INTERVAL", "1s")
+            .env("MIGLET_SHUTDOWN_GRACE_PERIOD", "3s")
+            .env("MIGLET_METADATA", "false")
+            .env("MIGLET_BOOT_ID", format!("boot-{vm}"));
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn miglet: {e}"));
+        Agent { child, log, data }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn wait_exit(&mut self, secs: u64) -> Option<i32> {
+        match tokio::time::timeout(Duration::from_secs(secs), self.child.wait()).await {
+            Ok(Ok(s)) => s.code(),
+            _ => panic!(
+                "agent did not exit within {secs} s; log:\n{}",
+                self.log_text()
+            ),
+        }
+    }
+}
+
+fn job(name: &str, result: &str, ms: u64) -> Job {
+    Job {
+        name: name.into(),
+        job_key: "build".into(),
+        result: result.into(),
+        duration_ms: ms,
+        run_id: "777001".into(),
+        repository: "acme/widgets".into(),
+        sha: "0123abcd".into(),
+        git_ref: "refs/heads/main".into(),
+        runner: String::new(),
+    }
+}
+
+fn count(v: &[String], ty: &str) -> usize {
+    v.iter().filter(|t| *t == ty).count()
+}
+
+/// No file the agent or the runner wrote, and no log line, holds the token.
+fn assert_no_token(env: &Env, agent: &Agent) {
+    assert!(!agent.log_text().contains(TOKEN), "token in the agent log");
+    let mut stack = vec![agent.data.clone(), env.dir.path().join("runner")];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n != "Runner.Listener") {
+                let text =
+                    String::from_utf8_lossy(&std::fs::read(&p).unwrap_or_default()).into_owned();
+                assert!(!text.contains(TOKEN), "token found in {}", p.display());
+            }
+        }
+    }
+}
+
+async fn full_lifecycle(grpc: bool) -> R {
+    let env = env().await;
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
+    env.github
+        .enqueue_job(job("build (linux)", "Succeeded", 800));
+    let vm = if grpc { "vm-grpc" } else { "vm-http" };
+    let mut agent = Agent::spawn(&env, vm, ctl.http, grpc.then_some(ctl.grpc), &[]);
+    let code = agent.wait_exit(60).await;
+    assert_eq!(code, Some(0), "log:\n{}", agent.log_text());
+    let types = ctl.event_types(vm).await;
+    assert_eq!(
+        types,
+        [
+            "vm_started",
+            "runner_registered",
+            "job_started",
+            "job_completed",
+            "vm_shutting_down"
+        ],
+        "log:\n{}",
+        agent.log_text()
+    );
+    let started = ctl.event(vm, "job_started").await.ok_or("job_started")?;
+    assert_eq!(started["run_id"], "777001");
+    assert_eq!(started["job_name"], "build (linux)");
+    assert_eq!(started["repository"], "acme/widgets");
+    assert_eq!(started["commit"], "0123abcd");
+    assert_eq!(started["branch"], "refs/heads/main");
+    let done = ctl
+        .event(vm, "job_completed")
+        .await
+        .ok_or("job_completed")?;
+    assert_eq!(
+        (done["result"].as_str(), done["success"].as_bool()),
+        (Some("Succeeded"), Some(true))
+    );
+    assert!(done["duration"].as_i64().is_some());
+    // One registration, acknowledged; the runner registered with GitHub with our labels.
+    let cmds = ctl.app().store().commands_for_vm(vm).await?;
+    assert_eq!(cmds.len(), 1);
+    assert_eq!(cmds[0].state.as_str(), "acknowledged");
+    let runners = env.github.runners();
+    assert_eq!(runners.len(), 1);
+    assert_eq!(runners[0].labels, ["self-hosted", "Linux", "X64", "e2e"]);
+    assert!(runners[0].ephemeral);
+    assert_eq!(env.github.reports()[0].result, "Succeeded");
+    // Heartbeats arrived with real figures.
+    let hbs = ctl.app().store().heartbeats_for_vm(vm).await?;
+    assert!(!hbs.is_empty());
+    assert!(
+        hbs.iter()
+            .any(|h| h.memory_total_bytes.unwrap_or(0) > 0 && h.disk_total_bytes.unwrap_or(0) > 0)
+    );
+    let log = agent.log_text();
+    if grpc {
+        assert!(log.contains("Connection accepted by controller"), "{log}");
+        let via = cmds[0].delivered_via.clone().unwrap_or_default();
+        assert!(
+            via.starts_with("grpc:"),
+            "register_runner went out via {via}"
+        );
+    } else {
+        assert!(
+            log.contains("gRPC stream disabled: using HTTP polling only"),
+            "{log}"
+        );
+        assert_eq!(cmds[0].delivered_via.as_deref(), Some("http"));
+    }
+    let mut at = 0;
+    for line in [
+        "Controller acknowledgment received, transitioning to ready state",
+        "MIGlet is ready - polling controller for registration config",
+        "Received register_runner command from controller",
+        "Registration config received, transitioning to registering runner",
+    ] {
+        let pos = log[at..]
+            .find(line)
+            .ok_or_else(|| format!("missing or out of order: {line}\n{log}"))?;
+        at += pos + line.len();
+    }
+    assert_no_token(&env, &agent);
+    assert!(
+        std::fs::read_dir(agent.data.join("spool"))?
+            .filter_map(|e| e.ok())
+            .all(|e| e.path().is_dir()),
+        "spool drained"
+    );
+    ctl.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn full_lifecycle_over_the_grpc_stream() -> R {
+    full_lifecycle(true).await
+}
+
+#[tokio::test]
+async fn full_lifecycle_with_http_polling_only() -> R {
+    full_lifecycle(false).await
+}
+
+#[tokio::test]
+async fn controller_down_at_start_then_up() -> R {
+    let env = env().await;
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
+    ctl.stop().await;
+    env.github.enqueue_job(job("late", "Succeeded", 200));
+    let mut agent = Agent::spawn(&env, "vm-late", ctl.http, Some(ctl.grpc), &[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        agent.child.try_wait()?.is_none(),
+        "the agent waits for the controller"
+    );
+    ctl.restart().await;
+    assert_eq!(
+        agent.wait_exit(60).await,
+        Some(0),
+        "log:\n{}",
+        agent.log_text()
+    );
+    let types = ctl.event_types("vm-late").await;
+    assert_eq!(
+        types,
+        [
+            "vm_started",
+            "runner_registered",
+            "job_started",
+            "job_completed",
+            "vm_shutting_down"
+        ]
+    );
+    ctl.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn controller_restarted_while_a_job_runs() -> R {
+    let env = env().await;
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
+    env.github.enqueue_job(job("long", "Succeeded", 5000));
+    let mut agent = Agent::spawn(&env, "vm-restart", ctl.http, Some(ctl.grpc), &[]);
+    let app = ctl.app().clone();
+    wait_for("job_started stored", 30, || {
+        let app = app.clone();
+        async move {
+            app.store()
+                .events_for_vm("vm-restart")
+                .await
+                .is_ok_and(|e| e.iter().any(|e| e.event_type == "job_started"))
+        }
+    })
+    .await;
+    ctl.restart().await;
+    assert_eq!(
+        agent.wait_exit(60).await,
+        Some(0),
+        "log:\n{}",
+        agent.log_text()
+    );
+    let types = ctl.event_types("vm-restart").await;
+    for ty in [
+        "vm_started",
+        "runner_registered",
+        "job_started",
+        "job_completed",
+        "vm_shutting_down",
+    ] {
+        assert_eq!(count(&types, ty), 1, "{ty} in {types:?}");
+    }
+    assert_eq!(
+        ctl.app().store().commands_for_vm("vm-restart").await?.len(),
+        1,
+        "no second registration"
+    );
+    assert_eq!(env.github.registrations(), 1);
+    ctl.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn drain_during_a_job_lets_it_finish() -> R {
+    let env = env().await;
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
+    env.github.enqueue_job(job("drained", "Succeeded", 3000));
+    let mut agent = Agent::spawn(&env, "vm-drain", ctl.http, Some(ctl.grpc), &[]);
+    let app = ctl.app().clone();
+    wait_for("job_started stored", 30, || {
+        let app = app.clone();
+        async move {
+            app.store()
+                .events_for_vm("vm-drain")
+                .await
+                .is_ok_and(|e| e.iter().any(|e| e.event_type == "job_started"))
+        }
+    })
+    .await;
+    let drain = app
+        .enqueue(
+            "vm-drain",
+            Command::Drain {
+                reason: "scale in".into(),
+                timeout_seconds: Some(120),
+            },
+            "e2e",
+            None,
+        )
+        .await?;
+    assert_eq!(
+        agent.wait_exit(60).await,
+        Some(0),
+        "log:\n{}",
+        agent.log_text()
+    );
+    let cmd = app.store().command_get(&drain.id).await?.ok_or("drain")?;
+    assert_eq!(cmd.state.as_str(), "acknowledged");
+    let done = ctl
+        .event("vm-drain", "job_completed")
+        .await
+        .ok_or("job_completed")?;
+    assert_eq!(done["result"], "Succeeded", "the job was not interrupted");
+    assert_eq!(
+        ctl.event_types("vm-drain").await.last().map(String::as_str),
+        Some("vm_shutting_down")
+    );
+    ctl.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn forced_shutdown_stops_a_running_job() -> R {
+    let env = env().await;
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
+    env.github.enqueue_job(job("endless", "Succeeded", 120_000));
+    let mut agent = Agent::spawn(&env, "vm-force", ctl.http, Some(ctl.grpc), &[]);
+    let app = ctl.app().clone();
+    wait_for("job_started stored", 30, || {
+        let app = app.clone();
+        async move {
+            app.store()
+                .events_for_vm("vm-force")
+                .await
+                .is_ok_and(|e| e.iter().any(|e| e.event_type == "job_started"))
+        }
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    app.enqueue(
+        "vm-force",
+        Command::Shutdown {
+            reason: "now".into(),
+            force: true,
+        },
+        "e2e",
+        None,
+    )
+    .await?;
+    assert_eq!(
+        agent.wait_exit(30).await,
+        Some(0),
+        "log:\n{}",
+        agent.log_text()
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let done = ctl
+        .event("vm-force", "job_completed")
+        .await
+        .ok_or("job_completed")?;
+    assert_eq!(done["result"], "Canceled");
+    assert_eq!(
+        ctl.event_types("vm-force").await.last().map(String::as_str),
+        Some("vm_shutting_down")
+    );
+    ctl.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_takes_the_shutdown_path() -> R {
+    let env = env().await;
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
+    let mut agent = Agent::spawn(&env, "vm-term", ctl.http, Some(ctl.grpc), &[]);
+    let app = ctl.app().clone();
+    wait_for("runner_registered stored", 30, || {
+        let app = app.clone();
+        async move {
+            app.store()
+                .events_for_vm("vm-term")
+                .await
+                .is_ok_and(|e| e.iter().any(|e| e.event_type == "runner_registered"))
+        }
+    })
+    .await;
+    let pid = nix::unistd::Pid::from_raw(agent.child.id().ok_or("pid")? as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    assert_eq!(
+        agent.wait_exit(30).await,
+        Some(0),
+        "log:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        ctl.event_types("vm-term").await,
+        ["vm_started", "runner_registered", "vm_shutting_down"]
+    );
+    let log = agent.log_text();
+    assert!(log.contains("Stopping the runner (SIGINT)"), "{log}");
+    ctl.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn set_log_level_changes_output_live() -> R {
+    let env = env().await;
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
+    let mut agent = Agent::spawn(&env, "vm-log", ctl.http, Some(ctl.grpc), &[]);
+    let app = ctl.app().clone();
+    wait_for("runner_registered stored", 30, || {
+        let app = app.clone();
+        async move {
+            app.store()
+                .events_for_vm("vm-log")
+                .await
+                .is_ok_and(|e| e.iter().any(|e| e.event_type == "runner_registered"))
+        }
+    })
+    .await;
+    assert!(
+        !agent.log_text().contains("DEBUG"),
+        "no debug output at info"
+    );
+    let c = app
+        .enqueue(
+            "vm-log",
+            Command::SetLogLevel {
+                level: miglet_proto::command::LogLevel::Debug,
+            },
+            "e2e",
+            None,
+        )
+        .await?;
+    wait_for("set_log_level acknowledged", 20, || {
+        let app = app.clone();
+        let id = c.id.clone();
+        async move {
+            app.store()
+                .command_get(&id)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|c| c.state.as_str() == "acknowledged")
+        }
+    })
+    .await;
+    app.enqueue(
+        "vm-log",
+        Command::UpdateConfig {
+            key: "heartbeat_interval".into(),
+            value: "1s".into(),
+        },
+        "e2e",
+        None,
+    )
+    .await?;
+    let log_path = agent.log.clone();
+    wait_for("debug output", 20, || {
+        let p = log_path.clone();
+        async move {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .contains("DEBUG")
+        }
+    })
+    .await;
+    app.enqueue(
+        "vm-log",
+        Command::Shutdown {
+            reason: String::new(),
+            force: false,
+        },
+        "e2e",
+        None,
+    )
+    .await?;
+    assert_eq!(agent.wait_exit(30).await, Some(0));
+    ctl.stop().await;
+    Ok(())
+}
+
+/// A controller that speaks only the base contract: acknowledges vm_started, hands out the
+/// commands it is given over `GET .../commands` once, records everything, has no ack route.
+mod base_controller {
+    use axum::Json;
+    use axum::extract::{Path, State};
+    use axum::routing::{get, post};
+    use serde_json::{Value, json};
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default, Clone)]
+    pub struct Base {
+        pub events: Arc<Mutex<Vec<Value>>>,
+        pub queue: Arc<Mutex<Vec<Value>>>,
+        pub acks: Arc<Mutex<Vec<(String, Value)>>>,
+    }
+
+    impl Base {
+        pub fn router(&self) -> axum::Router {
+            axum::Router::new()
+                .route("/api/v1/vms/{vm}/events", post(event))
+                .route(
+                    "/api/v1/vms/{vm}/heartbeat",
+                    post(|| async { Json(json!({"status":"received"})) }),
+                )
+                .route("/api/v1/vms/{vm}/commands", get(commands))
+                .route("/api/v1/vms/{vm}/commands/{id}/ack", post(ack))
+                .with_state(self.clone())
+        }
+    }
+
+    async fn event(
+        State(b): State<Base>,
+        Path(vm): Path<String>,
+        Json(v): Json<Value>,
+    ) -> Json<Value> {
+        let started = v["type"] == "vm_started";
+        b.events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(v);
+        if started {
+            Json(json!({"status":"acknowledged","acknowledged":true,"vm_id":vm,"message":"ok"}))
+        } else {
+            Json(json!({"status":"received","vm_id":vm,"message":"Event received and stored"}))
+        }
+    }
+
+    async fn commands(State(b): State<Base>, Path(vm): Path<String>) -> Json<Value> {
+        let cmds: Vec<Value> = std::mem::take(
+            &mut *b
+                .queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        // The prototype answered `null` for no commands.
+        Json(
+            json!({"commands": if cmds.is_empty() { Value::Null } else { Value::Array(cmds) }, "vm_id": vm}),
+        )
+    }
+
+    async fn ack(
+        State(b): State<Base>,
+        Path((_vm, id)): Path<(String, String)>,
+        Json(v): Json<Value>,
+    ) -> Json<Value> {
+        b.acks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((id, v));
+        Json(json!({"status":"received"}))
+    }
+}
+
+#[tokio::test]
+async fn bad_register_runner_is_refused_with_a_failed_ack_and_no_runner() -> R {
+    let env = env().await;
+    let base = base_controller::Base::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let router = base.router();
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    let lock = |m: &std::sync::Mutex<Vec<serde_json::Value>>| {
+        m.lock().map(|v| v.clone()).unwrap_or_default()
+    };
+    base.queue.lock().map_err(|_| "lock")?.extend([
+        serde_json::json!({"id":"reg-no-token","type":"register_runner","created_at":"2024-01-15T10:30:00Z",
+            "parameters":{"runner_url": env.github_url,"runner_group":"default","labels":["self-hosted"]}}),
+        serde_json::json!({"id":"reg-expired","type":"register_runner","created_at":"2024-01-15T10:30:00Z",
+            "parameters":{"registration_token": TOKEN,"runner_url": env.github_url,"runner_group":"default",
+            "labels":["self-hosted"],"expires_at":"2024-01-15T11:30:00Z"}}),
+    ]);
+    let mut agent = Agent::spawn(&env, "vm-bad", addr, None, &[]);
+    let acks = base.acks.clone();
+    wait_for("two acks", 30, || {
+        let acks = acks.clone();
+        async move { acks.lock().map(|a| a.len() >= 2).unwrap_or(false) }
+    })
+    .await;
+    let acks = base.acks.lock().map(|a| a.clone()).map_err(|_| "lock")?;
+    assert_eq!(acks[0].0, "reg-no-token");
+    assert_eq!(acks[0].1["success"], false);
+    assert_eq!(
+        acks[0].1["message"],
+        "register_runner needs registration_token or jit_config"
+    );
+    assert_eq!(acks[1].0, "reg-expired");
+    assert_eq!(acks[1].1["success"], false);
+    assert!(
+        acks[1].1["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("registration token expired at"))
+    );
+    assert!(env.github.runners().is_empty(), "no runner was configured");
+    assert!(!env.dir.path().join("runner/.runner").exists());
+    // Still waiting in ready; a shutdown command ends it.
+    base.queue.lock().map_err(|_| "lock")?.push(serde_json::json!({"id":"bye","type":"shutdown","created_at":"2024-01-15T10:30:00Z","parameters":{"force":false}}));
+    assert_eq!(
+        agent.wait_exit(30).await,
+        Some(0),
+        "log:\n{}",
+        agent.log_text()
+    );
+    let types: Vec<String> = lock(&base.events)
+        .iter()
+        .filter_map(|e| e["type"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(types, ["vm_started", "vm_shutting_down"]);
+    assert_no_token(&env, &agent);
+    server.abort();
+    Ok(())
+}
+
+#[tokio::test]
+async fn missing_required_setting_exits_with_the_config_code() -> R {
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(MIGLET)
+            .env_clear()
+            .env("MIGLET_METADATA", "false")
+            .env("MIGLET_VM_ID", "vm-1")
+            .output(),
+    )
+    .await??;
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pool_id (MIGLET_POOL_ID) is required"),
+        "{err}"
+    );
+    Ok(())
+}
