@@ -178,14 +178,23 @@ pub async fn run(
             version: VERSION.into(),
             boot_id: settings.boot_id.clone(),
         };
-        tasks.push(tokio::spawn(run_stream(
-            endpoint,
-            connect,
-            core_tx.clone(),
-            stream_rx,
-            connected_tx,
-            stop_rx.clone(),
-        )));
+        let mut snap = snap_rx.clone();
+        let (core, stop) = (core_tx.clone(), stop_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            // The stream opens right after the vm_started acknowledgment (PROTOCOL.md).
+            let acked = snap
+                .wait_for(|s| {
+                    !matches!(
+                        s.state,
+                        MigletState::Initializing | MigletState::WaitingForController
+                    )
+                })
+                .await
+                .is_ok();
+            if acked {
+                run_stream(endpoint, connect, core, stream_rx, connected_tx, stop).await;
+            }
+        }));
     } else {
         info!("gRPC stream disabled: using HTTP polling only");
     }
@@ -512,6 +521,13 @@ async fn heartbeats(
             _ = stop.changed() => return,
         }
         let s = snap.borrow().clone();
+        if matches!(
+            s.state,
+            MigletState::Initializing | MigletState::WaitingForController
+        ) {
+            // The boot flow: nothing but vm_started until the controller acknowledged it.
+            continue;
+        }
         let cfg = &shared.settings;
         let report = HeartbeatReport {
             timestamp: Some(chrono::Utc::now()),

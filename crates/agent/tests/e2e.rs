@@ -400,12 +400,17 @@ async fn controller_down_at_start_then_up() -> R {
         "the agent waits for the controller"
     );
     ctl.restart().await;
-    assert_eq!(
-        agent.wait_exit(60).await,
-        Some(0),
-        "log:\n{}",
-        agent.log_text()
-    );
+    let code = tokio::time::timeout(Duration::from_secs(30), agent.child.wait()).await;
+    if !matches!(code, Ok(Ok(ref s)) if s.code() == Some(0)) {
+        let store = ctl.app().store();
+        panic!(
+            "agent did not finish: {code:?}\nvm: {:?}\ncommands: {:?}\nvmlog: {:?}\nagent:\n{}",
+            store.vm_get("vm-late").await,
+            store.commands_for_vm("vm-late").await,
+            store.vm_log_for_vm("vm-late").await,
+            agent.log_text()
+        );
+    }
     let types = ctl.event_types("vm-late").await;
     assert_eq!(
         types,

@@ -151,7 +151,7 @@ impl Controller {
             && self.store.event_exists(vm_id, event_id).await?
         {
             let vm = existing.unwrap_or_else(|| {
-                lifecycle::adopt(vm_id, report.pool_id.as_deref(), None, None, now)
+                lifecycle::adopt(vm_id, report.pool_id.as_deref(), None, None, None, now)
             });
             return Ok(EventAccepted {
                 vm,
@@ -178,6 +178,7 @@ impl Controller {
                     report.pool_id.as_deref(),
                     report.org_id.as_deref(),
                     report.boot_id.as_deref(),
+                    None,
                     now,
                 ),
             };
@@ -274,6 +275,7 @@ impl Controller {
                     report.pool_id.as_deref(),
                     report.org_id.as_deref(),
                     report.boot_id.as_deref(),
+                    lifecycle::heartbeat_state(&report).as_deref(),
                     now,
                 );
                 v.connected = self.streams.is_connected(vm_id);

@@ -105,6 +105,11 @@ pub fn on_contact(
         vm.registration_command_id = None;
         vm.runner_registered = false;
     }
+    if PRE_REGISTRATION.contains(&vm.state.as_str()) {
+        // Announcing itself is what a waiting agent does right after its vm_started is
+        // acknowledged: from here on it waits in `ready`.
+        vm.state = MigletState::Ready.as_str().to_owned();
+    }
     vm.health = Health::Healthy;
     vm.last_seen_at = vm.last_seen_at.max(now);
     vm.updated_at = now;
@@ -112,13 +117,17 @@ pub fn on_contact(
 }
 
 /// A VM we hear from without an announcement (the controller lost its data, or the agent
-/// skips `vm_started` and reports over HTTP only). It is adopted as it is: it may already run
-/// a runner, so it is never sent a registration on this evidence.
+/// skips `vm_started` and reports over HTTP only). It is adopted as it is. `reported_state`
+/// is the state it reports, if any: a VM that says it is still waiting for registration
+/// (its `vm_started` may simply arrive after this report) can be registered once it
+/// announces itself; any other VM may already run a runner, so it is never sent a
+/// registration on this evidence.
 pub fn adopt(
     vm_id: &str,
     pool_id: Option<&str>,
     org_id: Option<&str>,
     boot_id: Option<&str>,
+    reported_state: Option<&str>,
     now: Millis,
 ) -> VmRecord {
     let c = Contact {
@@ -129,8 +138,20 @@ pub fn adopt(
         version: None,
     };
     let (mut vm, _) = on_contact(None, vm_id, &c, now);
-    vm.state = "unknown".to_owned();
-    vm.runner_registered = true;
+    match reported_state {
+        Some(st) if PRE_REGISTRATION.contains(&st) => {
+            vm.state = st.to_owned();
+            vm.runner_registered = false;
+        }
+        Some(st) => {
+            vm.state = st.to_owned();
+            vm.runner_registered = true;
+        }
+        None => {
+            vm.state = "unknown".to_owned();
+            vm.runner_registered = true;
+        }
+    }
     vm
 }
 
@@ -206,13 +227,15 @@ pub fn heartbeat_state(report: &HeartbeatReport) -> Option<String> {
         .map(|s| s.as_str().to_owned())
 }
 
-/// Whether the VM should be issued a `register_runner` now: it waits in a pre-registration
-/// state of its current boot, has no live registration command and no registered runner.
+/// Whether the VM should be issued a `register_runner` now: it waits in `ready` in its
+/// current boot (it has announced itself), has no live registration command and no
+/// registered runner. A VM that only reported itself still waiting for its `vm_started`
+/// acknowledgment is not sent one: it would have to refuse it.
 pub fn needs_registration(vm: &VmRecord) -> bool {
     vm.registration_command_id.is_none()
         && !vm.runner_registered
         && vm.health != Health::Lost
-        && PRE_REGISTRATION.contains(&vm.state.as_str())
+        && vm.state == MigletState::Ready.as_str()
 }
 
 /// The channel a VM asks for its commands on.
@@ -385,9 +408,31 @@ mod tests {
     }
 
     #[test]
-    fn adopted_vm_is_never_registered() {
-        let vm = adopt("vm-9", Some("p"), None, None, 1);
+    fn adopted_vm_is_registered_only_if_it_says_it_waits() {
+        let vm = adopt("vm-9", Some("p"), None, None, None, 1);
         assert!(!needs_registration(&vm));
+        let vm = adopt("vm-9", Some("p"), None, Some("b1"), Some("idle"), 1);
+        assert!(!needs_registration(&vm));
+        // A heartbeat from a VM still waiting for its vm_started ack, then the vm_started of
+        // the same boot: the VM gets its registration.
+        let vm = adopt(
+            "vm-9",
+            Some("p"),
+            None,
+            Some("b1"),
+            Some("waiting_for_controller"),
+            1,
+        );
+        let c = Contact {
+            kind: ContactKind::VmStarted,
+            boot_id: Some("b1"),
+            pool_id: Some("p"),
+            org_id: None,
+            version: None,
+        };
+        let (after, new_boot) = on_contact(Some(&vm), "vm-9", &c, 2);
+        assert!(!new_boot);
+        assert!(needs_registration(&after));
     }
 
     #[test]

@@ -108,7 +108,7 @@ impl SqliteStore {
     pub async fn vms_needing_registration(&self) -> Result<Vec<VmRecord>, StoreError> {
         sqlx::query(
             "SELECT * FROM vms WHERE registration_command_id IS NULL AND runner_registered = 0 \
-             AND state IN ('ready', 'waiting_for_controller', 'initializing') \
+             AND state = 'ready' \
              AND health != 'lost' ORDER BY vm_id",
         )
         .fetch_all(&self.reads)

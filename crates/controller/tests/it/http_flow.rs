@@ -307,3 +307,42 @@ async fn event_ids_deduplicate_and_boot_ids_prevent_double_registration() -> Tes
     s.stop().await;
     Ok(())
 }
+
+/// A heartbeat that reaches the controller before the VM's `vm_started` (the controller was
+/// down while the agent kept trying) must not keep that boot from being registered.
+#[tokio::test]
+async fn heartbeat_before_vm_started_does_not_block_registration() -> TestResult {
+    let mut s = TestServer::start().await;
+    let (status, _) = s
+        .post(
+            "/api/v1/vms/vm-early/heartbeat",
+            &json!({"type":"job_heartbeat","vm_id":"vm-early","pool_id":"p","boot_id":"b-7","miglet_state":"waiting_for_controller"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        s.poll("vm-early").await.is_empty(),
+        "no registration before vm_started"
+    );
+    let (status, _) = s
+        .post(
+            "/api/v1/vms/vm-early/events",
+            &json!({"type":"vm_started","vm_id":"vm-early","pool_id":"p","boot_id":"b-7","event_id":"e-1"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let cmds = s.poll("vm-early").await;
+    assert_eq!(cmds.len(), 1);
+    assert_eq!(cmds[0]["type"], "register_runner");
+    // A VM adopted from a heartbeat that says it already runs a runner is left alone.
+    let (status, _) = s
+        .post(
+            "/api/v1/vms/vm-busy/heartbeat",
+            &json!({"type":"job_heartbeat","vm_id":"vm-busy","boot_id":"b-1","miglet_state":"job_running"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(s.poll("vm-busy").await.is_empty());
+    s.stop().await;
+    Ok(())
+}
