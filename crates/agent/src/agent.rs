@@ -150,6 +150,8 @@ pub async fn run(
         connected: connected_rx.clone(),
     });
     let mut machine = Machine::new(settings.post_job_action);
+    let executed_log = settings.data_dir.join("executed-commands.jsonl");
+    machine.restore_executed(read_executed(&executed_log));
     let (snap_tx, snap_rx) = watch::channel(snapshot(&machine));
 
     let supervisor = Supervisor::new(
@@ -250,7 +252,10 @@ pub async fn run(
                     via,
                     success,
                     message,
-                } => send_ack(&shared, id, via, success, message),
+                } => {
+                    record_executed(&executed_log, &id, success, &message);
+                    send_ack(&shared, id, via, success, message);
+                }
                 Action::Log(line) => info!("{line}"),
                 Action::StartRunner(params) => supervisor.start(params),
                 Action::RestartRunner { after } => supervisor.restart(after),
@@ -338,6 +343,48 @@ fn emit_event(
         Err(e) => error!(event_type, error = %e, "Event could not be spooled"),
     }
     shared.outbox_wake.notify_one();
+}
+
+/// Appends an acknowledged command to the executed-commands record (fsynced: a command must
+/// not run twice because the agent restarted).
+fn record_executed(path: &std::path::Path, id: &str, success: bool, message: &str) {
+    use std::io::Write;
+    let line = json!({"id": id, "success": success, "message": message}).to_string();
+    let res = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| writeln!(f, "{line}").and_then(|()| f.sync_data()));
+    if let Err(e) = res {
+        warn!(error = %e, "Cannot record an executed command");
+    }
+}
+
+/// The last executed commands recorded before this start.
+fn read_executed(path: &std::path::Path) -> Vec<(String, bool, String)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut out: Vec<(String, bool, String)> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| {
+            Some((
+                v["id"].as_str()?.to_owned(),
+                v["success"].as_bool()?,
+                v["message"].as_str().unwrap_or_default().to_owned(),
+            ))
+        })
+        .collect();
+    let keep = crate::machine::REMEMBERED_COMMANDS;
+    if out.len() > keep {
+        out.drain(..out.len() - keep);
+        // Compact the file so it stays bounded.
+        let body: String = out
+            .iter()
+            .map(|(id, ok, msg)| format!("{}\n", json!({"id": id, "success": ok, "message": msg})))
+            .collect();
+        let _ = std::fs::write(path, body);
+    }
+    out
 }
 
 fn send_ack(shared: &Arc<Shared>, id: String, via: Via, success: bool, message: String) {

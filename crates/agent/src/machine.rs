@@ -237,6 +237,14 @@ impl Machine {
         }
     }
 
+    /// Restores the record of commands executed before a restart (oldest first), so a
+    /// command delivered again after the agent restarted is acknowledged, not run again.
+    pub fn restore_executed(&mut self, done: impl IntoIterator<Item = (String, bool, String)>) {
+        for (id, success, message) in done {
+            self.remember(&id, success, &message);
+        }
+    }
+
     /// Whether the agent has finished (a `Finish` action was emitted).
     pub fn is_finished(&self) -> bool {
         matches!(self.state, MigletState::ShuttingDown | MigletState::Error) && !self.runner_alive

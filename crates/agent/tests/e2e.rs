@@ -55,6 +55,20 @@ where
     }
 }
 
+/// Waits until the controller has stored an event of `ty` for `vm`.
+async fn wait_event(app: &Arc<mig_controller::app::Controller>, vm: &str, ty: &str) {
+    wait_for(&format!("{ty} of {vm} stored"), 30, || {
+        let app = app.clone();
+        async move {
+            app.store()
+                .events_for_vm(vm)
+                .await
+                .is_ok_and(|e| e.iter().any(|e| e.event_type == ty))
+        }
+    })
+    .await;
+}
+
 struct Controller {
     server: Option<RunningServer>,
     http: SocketAddr,
@@ -433,16 +447,7 @@ async fn controller_restarted_while_a_job_runs() -> R {
     env.github.enqueue_job(job("long", "Succeeded", 5000));
     let mut agent = Agent::spawn(&env, "vm-restart", ctl.http, Some(ctl.grpc), &[]);
     let app = ctl.app().clone();
-    wait_for("job_started stored", 30, || {
-        let app = app.clone();
-        async move {
-            app.store()
-                .events_for_vm("vm-restart")
-                .await
-                .is_ok_and(|e| e.iter().any(|e| e.event_type == "job_started"))
-        }
-    })
-    .await;
+    wait_event(&app, "vm-restart", "job_started").await;
     ctl.restart().await;
     assert_eq!(
         agent.wait_exit(60).await,
@@ -477,16 +482,7 @@ async fn drain_during_a_job_lets_it_finish() -> R {
     env.github.enqueue_job(job("drained", "Succeeded", 3000));
     let mut agent = Agent::spawn(&env, "vm-drain", ctl.http, Some(ctl.grpc), &[]);
     let app = ctl.app().clone();
-    wait_for("job_started stored", 30, || {
-        let app = app.clone();
-        async move {
-            app.store()
-                .events_for_vm("vm-drain")
-                .await
-                .is_ok_and(|e| e.iter().any(|e| e.event_type == "job_started"))
-        }
-    })
-    .await;
+    wait_event(&app, "vm-drain", "job_started").await;
     let drain = app
         .enqueue(
             "vm-drain",
@@ -526,16 +522,7 @@ async fn forced_shutdown_stops_a_running_job() -> R {
     env.github.enqueue_job(job("endless", "Succeeded", 120_000));
     let mut agent = Agent::spawn(&env, "vm-force", ctl.http, Some(ctl.grpc), &[]);
     let app = ctl.app().clone();
-    wait_for("job_started stored", 30, || {
-        let app = app.clone();
-        async move {
-            app.store()
-                .events_for_vm("vm-force")
-                .await
-                .is_ok_and(|e| e.iter().any(|e| e.event_type == "job_started"))
-        }
-    })
-    .await;
+    wait_event(&app, "vm-force", "job_started").await;
     let started = tokio::time::Instant::now();
     app.enqueue(
         "vm-force",
@@ -573,16 +560,7 @@ async fn sigterm_takes_the_shutdown_path() -> R {
     let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
     let mut agent = Agent::spawn(&env, "vm-term", ctl.http, Some(ctl.grpc), &[]);
     let app = ctl.app().clone();
-    wait_for("runner_registered stored", 30, || {
-        let app = app.clone();
-        async move {
-            app.store()
-                .events_for_vm("vm-term")
-                .await
-                .is_ok_and(|e| e.iter().any(|e| e.event_type == "runner_registered"))
-        }
-    })
-    .await;
+    wait_event(&app, "vm-term", "runner_registered").await;
     let pid = nix::unistd::Pid::from_raw(agent.child.id().ok_or("pid")? as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
     assert_eq!(
@@ -607,16 +585,7 @@ async fn set_log_level_changes_output_live() -> R {
     let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
     let mut agent = Agent::spawn(&env, "vm-log", ctl.http, Some(ctl.grpc), &[]);
     let app = ctl.app().clone();
-    wait_for("runner_registered stored", 30, || {
-        let app = app.clone();
-        async move {
-            app.store()
-                .events_for_vm("vm-log")
-                .await
-                .is_ok_and(|e| e.iter().any(|e| e.event_type == "runner_registered"))
-        }
-    })
-    .await;
+    wait_event(&app, "vm-log", "runner_registered").await;
     assert!(
         !agent.log_text().contains("DEBUG"),
         "no debug output at info"
@@ -830,5 +799,42 @@ async fn missing_required_setting_exits_with_the_config_code() -> R {
         err.contains("pool_id (MIGLET_POOL_ID) is required"),
         "{err}"
     );
+    Ok(())
+}
+
+/// The example env file under deploy/ is accepted: with it the agent gets past configuration
+/// and stops only at the (deliberately) missing runner.
+#[tokio::test]
+async fn deploy_example_env_file_is_valid() -> R {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/miglet.env.example");
+    let text = std::fs::read_to_string(&example)?;
+    let tmp = tempfile::tempdir()?;
+    let mut cmd = tokio::process::Command::new(MIGLET);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| format!("not KEY=VALUE: {line}"))?;
+        assert!(
+            !v.contains('#'),
+            "systemd EnvironmentFile has no trailing comments: {line}"
+        );
+        cmd.env(k, v);
+    }
+    cmd.env("MIGLET_DATA_DIR", tmp.path().join("data"))
+        .env("MIGLET_RUNNER_DIR", tmp.path().join("no-runner"))
+        .env("MIGLET_METADATA", "false")
+        // On GCE this one comes from the metadata server (the instance name).
+        .env("MIGLET_VM_ID", "instance-from-metadata");
+    let out = tokio::time::timeout(Duration::from_secs(20), cmd.output()).await??;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("no runner in"), "{err}");
+    assert!(!err.contains("configuration error"), "{err}");
     Ok(())
 }

@@ -457,24 +457,15 @@ impl Controller {
             expires_at: Some(token.expires_at),
             runner_name: Some(vm.vm_id.clone()),
         });
-        let record = CommandRecord {
-            seq: 0,
-            id: id.clone(),
-            vm_id: vm.vm_id.clone(),
-            boot_id: Some(vm.boot_id.clone()),
-            command_type: REGISTER_RUNNER.into(),
-            parameters: command.redacted_json_parameters(),
-            state: CommandState::Pending,
-            source: "controller".into(),
-            created_at: now,
-            expires_at: Some(millis(token.expires_at)),
-            delivered_at: None,
-            delivered_via: None,
-            delivery_count: 0,
-            finished_at: None,
-            result_message: None,
-            result: None,
-        };
+        let record = CommandRecord::pending(
+            id.clone(),
+            &vm.vm_id,
+            &vm.boot_id,
+            &command,
+            "controller",
+            now,
+            millis(token.expires_at),
+        );
         vm.registration_command_id = Some(id.clone());
         vm.updated_at = now;
         self.store
@@ -739,24 +730,15 @@ impl Controller {
             .ok_or_else(|| ApiError::NotFound(format!("unknown VM {vm_id:?}")))?;
         let now = now_ms();
         let ttl = ttl.unwrap_or(self.settings.command_ttl);
-        let record = CommandRecord {
-            seq: 0,
-            id: format!("{}-{}", command.type_name(), uuid::Uuid::now_v7().simple()),
-            vm_id: vm_id.to_owned(),
-            boot_id: Some(vm.boot_id),
-            command_type: command.type_name().into(),
-            parameters: command.redacted_json_parameters(),
-            state: CommandState::Pending,
-            source: source.to_owned(),
-            created_at: now,
-            expires_at: Some(now + ttl.as_millis() as Millis),
-            delivered_at: None,
-            delivered_via: None,
-            delivery_count: 0,
-            finished_at: None,
-            result_message: None,
-            result: None,
-        };
+        let record = CommandRecord::pending(
+            format!("{}-{}", command.type_name(), uuid::Uuid::now_v7().simple()),
+            vm_id,
+            &vm.boot_id,
+            &command,
+            source,
+            now,
+            now + ttl.as_millis() as Millis,
+        );
         self.store
             .write(vec![Mutation::InsertCommand(record.clone())])
             .await?;

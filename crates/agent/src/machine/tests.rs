@@ -248,6 +248,26 @@ fn a_command_id_is_executed_once_and_acknowledged_every_time() {
 }
 
 #[test]
+fn executed_commands_survive_a_restart() {
+    let mut m = Machine::new(PostJobAction::Exit);
+    m.restore_executed([("d1".to_owned(), true, "draining".to_owned())]);
+    m.step(Input::Started, NOW);
+    m.step(Input::VmStartedAcked, NOW);
+    let a = m.step(
+        cmd(
+            "d1",
+            Command::Drain {
+                reason: String::new(),
+                timeout_seconds: None,
+            },
+        ),
+        NOW,
+    );
+    assert_eq!(acks(&a), [(true, "draining".to_owned())]);
+    assert_eq!(m.state, MigletState::Ready, "not executed again");
+}
+
+#[test]
 fn drain_during_a_job_waits_then_shuts_down() {
     let mut m = idle();
     m.step(Input::RunnerLine(format!("{TS}: Running job: x")), NOW);

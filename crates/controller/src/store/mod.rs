@@ -259,6 +259,38 @@ pub struct CommandRecord {
     pub result: Option<Map<String, Value>>,
 }
 
+impl CommandRecord {
+    /// A new command, `pending`, with nothing delivered yet.
+    pub fn pending(
+        id: String,
+        vm_id: &str,
+        boot_id: &str,
+        command: &miglet_proto::command::Command,
+        source: &str,
+        created_at: Millis,
+        expires_at: Millis,
+    ) -> CommandRecord {
+        CommandRecord {
+            seq: 0,
+            id,
+            vm_id: vm_id.to_owned(),
+            boot_id: Some(boot_id.to_owned()),
+            command_type: command.type_name().to_owned(),
+            parameters: command.redacted_json_parameters(),
+            state: CommandState::Pending,
+            source: source.to_owned(),
+            created_at,
+            expires_at: Some(expires_at),
+            delivered_at: None,
+            delivered_via: None,
+            delivery_count: 0,
+            finished_at: None,
+            result_message: None,
+            result: None,
+        }
+    }
+}
+
 /// One step in a command's history.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CommandTransition {
