@@ -329,3 +329,31 @@ mod tests {
         assert!(!e(503).is_permanent());
     }
 }
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+
+    /// The controller may be behind HTTPS: the client speaks TLS (rustls) with the system's
+    /// roots, and fails cleanly (no panic) against a peer that is not TLS.
+    #[tokio::test]
+    async fn https_endpoints_are_supported() -> Result<(), Box<dyn std::error::Error>> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let server = tokio::spawn(async move {
+            // A plain-TCP peer that closes at once: the TLS handshake must fail, not hang.
+            while let Ok((s, _)) = listener.accept().await {
+                drop(s);
+            }
+        });
+        let http = Http::new(&format!("https://{addr}"), "vm-1", Duration::from_secs(5))?;
+        let err = http
+            .poll_commands()
+            .await
+            .err()
+            .ok_or("a non-TLS peer cannot answer")?;
+        assert!(matches!(err, TransportError::Request(_)), "{err}");
+        server.abort();
+        Ok(())
+    }
+}
