@@ -215,8 +215,10 @@ impl Agent {
         let log = env.dir.path().join(format!("agent-{vm}.log"));
         let log_file = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
         let mut cmd = tokio::process::Command::new(MIGLET);
-        cmd.arg("--runner-user=")
-            .env_clear()
+        if !extra.iter().any(|(k, _)| *k == "MIGLET_RUNNER_USER") {
+            cmd.arg("--runner-user=");
+        }
+        cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("MIGLET_POOL_ID", "pool-e2e")
             .env("MIGLET_VM_ID", vm)
@@ -836,5 +838,64 @@ async fn deploy_example_env_file_is_valid() -> R {
     assert_eq!(out.status.code(), Some(78), "{err}");
     assert!(err.contains("no runner in"), "{err}");
     assert!(!err.contains("configuration error"), "{err}");
+    Ok(())
+}
+
+/// As root, the agent runs config.sh, the listener and the job (hooks included) as the
+/// configured unprivileged user. Needs root and `useradd`; otherwise there is nothing to test.
+#[tokio::test]
+async fn runner_runs_as_the_configured_unprivileged_user() -> R {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Ok(());
+    }
+    const USER: &str = "miglet-e2e-runner";
+    if nix::unistd::User::from_name(USER)?.is_none() {
+        let st = std::process::Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                USER,
+            ])
+            .status();
+        if !st.is_ok_and(|s| s.success()) && nix::unistd::User::from_name(USER)?.is_none() {
+            return Err("useradd failed".into());
+        }
+    }
+    let uid = nix::unistd::User::from_name(USER)?.ok_or("user")?.uid;
+    let env = env().await;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
+    env.github.enqueue_job(job("as-user", "Succeeded", 300));
+    let mut agent = Agent::spawn(
+        &env,
+        "vm-user",
+        ctl.http,
+        Some(ctl.grpc),
+        &[("MIGLET_RUNNER_USER", USER)],
+    );
+    let code = agent.wait_exit(60).await;
+    assert_eq!(code, Some(0), "log:\n{}", agent.log_text());
+    let started = ctl
+        .event("vm-user", "job_started")
+        .await
+        .ok_or("job_started")?;
+    assert_eq!(
+        started["run_id"], "777001",
+        "the hook ran as the user and reached the agent"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let diag = env.dir.path().join("runner/_diag");
+    let owners: Vec<u32> = std::fs::read_dir(&diag)?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.uid())
+        .collect();
+    assert!(
+        !owners.is_empty() && owners.iter().all(|o| *o == uid.as_raw()),
+        "runner files owned by {owners:?}, not {uid}"
+    );
+    ctl.stop().await;
     Ok(())
 }
