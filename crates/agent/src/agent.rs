@@ -219,6 +219,13 @@ pub async fn run(
         stop_rx.clone(),
     )));
     tasks.push(tokio::spawn(ticker(core_tx.clone(), stop_rx.clone())));
+    if let Some(base) = settings.preemption_watch.clone() {
+        tasks.push(tokio::spawn(watch_preemption(
+            base,
+            core_tx.clone(),
+            stop_rx.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(signals(
         core_tx.clone(),
         supervisor.clone(),
@@ -624,6 +631,45 @@ async fn hook_inbox(inbox: PathBuf, core: mpsc::Sender<Input>, mut stop: watch::
             if core.send(input).await.is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// Polls GCE metadata `instance/preempted` every 5 s; `TRUE` drains the agent at once
+/// (GCE gives a preempted VM about 30 s).
+pub async fn watch_preemption(
+    base: String,
+    core: mpsc::Sender<Input>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Ok(client) = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+    else {
+        return;
+    };
+    let url = format!(
+        "{}/computeMetadata/v1/instance/preempted",
+        base.trim_end_matches('/')
+    );
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.changed() => return,
+        }
+        let answer = match client
+            .get(&url)
+            .header("Metadata-Flavor", "Google")
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
+            _ => continue,
+        };
+        if answer.trim().eq_ignore_ascii_case("TRUE") {
+            warn!("GCE reports this VM preempted: draining");
+            let _ = core.send(Input::Preempted).await;
+            return;
         }
     }
 }

@@ -202,6 +202,9 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     pub controller_timeout: Duration,
     pub boot_id: String,
+    /// Base URL of the metadata server to watch for preemption; None when metadata is off or
+    /// was not found (not on GCE).
+    pub preemption_watch: Option<String>,
 }
 
 impl FileConfig {
@@ -461,6 +464,7 @@ impl Settings {
                 Duration::from_secs(30),
             )?,
             boot_id: pick(&args.boot_id, &None, None).unwrap_or_else(read_boot_id),
+            preemption_watch: None,
         })
     }
 }

@@ -82,6 +82,8 @@ pub enum Input {
     RunnerExited { code: Option<i32> },
     /// SIGTERM or SIGINT.
     Signal,
+    /// The VM is being preempted (GCE metadata `instance/preempted` is `TRUE`): drain now.
+    Preempted,
     /// Time passes (deadlines are checked here).
     Tick,
 }
@@ -312,6 +314,15 @@ impl Machine {
             }
             Input::RunnerExited { code } => self.on_runner_exit(code, &mut out),
             Input::Signal => self.begin_shutdown(false, &mut out),
+            Input::Preempted => {
+                if !self.draining {
+                    out.push(Action::Event {
+                        event_type: "error",
+                        fields: fields(json!({"code": "preempted", "message": "the VM is being preempted; draining"})),
+                    });
+                    let _ = self.on_drain("preempted", None, now, &mut out);
+                }
+            }
             Input::Tick => {
                 if let Some(deadline) = self.drain_deadline
                     && now >= deadline

@@ -76,11 +76,15 @@ async fn async_main(args: AgentArgs) -> ExitCode {
     } else {
         MetadataValues::default()
     };
-    let settings =
+    let mut settings =
         match Settings::resolve(&args, &file, &meta, nix::unistd::Uid::effective().is_root()) {
             Ok(s) => s,
             Err(e) => return config_error(&e),
         };
+    // On GCE (the metadata server answered), watch for preemption.
+    if meta.instance_name.is_some() {
+        settings.preemption_watch = Some(metadata_base(&args, &file));
+    }
 
     let (filter, handle) = reload::Layer::new(filter_for(&settings.logging_level));
     let registry = tracing_subscriber::registry().with(filter);

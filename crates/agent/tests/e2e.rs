@@ -899,3 +899,60 @@ async fn runner_runs_as_the_configured_unprivileged_user() -> R {
     ctl.stop().await;
     Ok(())
 }
+
+/// On GCE the agent watches `instance/preempted`; when it turns TRUE the agent drains: the
+/// running job finishes, nothing new is taken, the agent reports and exits.
+#[tokio::test]
+async fn preemption_drains_the_agent() -> R {
+    let env = env().await;
+    let meta = miglet_sim::metadata::FakeMetadata::default();
+    meta.set("instance/name", "vm-preempt");
+    meta.set("instance/preempted", "FALSE");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let meta_addr = listener.local_addr()?;
+    let router = meta.router();
+    let meta_task = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
+    env.github.enqueue_job(job("spot", "Succeeded", 8000));
+    let meta_url = format!("http://{meta_addr}");
+    let mut agent = Agent::spawn(
+        &env,
+        "vm-preempt",
+        ctl.http,
+        Some(ctl.grpc),
+        &[
+            ("MIGLET_METADATA", "true"),
+            ("MIGLET_METADATA_URL", &meta_url),
+        ],
+    );
+    let app = ctl.app().clone();
+    wait_event(&app, "vm-preempt", "job_started").await;
+    meta.set("instance/preempted", "TRUE");
+    assert_eq!(
+        agent.wait_exit(60).await,
+        Some(0),
+        "log:\n{}",
+        agent.log_text()
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("GCE reports this VM preempted: draining")
+    );
+    let done = ctl
+        .event("vm-preempt", "job_completed")
+        .await
+        .ok_or("job_completed")?;
+    assert_eq!(
+        done["result"], "Succeeded",
+        "the running job was allowed to finish"
+    );
+    let types = ctl.event_types("vm-preempt").await;
+    assert!(types.contains(&"error".to_owned()), "{types:?}");
+    assert_eq!(types.last().map(String::as_str), Some("vm_shutting_down"));
+    ctl.stop().await;
+    meta_task.abort();
+    Ok(())
+}

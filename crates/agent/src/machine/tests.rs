@@ -528,3 +528,17 @@ fn durations() {
     assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
     assert_eq!(parse_duration("x"), None);
 }
+
+#[test]
+fn preemption_drains_at_once() {
+    let mut m = idle();
+    m.step(Input::RunnerLine(format!("{TS}: Running job: x")), NOW);
+    let a = m.step(Input::Preempted, NOW);
+    assert_eq!(m.state, MigletState::Draining);
+    assert_eq!(events(&a), ["error"]);
+    assert!(m.step(Input::Preempted, NOW).is_empty(), "once");
+    // Idle: straight to shutting down.
+    let mut m = idle();
+    let a = m.step(Input::Preempted, NOW);
+    assert!(a.contains(&Action::StopRunner { force: false }));
+}
