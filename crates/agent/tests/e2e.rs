@@ -69,6 +69,16 @@ async fn wait_event(app: &Arc<mig_controller::app::Controller>, vm: &str, ty: &s
     .await;
 }
 
+/// Controller, fake GitHub and agent up, with `job` running on the agent's runner.
+async fn running_job(vm: &str, job: Job) -> (Env, Controller, Agent) {
+    let env = env().await;
+    let ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
+    env.github.enqueue_job(job);
+    let agent = Agent::spawn(&env, vm, ctl.http, Some(ctl.grpc), &[]);
+    wait_event(ctl.app(), vm, "job_started").await;
+    (env, ctl, agent)
+}
+
 struct Controller {
     server: Option<RunningServer>,
     http: SocketAddr,
@@ -444,12 +454,7 @@ async fn controller_down_at_start_then_up() -> R {
 
 #[tokio::test]
 async fn controller_restarted_while_a_job_runs() -> R {
-    let env = env().await;
-    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
-    env.github.enqueue_job(job("long", "Succeeded", 5000));
-    let mut agent = Agent::spawn(&env, "vm-restart", ctl.http, Some(ctl.grpc), &[]);
-    let app = ctl.app().clone();
-    wait_event(&app, "vm-restart", "job_started").await;
+    let (env, mut ctl, mut agent) = running_job("vm-restart", job("long", "Succeeded", 5000)).await;
     ctl.restart().await;
     assert_eq!(
         agent.wait_exit(60).await,
@@ -479,12 +484,9 @@ async fn controller_restarted_while_a_job_runs() -> R {
 
 #[tokio::test]
 async fn drain_during_a_job_lets_it_finish() -> R {
-    let env = env().await;
-    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
-    env.github.enqueue_job(job("drained", "Succeeded", 3000));
-    let mut agent = Agent::spawn(&env, "vm-drain", ctl.http, Some(ctl.grpc), &[]);
+    let (_env, mut ctl, mut agent) =
+        running_job("vm-drain", job("drained", "Succeeded", 3000)).await;
     let app = ctl.app().clone();
-    wait_event(&app, "vm-drain", "job_started").await;
     let drain = app
         .enqueue(
             "vm-drain",
@@ -519,12 +521,9 @@ async fn drain_during_a_job_lets_it_finish() -> R {
 
 #[tokio::test]
 async fn forced_shutdown_stops_a_running_job() -> R {
-    let env = env().await;
-    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
-    env.github.enqueue_job(job("endless", "Succeeded", 120_000));
-    let mut agent = Agent::spawn(&env, "vm-force", ctl.http, Some(ctl.grpc), &[]);
+    let (_env, mut ctl, mut agent) =
+        running_job("vm-force", job("endless", "Succeeded", 120_000)).await;
     let app = ctl.app().clone();
-    wait_event(&app, "vm-force", "job_started").await;
     let started = tokio::time::Instant::now();
     app.enqueue(
         "vm-force",
