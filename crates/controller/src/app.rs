@@ -341,7 +341,7 @@ impl Controller {
             self.issue_registration_locked(&mut vm).await?;
         }
         let now = now_ms();
-        let envelopes = self
+        let (envelopes, _open) = self
             .deliver_locked(
                 &vm,
                 Channel::Http {
@@ -354,14 +354,15 @@ impl Controller {
         Ok(envelopes.iter().map(CommandEnvelope::to_json).collect())
     }
 
-    /// Picks, fills in and marks delivered the commands for `channel`.
+    /// Picks, fills in and marks delivered the commands for `channel`. Also returns how many
+    /// commands stay open (delivering does not close any).
     async fn deliver_locked(
         &self,
         vm: &VmRecord,
         channel: Channel<'_>,
         via: &str,
         now: Millis,
-    ) -> Result<Vec<CommandEnvelope>, ApiError> {
+    ) -> Result<(Vec<CommandEnvelope>, usize), ApiError> {
         let open = self.store.commands_open_for_vm(&vm.vm_id).await?;
         let chosen = lifecycle::select_deliverable(&open, channel, now, self.redeliver_after());
         let mut out = Vec::with_capacity(chosen.len());
@@ -388,7 +389,7 @@ impl Controller {
         for env in &out {
             info!(vm_id = %vm.vm_id, command_id = %env.id, command_type = env.command.type_name(), via, "Command delivered");
         }
-        Ok(out)
+        Ok((out, open.len()))
     }
 
     /// Turns a stored command back into the typed command, filling in secrets that are never
@@ -693,7 +694,7 @@ impl Controller {
         };
         let now = now_ms();
         let via = lifecycle::stream_via(&handle.stream_id);
-        let envs = self
+        let (envs, open) = self
             .deliver_locked(
                 &vm,
                 Channel::Stream {
@@ -703,7 +704,6 @@ impl Controller {
                 now,
             )
             .await?;
-        let open = self.store.commands_open_for_vm(vm_id).await?.len();
         Ok((envs.iter().map(CommandEnvelope::to_pb).collect(), open))
     }
 
