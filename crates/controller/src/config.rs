@@ -177,8 +177,9 @@ impl Settings {
             ..ServeArgs::default()
         };
         args.config = None;
-        // Only I/O is reading a config file, and there is none here.
-        Settings::resolve(args, FileConfig::default()).unwrap_or_else(|_| unreachable_settings())
+        // Fixed, valid inputs: `resolve` cannot fail on them.
+        Settings::resolve(args, FileConfig::default())
+            .unwrap_or_else(|e| panic!("test settings are invalid: {e}"))
     }
 
     /// Reads the config file named by `args` (if any) and layers everything.
@@ -274,26 +275,6 @@ impl Settings {
             pools,
             dev_defaults,
         })
-    }
-}
-
-fn unreachable_settings() -> Settings {
-    // `resolve` only fails on invalid numbers, and `for_tests` passes none.
-    Settings {
-        http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: PathBuf::from("./controller_data"),
-        log_format: LogFormat::Text,
-        log_level: "info".into(),
-        heartbeat_interval: Duration::from_secs(15),
-        unhealthy_after_missed: 3,
-        lost_after_missed: 20,
-        redelivery_timeout: Duration::from_secs(30),
-        command_ttl: Duration::from_secs(86_400),
-        reconcile_interval: Duration::from_secs(5),
-        addr_file: None,
-        pools: Pools::default(),
-        dev_defaults: true,
     }
 }
 
