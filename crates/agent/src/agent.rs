@@ -13,6 +13,7 @@
 use crate::config::Settings;
 use crate::health::Sampler;
 use crate::hooks::{self, Hooks};
+use crate::lock;
 use crate::machine::{Action, Input, Machine, PostJobAction, Via};
 use crate::runner::{RunnerSettings, Supervisor};
 use crate::spool::Spool;
@@ -103,10 +104,6 @@ struct Shared {
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Runs the agent until it finishes. `agent_exe` is the `miglet` binary (the hooks call it).

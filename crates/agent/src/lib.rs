@@ -8,3 +8,9 @@ pub mod machine;
 pub mod runner;
 pub mod spool;
 pub mod transport;
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (every critical
+/// section is a single read or write), so a poisoned lock is still usable.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

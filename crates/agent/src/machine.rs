@@ -247,11 +247,6 @@ impl Machine {
         }
     }
 
-    /// Whether the agent has finished (a `Finish` action was emitted).
-    pub fn is_finished(&self) -> bool {
-        matches!(self.state, MigletState::ShuttingDown | MigletState::Error) && !self.runner_alive
-    }
-
     /// Applies one input.
     pub fn step(&mut self, input: Input, now: Millis) -> Vec<Action> {
         let before = self.state;

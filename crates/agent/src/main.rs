@@ -67,7 +67,7 @@ async fn async_main(args: AgentArgs) -> ExitCode {
     let file = match &args.config {
         Some(p) => match FileConfig::load(p) {
             Ok(f) => f,
-            Err(e) => return config_error(&e),
+            Err(e) => return config_error(e),
         },
         None => FileConfig::default(),
     };
@@ -79,7 +79,7 @@ async fn async_main(args: AgentArgs) -> ExitCode {
     let mut settings =
         match Settings::resolve(&args, &file, &meta, nix::unistd::Uid::effective().is_root()) {
             Ok(s) => s,
-            Err(e) => return config_error(&e),
+            Err(e) => return config_error(e),
         };
     // On GCE (the metadata server answered), watch for preemption.
     if meta.instance_name.is_some() {
@@ -148,15 +148,8 @@ async fn async_main(args: AgentArgs) -> ExitCode {
     }
 }
 
-fn config_error(e: &dyn std::error::Error) -> ExitCode {
-    let mut msg = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        msg.push_str(": ");
-        msg.push_str(&c.to_string());
-        cur = c.source();
-    }
-    eprintln!("miglet: configuration error: {msg}");
+fn config_error(e: impl std::error::Error + Send + Sync + 'static) -> ExitCode {
+    eprintln!("miglet: configuration error: {:#}", anyhow::Error::from(e));
     ExitCode::from(exit_code::CONFIG)
 }
 

@@ -5,6 +5,7 @@
 //! to the whole group after the grace period.
 
 use crate::hooks::Hooks;
+use crate::lock;
 use crate::machine::Input;
 use miglet_proto::command::RegisterRunner;
 use nix::sys::signal::{Signal, kill, killpg};
@@ -131,10 +132,6 @@ pub struct Supervisor {
     settings: RunnerSettings,
     core: mpsc::Sender<Input>,
     pid: Mutex<Option<i32>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Replaces every occurrence of `secret` in `line`.

@@ -85,7 +85,7 @@ fn check_optional_id(what: &'static str, v: Option<&str>) -> Result<(), ApiError
     }
 }
 
-fn check_body_vm(path_vm: &str, body_vm: Option<&str>) -> Result<(), ApiError> {
+pub(crate) fn check_body_vm(path_vm: &str, body_vm: Option<&str>) -> Result<(), ApiError> {
     match body_vm {
         Some(b) if !b.is_empty() && b != path_vm => Err(ApiError::BadRequest(format!(
             "vm_id in the body ({b:?}) does not match the path ({path_vm:?})"

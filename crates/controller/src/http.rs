@@ -169,15 +169,7 @@ async fn post_heartbeat(
     let vm_id = path_one(vm_id)?;
     let bytes = body_bytes(body)?;
     let parsed: HeartbeatBody = parse_json(&bytes)?;
-    if let Some(b) = parsed
-        .vm_id
-        .as_deref()
-        .filter(|b| !b.is_empty() && *b != vm_id)
-    {
-        return Err(ApiError::BadRequest(format!(
-            "vm_id in the body ({b:?}) does not match the path ({vm_id:?})"
-        )));
-    }
+    crate::app::check_body_vm(&vm_id, parsed.vm_id.as_deref())?;
     app.ingest_heartbeat(&vm_id, HeartbeatReport::from_json(parsed), Transport::Http)
         .await?;
     Ok(axum::Json(Received {
