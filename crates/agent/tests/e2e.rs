@@ -69,13 +69,16 @@ async fn wait_event(app: &Arc<mig_controller::app::Controller>, vm: &str, ty: &s
     .await;
 }
 
-/// Controller, fake GitHub and agent up, with `job` running on the agent's runner.
-async fn running_job(vm: &str, job: Job) -> (Env, Controller, Agent) {
+/// Controller, fake GitHub and agent up (with `job` queued, if any), once the controller has
+/// stored the agent's `event`.
+async fn agent_at(vm: &str, job: Option<Job>, event: &str) -> (Env, Controller, Agent) {
     let env = env().await;
     let ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
-    env.github.enqueue_job(job);
+    if let Some(job) = job {
+        env.github.enqueue_job(job);
+    }
     let agent = Agent::spawn(&env, vm, ctl.http, Some(ctl.grpc), &[]);
-    wait_event(ctl.app(), vm, "job_started").await;
+    wait_event(ctl.app(), vm, event).await;
     (env, ctl, agent)
 }
 
@@ -454,7 +457,12 @@ async fn controller_down_at_start_then_up() -> R {
 
 #[tokio::test]
 async fn controller_restarted_while_a_job_runs() -> R {
-    let (env, mut ctl, mut agent) = running_job("vm-restart", job("long", "Succeeded", 5000)).await;
+    let (env, mut ctl, mut agent) = agent_at(
+        "vm-restart",
+        Some(job("long", "Succeeded", 5000)),
+        "job_started",
+    )
+    .await;
     ctl.restart().await;
     assert_eq!(
         agent.wait_exit(60).await,
@@ -484,8 +492,12 @@ async fn controller_restarted_while_a_job_runs() -> R {
 
 #[tokio::test]
 async fn drain_during_a_job_lets_it_finish() -> R {
-    let (_env, mut ctl, mut agent) =
-        running_job("vm-drain", job("drained", "Succeeded", 3000)).await;
+    let (_env, mut ctl, mut agent) = agent_at(
+        "vm-drain",
+        Some(job("drained", "Succeeded", 3000)),
+        "job_started",
+    )
+    .await;
     let app = ctl.app().clone();
     let drain = app
         .enqueue(
@@ -521,8 +533,12 @@ async fn drain_during_a_job_lets_it_finish() -> R {
 
 #[tokio::test]
 async fn forced_shutdown_stops_a_running_job() -> R {
-    let (_env, mut ctl, mut agent) =
-        running_job("vm-force", job("endless", "Succeeded", 120_000)).await;
+    let (_env, mut ctl, mut agent) = agent_at(
+        "vm-force",
+        Some(job("endless", "Succeeded", 120_000)),
+        "job_started",
+    )
+    .await;
     let app = ctl.app().clone();
     let started = tokio::time::Instant::now();
     app.enqueue(
@@ -557,11 +573,7 @@ async fn forced_shutdown_stops_a_running_job() -> R {
 
 #[tokio::test]
 async fn sigterm_takes_the_shutdown_path() -> R {
-    let env = env().await;
-    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
-    let mut agent = Agent::spawn(&env, "vm-term", ctl.http, Some(ctl.grpc), &[]);
-    let app = ctl.app().clone();
-    wait_event(&app, "vm-term", "runner_registered").await;
+    let (_env, mut ctl, mut agent) = agent_at("vm-term", None, "runner_registered").await;
     let pid = nix::unistd::Pid::from_raw(agent.child.id().ok_or("pid")? as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
     assert_eq!(
@@ -582,11 +594,8 @@ async fn sigterm_takes_the_shutdown_path() -> R {
 
 #[tokio::test]
 async fn set_log_level_changes_output_live() -> R {
-    let env = env().await;
-    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
-    let mut agent = Agent::spawn(&env, "vm-log", ctl.http, Some(ctl.grpc), &[]);
+    let (_env, mut ctl, mut agent) = agent_at("vm-log", None, "runner_registered").await;
     let app = ctl.app().clone();
-    wait_event(&app, "vm-log", "runner_registered").await;
     assert!(
         !agent.log_text().contains("DEBUG"),
         "no debug output at info"
