@@ -68,7 +68,12 @@ pub struct Controller {
     streams: Streams,
     locks: VmLocks,
     shutdown: CancellationToken,
+    gate: crate::auth::Gatekeeper,
 }
+
+/// Why a registration token is refused once a job ran on the VM's current boot.
+const JOB_STARTED: &str =
+    "a job already started on this VM's current boot; its registration token is not handed out again";
 
 fn now_ms() -> Millis {
     Utc::now().timestamp_millis()
@@ -99,6 +104,7 @@ impl Controller {
         store: Store,
         settings: Arc<Settings>,
         shutdown: CancellationToken,
+        gate: crate::auth::Gatekeeper,
     ) -> Arc<Controller> {
         Arc::new(Controller {
             store,
@@ -106,7 +112,13 @@ impl Controller {
             streams: Streams::default(),
             locks: VmLocks::default(),
             shutdown,
+            gate,
         })
+    }
+
+    /// Authentication, authorization and rate limits.
+    pub fn gate(&self) -> &crate::auth::Gatekeeper {
+        &self.gate
     }
 
     pub fn store(&self) -> &Store {
@@ -404,6 +416,9 @@ impl Controller {
         if let Command::RegisterRunner(r) = &mut command
             && r.registration_token.as_deref() == Some(REDACTED)
         {
+            if vm.job_started_at.is_some() {
+                return Err(JOB_STARTED.into());
+            }
             let reg = self
                 .settings
                 .pools
@@ -556,6 +571,9 @@ impl Controller {
         check_optional_id("pool_id", request.pool_id.as_deref())?;
         let _guard = self.locks.lock(vm_id).await;
         let vm = self.store.vm_get(vm_id).await?;
+        if vm.as_ref().is_some_and(|v| v.job_started_at.is_some()) {
+            return Err(ApiError::Conflict(JOB_STARTED.into()));
+        }
         let pool = vm
             .as_ref()
             .map(|v| v.pool_id.clone())
@@ -689,6 +707,11 @@ impl Controller {
         handle: &StreamHandle,
     ) -> Result<(Vec<pb::Command>, usize), ApiError> {
         let _guard = self.locks.lock(vm_id).await;
+        // A stream replaced by a newer one (registered under this lock) gets nothing more,
+        // or the two would take turns redelivering the same command.
+        if handle.replaced.is_cancelled() {
+            return Ok((Vec::new(), 0));
+        }
         let Some(vm) = self.store.vm_get(vm_id).await? else {
             return Ok((Vec::new(), 0));
         };

@@ -1,6 +1,10 @@
 //! Controller settings: command-line flags > `MIG_CONTROLLER_*` environment > TOML config
 //! file > defaults.
 
+use crate::auth::AuthMode;
+use crate::auth::enroll::{EnrollSettings, PoolEnrollment};
+use crate::auth::gce::{GOOGLE_JWKS_URL, GceRule};
+use crate::auth::limits::Limit;
 use crate::token::{PoolRegistration, Pools, StaticToken, TokenFile, TokenSource};
 use clap::Args;
 use serde::Deserialize;
@@ -81,6 +85,38 @@ pub struct ServeArgs {
     /// tests that start the controller on port 0).
     #[arg(long, env = "MIG_CONTROLLER_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
+    /// `authenticated` (default): VMs enroll and carry credentials, operators use API tokens.
+    /// `open`: no authentication at all, for development only.
+    #[arg(long, env = "MIG_CONTROLLER_AUTH_MODE", value_enum)]
+    pub auth_mode: Option<AuthMode>,
+    /// Audience GCE identity tokens must carry: the controller URL the agents use.
+    #[arg(long, env = "MIG_CONTROLLER_AUDIENCE")]
+    pub audience: Option<String>,
+    /// Where Google's identity token signing keys (JWKS) are fetched from.
+    #[arg(long, env = "MIG_CONTROLLER_GOOGLE_JWKS_URL")]
+    pub google_jwks_url: Option<String>,
+    /// File with the key VM credentials are signed with [default: <data-dir>/credential.key,
+    /// created if missing]. Replicas must share it.
+    #[arg(long, env = "MIG_CONTROLLER_CREDENTIAL_KEY_FILE")]
+    pub credential_key_file: Option<PathBuf>,
+    /// Lifetime of one VM credential, seconds [default: 3600].
+    #[arg(long, env = "MIG_CONTROLLER_CREDENTIAL_TTL_SECS")]
+    pub credential_ttl_secs: Option<u64>,
+    /// PEM certificate chain for TLS on both listeners (with --tls-key).
+    #[arg(long, env = "MIG_CONTROLLER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, env = "MIG_CONTROLLER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS).
+    #[arg(long, env = "MIG_CONTROLLER_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Requests per second allowed per VM, 0 = unlimited [default: 20, burst 100].
+    #[arg(long, env = "MIG_CONTROLLER_RATE_LIMIT_PER_VM")]
+    pub rate_limit_per_vm: Option<u32>,
+    /// Requests per second allowed per client address, 0 = unlimited [default: 200, burst 1000].
+    #[arg(long, env = "MIG_CONTROLLER_RATE_LIMIT_PER_ADDR")]
+    pub rate_limit_per_addr: Option<u32>,
     /// Development default: runner URL for pools with no config.
     #[arg(long, env = "MIG_CONTROLLER_RUNNER_URL", hide = true)]
     pub runner_url: Option<String>,
@@ -109,9 +145,72 @@ pub struct FileConfig {
     pub redelivery_timeout_secs: Option<u64>,
     pub command_ttl_secs: Option<u64>,
     pub reconcile_interval_secs: Option<u64>,
+    pub auth_mode: Option<AuthMode>,
+    #[serde(default)]
+    pub auth: AuthFileConfig,
+    pub tls: Option<TlsFileConfig>,
+    #[serde(default)]
+    pub limits: LimitsFileConfig,
     /// Registration config per pool id; the key `"*"` serves every pool not listed.
     #[serde(default)]
     pub pools: HashMap<String, PoolConfig>,
+}
+
+/// `[auth]` of the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFileConfig {
+    pub audience: Option<String>,
+    pub google_jwks_url: Option<String>,
+    pub credential_key_file: Option<PathBuf>,
+    pub credential_ttl_secs: Option<u64>,
+    /// A VM must enroll again this long after its last identity proof [default: 7 days].
+    pub credential_max_lifetime_secs: Option<u64>,
+    /// Identity tokens older than this are refused [default: 300].
+    pub identity_token_max_age_secs: Option<u64>,
+}
+
+/// `[tls]` of the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFileConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
+    /// How often the files are checked for changes [default: 10].
+    pub reload_interval_secs: Option<u64>,
+}
+
+/// `[limits]` of the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFileConfig {
+    pub per_vm_per_second: Option<u32>,
+    pub per_vm_burst: Option<u32>,
+    pub per_addr_per_second: Option<u32>,
+    pub per_addr_burst: Option<u32>,
+    /// A client must send a request's headers within this many seconds [default: 10].
+    pub header_timeout_secs: Option<u64>,
+}
+
+/// `[pools.<id>.enrollment]`: how the pool's VMs prove who they are.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollmentConfig {
+    /// File holding the pool's bootstrap secret (at least 16 characters), re-read at use.
+    pub bootstrap_secret_file: Option<PathBuf>,
+    pub gce: Option<GceConfig>,
+}
+
+/// `[pools.<id>.enrollment.gce]`: which GCE instances belong to the pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GceConfig {
+    pub project_id: String,
+    #[serde(default)]
+    pub zones: Vec<String>,
+    pub instance_name_prefix: Option<String>,
+    pub service_account: Option<String>,
 }
 
 /// `[pools.<id>]` of the config file.
@@ -130,6 +229,8 @@ pub struct PoolConfig {
     /// How long an issued token is treated as valid, seconds [default: 3600].
     #[serde(default = "default_token_ttl")]
     pub token_ttl_secs: u64,
+    #[serde(default)]
+    pub enrollment: EnrollmentConfig,
 }
 
 fn default_group() -> String {
@@ -162,6 +263,28 @@ pub struct Settings {
     pub pools: Pools,
     /// Set when no pool was configured and development defaults are in use.
     pub dev_defaults: bool,
+    pub auth_mode: AuthMode,
+    pub enroll: EnrollSettings,
+    pub credential_key_file: PathBuf,
+    pub tls: Option<TlsSettings>,
+    pub per_vm_limit: Limit,
+    pub per_addr_limit: Limit,
+    pub header_timeout: Duration,
+}
+
+/// TLS files of both listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Set: mutual TLS, client certificates must chain to this CA.
+    pub client_ca_file: Option<PathBuf>,
+    pub reload_interval: Duration,
+}
+
+/// The development pool's bootstrap secret file, inside the data dir.
+pub fn dev_secret_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("dev-bootstrap-secret")
 }
 
 impl Settings {
@@ -226,7 +349,92 @@ impl Settings {
                 ),
             });
         }
-        let (pools, dev_defaults) = build_pools(&args, &file.pools)?;
+        let data_dir = args
+            .data_dir
+            .clone()
+            .or(file.data_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("./controller_data"));
+        let auth_mode = args.auth_mode.or(file.auth_mode).unwrap_or_default();
+        let (pools, dev_defaults) = build_pools(&args, &file.pools, &data_dir, auth_mode)?;
+        let audience = args
+            .audience
+            .clone()
+            .or(file.auth.audience.clone())
+            .filter(|a| !a.is_empty());
+        if auth_mode == AuthMode::Authenticated && audience.is_none() && pools.any_gce() {
+            return Err(ConfigError::Invalid {
+                name: "audience".into(),
+                reason: "a pool enrolls with GCE identity tokens, so set the audience (the controller URL the agents use)".into(),
+            });
+        }
+        let enroll = EnrollSettings {
+            credential_ttl: secs(
+                "credential_ttl_secs",
+                args.credential_ttl_secs
+                    .or(file.auth.credential_ttl_secs)
+                    .unwrap_or(3600),
+            )?,
+            max_lifetime: secs(
+                "credential_max_lifetime_secs",
+                file.auth.credential_max_lifetime_secs.unwrap_or(7 * 86_400),
+            )?,
+            audience,
+            google_jwks_url: args
+                .google_jwks_url
+                .clone()
+                .or(file.auth.google_jwks_url.clone())
+                .unwrap_or_else(|| GOOGLE_JWKS_URL.into()),
+            identity_max_age: secs(
+                "identity_token_max_age_secs",
+                file.auth.identity_token_max_age_secs.unwrap_or(300),
+            )?,
+        };
+        let tls = match (&args.tls_cert, &args.tls_key, &file.tls) {
+            (Some(cert), Some(key), f) => Some(TlsSettings {
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+                client_ca_file: args
+                    .tls_client_ca
+                    .clone()
+                    .or(f.as_ref().and_then(|f| f.client_ca_file.clone())),
+                reload_interval: Duration::from_secs(
+                    f.as_ref()
+                        .and_then(|f| f.reload_interval_secs)
+                        .unwrap_or(10)
+                        .max(1),
+                ),
+            }),
+            (None, None, Some(f)) => Some(TlsSettings {
+                cert_file: f.cert_file.clone(),
+                key_file: f.key_file.clone(),
+                client_ca_file: args.tls_client_ca.clone().or(f.client_ca_file.clone()),
+                reload_interval: Duration::from_secs(f.reload_interval_secs.unwrap_or(10).max(1)),
+            }),
+            (None, None, None) => {
+                if args.tls_client_ca.is_some() {
+                    return Err(ConfigError::Invalid {
+                        name: "tls_client_ca".into(),
+                        reason: "mutual TLS needs --tls-cert and --tls-key too".into(),
+                    });
+                }
+                None
+            }
+            _ => {
+                return Err(ConfigError::Invalid {
+                    name: "tls_cert".into(),
+                    reason: "set both --tls-cert and --tls-key".into(),
+                });
+            }
+        };
+        let l = &file.limits;
+        let per_vm_rate = args
+            .rate_limit_per_vm
+            .or(l.per_vm_per_second)
+            .unwrap_or(20);
+        let per_addr_rate = args
+            .rate_limit_per_addr
+            .or(l.per_addr_per_second)
+            .unwrap_or(200);
         Ok(Settings {
             http_addr: args
                 .http_addr
@@ -236,10 +444,12 @@ impl Settings {
                 .grpc_addr
                 .or(file.grpc_addr)
                 .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 50051))),
-            data_dir: args
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("./controller_data")),
+            credential_key_file: args
+                .credential_key_file
+                .clone()
+                .or(file.auth.credential_key_file.clone())
+                .unwrap_or_else(|| data_dir.join("credential.key")),
+            data_dir,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             log_level: args
                 .log_level
@@ -274,6 +484,21 @@ impl Settings {
             addr_file: args.addr_file,
             pools,
             dev_defaults,
+            auth_mode,
+            enroll,
+            tls,
+            per_vm_limit: Limit {
+                per_second: per_vm_rate,
+                burst: l.per_vm_burst.unwrap_or(per_vm_rate.saturating_mul(5)),
+            },
+            per_addr_limit: Limit {
+                per_second: per_addr_rate,
+                burst: l.per_addr_burst.unwrap_or(per_addr_rate.saturating_mul(5)),
+            },
+            header_timeout: secs(
+                "header_timeout_secs",
+                l.header_timeout_secs.unwrap_or(10),
+            )?,
         })
     }
 }
@@ -281,6 +506,8 @@ impl Settings {
 fn build_pools(
     args: &ServeArgs,
     pools: &HashMap<String, PoolConfig>,
+    data_dir: &Path,
+    auth_mode: AuthMode,
 ) -> Result<(Pools, bool), ConfigError> {
     if pools.is_empty() {
         let token = args
@@ -300,6 +527,10 @@ fn build_pools(
                 token,
                 Duration::from_secs(default_token_ttl()),
             )),
+            enrollment: PoolEnrollment {
+                bootstrap_secret_file: Some(dev_secret_file(data_dir)),
+                gce: None,
+            },
         };
         return Ok((Pools::new(HashMap::new(), Some(reg)), true));
     }
@@ -330,11 +561,36 @@ fn build_pools(
                 reason: "runner_url is empty".into(),
             });
         }
+        let enrollment = PoolEnrollment {
+            bootstrap_secret_file: p.enrollment.bootstrap_secret_file.clone(),
+            gce: p.enrollment.gce.as_ref().map(|g| GceRule {
+                project_id: g.project_id.clone(),
+                zones: g.zones.clone(),
+                instance_name_prefix: g.instance_name_prefix.clone(),
+                service_account: g.service_account.clone(),
+            }),
+        };
+        if auth_mode == AuthMode::Authenticated
+            && enrollment.bootstrap_secret_file.is_none()
+            && enrollment.gce.is_none()
+        {
+            return Err(ConfigError::Invalid {
+                name: format!("{name}.enrollment"),
+                reason: "no enrollment method: set bootstrap_secret_file and/or [gce], or its VMs can never connect".into(),
+            });
+        }
+        if enrollment.gce.as_ref().is_some_and(|g| g.project_id.is_empty()) {
+            return Err(ConfigError::Invalid {
+                name: format!("{name}.enrollment.gce.project_id"),
+                reason: "is empty".into(),
+            });
+        }
         let reg = PoolRegistration {
             runner_url: p.runner_url.clone(),
             runner_group: p.runner_group.clone(),
             labels: p.labels.clone(),
             token,
+            enrollment,
         };
         if id == "*" {
             fallback = Some(reg);
@@ -359,10 +615,16 @@ mod tests {
             [pools.linux-x64]
             runner_url = "https://github.com/acme"
             token_file = "/run/secrets/token"
+            [pools.linux-x64.enrollment.gce]
+            project_id = "acme-ci"
+            zones = ["us-central1-a"]
             [pools."*"]
             runner_url = "https://github.com/acme-other"
             token = "abc"
             labels = ["self-hosted"]
+            enrollment = { bootstrap_secret_file = "/run/secrets/pool" }
+            [auth]
+            audience = "https://mig.example:8080"
             "#,
         )?;
         let args = ServeArgs {
@@ -380,6 +642,39 @@ mod tests {
             "https://github.com/acme"
         );
         assert_eq!(s.pools.get("other")?.labels, vec!["self-hosted"]);
+        assert_eq!(s.auth_mode, AuthMode::Authenticated);
+        assert!(s.pools.get("linux-x64")?.enrollment.gce.is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn auth_settings_are_checked() -> Result<(), Box<dyn std::error::Error>> {
+        // A pool that cannot enroll anyone is a config error in authenticated mode ...
+        let no_method: FileConfig =
+            toml::from_str("[pools.p]\nrunner_url = \"u\"\ntoken = \"a\"")?;
+        assert!(Settings::resolve(ServeArgs::default(), no_method.clone()).is_err());
+        // ... but fine in open mode.
+        let open = ServeArgs {
+            auth_mode: Some(AuthMode::Open),
+            ..ServeArgs::default()
+        };
+        assert_eq!(Settings::resolve(open, no_method)?.auth_mode, AuthMode::Open);
+        // GCE enrollment needs an audience.
+        let gce: FileConfig = toml::from_str(
+            "[pools.p]\nrunner_url = \"u\"\ntoken = \"a\"\n[pools.p.enrollment.gce]\nproject_id = \"x\"",
+        )?;
+        assert!(Settings::resolve(ServeArgs::default(), gce).is_err());
+        // TLS needs both halves.
+        let half = ServeArgs {
+            tls_cert: Some("/c.pem".into()),
+            ..ServeArgs::default()
+        };
+        assert!(Settings::resolve(half, FileConfig::default()).is_err());
+        let ca_only = ServeArgs {
+            tls_client_ca: Some("/ca.pem".into()),
+            ..ServeArgs::default()
+        };
+        assert!(Settings::resolve(ca_only, FileConfig::default()).is_err());
         Ok(())
     }
 

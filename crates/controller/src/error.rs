@@ -15,6 +15,18 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     Unavailable(String),
+    /// 401 / `UNAUTHENTICATED`: no credential, or one that does not verify.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 403 / `PERMISSION_DENIED`: a valid credential that may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 409: the request conflicts with the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// 429 / `RESOURCE_EXHAUSTED`, with how long to wait.
+    #[error("rate limit exceeded; retry in {} s", crate::auth::limits::retry_after_secs(*.0))]
+    TooManyRequests(std::time::Duration),
     #[error("internal error")]
     Store(#[from] StoreError),
 }
@@ -26,6 +38,10 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Unauthorized(_) => "unauthenticated",
+            ApiError::Forbidden(_) => "permission_denied",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::TooManyRequests(_) => "rate_limited",
             ApiError::Store(_) => "internal",
         }
     }
@@ -38,6 +54,10 @@ impl From<ApiError> for tonic::Status {
             ApiError::NotFound(m) => tonic::Status::not_found(m.clone()),
             ApiError::PayloadTooLarge(m) => tonic::Status::resource_exhausted(m.clone()),
             ApiError::Unavailable(m) => tonic::Status::unavailable(m.clone()),
+            ApiError::Unauthorized(m) => tonic::Status::unauthenticated(m.clone()),
+            ApiError::Forbidden(m) => tonic::Status::permission_denied(m.clone()),
+            ApiError::Conflict(m) => tonic::Status::failed_precondition(m.clone()),
+            ApiError::TooManyRequests(_) => tonic::Status::resource_exhausted(e.to_string()),
             ApiError::Store(inner) => {
                 tracing::error!(error = %crate::error::chain(inner), "Store failure");
                 tonic::Status::internal("internal error")
@@ -56,4 +76,25 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+impl From<crate::auth::Denied> for ApiError {
+    fn from(d: crate::auth::Denied) -> ApiError {
+        match d {
+            crate::auth::Denied::Unauthenticated(m) => ApiError::Unauthorized(m),
+            crate::auth::Denied::Forbidden(m) => ApiError::Forbidden(m),
+        }
+    }
+}
+
+impl From<crate::auth::enroll::EnrollError> for ApiError {
+    fn from(e: crate::auth::enroll::EnrollError) -> ApiError {
+        use crate::auth::enroll::EnrollError as E;
+        match e {
+            E::BadRequest(m) => ApiError::BadRequest(m),
+            E::Refused(m) => ApiError::Unauthorized(format!("enrollment refused: {m}")),
+            E::Unavailable(m) => ApiError::Unavailable(m),
+            E::Store(s) => ApiError::Store(s),
+        }
+    }
 }

@@ -7,6 +7,7 @@
 //! the end of the inbound stream means the peer is gone.
 
 use crate::app::{Controller, Transport};
+use crate::auth::AuthMode;
 use crate::error::ApiError;
 use crate::streams::StreamHandle;
 use miglet_proto::event::{EventReport, HeartbeatReport};
@@ -68,16 +69,58 @@ impl CommandService for GrpcService {
         request: Request<Streaming<MiGletMessage>>,
     ) -> Result<Response<Self::StreamCommandsStream>, Status> {
         let remote = request.remote_addr();
+        let gate = self.app.gate();
+        if let Some(addr) = remote
+            && let Err(wait) = gate.limits.check_addr(addr.ip())
+        {
+            return Err(ApiError::TooManyRequests(wait).into());
+        }
+        // The credential is checked before anything is read from the stream.
+        let claims = match gate.mode {
+            AuthMode::Open => None,
+            AuthMode::Authenticated => {
+                let token = request
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(crate::auth::bearer)
+                    .ok_or_else(|| {
+                        Status::unauthenticated(
+                            "this stream needs a VM credential: metadata authorization: Bearer <credential>",
+                        )
+                    })?;
+                Some(gate.vm(token).map_err(ApiError::from)?)
+            }
+        };
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(CONNECT_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no connect message within 30 s"))??
             .ok_or_else(|| Status::cancelled("stream closed before connect"))?;
-        let Some(mi_glet_message::Message::Connect(connect)) = first.message else {
+        let Some(mi_glet_message::Message::Connect(mut connect)) = first.message else {
             return Err(Status::failed_precondition(
                 "the first message on the stream must be connect",
             ));
         };
+        if let Some(c) = &claims {
+            if connect.vm_id != c.vm_id {
+                return Err(Status::permission_denied(format!(
+                    "the credential of VM {:?} cannot open a stream for VM {:?}",
+                    c.vm_id, connect.vm_id
+                )));
+            }
+            if !connect.pool_id.is_empty() && connect.pool_id != c.pool_id {
+                return Err(Status::permission_denied(format!(
+                    "the credential is for pool {:?}, not {:?}",
+                    c.pool_id, connect.pool_id
+                )));
+            }
+            connect.pool_id = c.pool_id.clone();
+        }
+        if let Err(wait) = gate.limits.check_vm(&connect.vm_id) {
+            return Err(ApiError::TooManyRequests(wait).into());
+        }
+        let expires = claims.as_ref().map(|c| c.expires_at);
         let handle = self
             .app
             .stream_open(&connect, remote)
@@ -94,7 +137,7 @@ impl CommandService for GrpcService {
         let app = self.app.clone();
         let vm_id = connect.vm_id.clone();
         self.sessions.spawn(async move {
-            let reason = run_session(&app, &vm_id, &handle, inbound, &tx).await;
+            let reason = run_session(&app, &vm_id, &handle, inbound, &tx, expires).await;
             app.stream_closed(&vm_id, &handle, reason).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -108,7 +151,20 @@ async fn run_session(
     handle: &StreamHandle,
     mut inbound: Streaming<MiGletMessage>,
     tx: &Outbound,
+    credential_expires: Option<i64>,
 ) -> &'static str {
+    // A stream lives no longer than the credential it was opened with; the agent reconnects
+    // with its refreshed one.
+    let expiry = async {
+        match credential_expires {
+            Some(exp) => {
+                let left = exp - chrono::Utc::now().timestamp();
+                tokio::time::sleep(Duration::from_secs(left.max(0) as u64)).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expiry);
     let shutdown = app.shutdown_token().clone();
     let redelivery = app.settings().redelivery_timeout;
     let mut tick = tokio::time::interval(redelivery.max(Duration::from_secs(1)) / 2);
@@ -137,6 +193,10 @@ async fn run_session(
         tokio::select! {
             biased;
             () = shutdown.cancelled() => return "controller shutting down",
+            () = &mut expiry => {
+                let _ = tx.send(Err(Status::unauthenticated("credential expired; reconnect with a fresh one"))).await;
+                return "credential expired";
+            }
             () = handle.replaced.cancelled() => {
                 let _ = tx.send(Err(Status::aborted("replaced by a newer stream for this VM"))).await;
                 return "replaced by a newer stream";

@@ -2,27 +2,34 @@
 //!
 //! Handlers only parse and validate, call [`Controller`], and shape the answer. Every error
 //! is JSON `{"error": ..., "code": ...}` with a 4xx/5xx status: malformed JSON 400, body over
-//! 1 MiB 413, wrong method 405, unknown path 404.
+//! 1 MiB 413, wrong method 405, unknown path 404, no or bad credential 401 (with
+//! `WWW-Authenticate`), someone else's resource 403, over a rate limit 429 (with
+//! `Retry-After`). The [`gate`] middleware runs before every handler.
 
 use crate::app::{Controller, Transport};
+use crate::auth::{self, Principal, Route};
 use crate::error::ApiError;
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{StatusCode, Uri};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::{Extension, Router};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use miglet_proto::event::{EventKind, EventReport, HeartbeatReport};
 use miglet_proto::json::{
-    CommandAckBody, CommandAckResponse, CommandsResponse, ErrorBody, EventBody, HealthBody,
-    HeartbeatBody, Received, RegistrationTokenRequest, VmStartedAck,
+    CommandAckBody, CommandAckResponse, CommandsResponse, EnrollRequest, EnrollResponse,
+    ErrorBody, EventBody, HealthBody, HeartbeatBody, Received, RegistrationTokenRequest,
+    VmStartedAck,
 };
 use serde::de::DeserializeOwned;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
+use tracing::warn;
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 1 << 20;
@@ -36,6 +43,10 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Store(e) => {
                 tracing::error!(error = %crate::error::chain(e), "Store failure while serving a request");
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -45,7 +56,24 @@ impl IntoResponse for ApiError {
             error: self.to_string(),
             code: self.code().to_owned(),
         };
-        (status, axum::Json(body)).into_response()
+        let mut response = (status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        match &self {
+            ApiError::Unauthorized(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"mig-controller\""),
+                );
+            }
+            ApiError::TooManyRequests(wait) => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(crate::auth::limits::retry_after_secs(*wait)),
+                );
+            }
+            _ => {}
+        }
+        response
     }
 }
 
@@ -54,6 +82,9 @@ type AppState = Arc<Controller>;
 pub fn router(app: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/api/v1/enroll", post(post_enroll))
+        .route("/api/v1/vms/{vm_id}/credential", post(post_refresh))
+        .merge(crate::admin::routes())
         .route("/api/v1/vms/{vm_id}/events", post(post_event))
         .route("/api/v1/vms/{vm_id}/heartbeat", post(post_heartbeat))
         .route(
@@ -67,6 +98,7 @@ pub fn router(app: AppState) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(app.clone(), gate))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -88,21 +120,116 @@ async fn method_not_allowed() -> Response {
     (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
 }
 
+/// Rate limits, then authentication and authorization, for every request (see
+/// [`crate::auth`]). The verified [`Principal`] goes into the request's extensions.
+async fn gate(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
+    let gate = app.gate();
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    if let Some(peer) = peer
+        && let Err(wait) = gate.limits.check_addr(peer.ip())
+    {
+        return ApiError::TooManyRequests(wait).into_response();
+    }
+    let route = auth::route(req.method(), req.uri().path());
+    let principal = if route == Route::Public {
+        None
+    } else {
+        let token = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::bearer);
+        match gate.principal(app.store(), token).await {
+            Ok(p) => p,
+            Err(denied) => return ApiError::from(denied).into_response(),
+        }
+    };
+    if let Err(denied) = auth::authorize(&route, principal.as_ref()) {
+        if let (Route::Admin { write: true }, Some(p)) = (&route, &principal) {
+            let action = format!("{} {}", req.method(), req.uri().path());
+            crate::admin::audit_denied(&app, p, action, peer, &denied).await;
+        }
+        return ApiError::from(denied).into_response();
+    }
+    if let Route::Vm(vm_id) = &route
+        && let Err(wait) = gate.limits.check_vm(vm_id)
+    {
+        return ApiError::TooManyRequests(wait).into_response();
+    }
+    if let Some(p) = principal {
+        req.extensions_mut().insert(p);
+    }
+    next.run(req).await
+}
+
 async fn health(State(app): State<AppState>) -> axum::Json<HealthBody> {
-    let _ = &app;
     axum::Json(HealthBody {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
-        auth_mode: None,
+        auth_mode: Some(app.gate().mode.as_str().into()),
     })
 }
 
-fn path_one(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+async fn post_enroll(
+    State(app): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<axum::Json<EnrollResponse>, ApiError> {
+    let bytes = body_bytes(body)?;
+    let request: EnrollRequest = parse_json(&bytes)?;
+    match app
+        .gate()
+        .enroller
+        .enroll(app.store(), &app.settings().pools, &request, Some(peer))
+        .await
+    {
+        Ok(r) => Ok(axum::Json(r)),
+        Err(e) => {
+            let e = ApiError::from(e);
+            warn!(vm_id = %request.vm_id, pool_id = %request.pool_id, method = ?request.method, peer = %peer.ip(), error = %e, "Enrollment refused");
+            Err(e)
+        }
+    }
+}
+
+async fn post_refresh(
+    State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
+) -> Result<axum::Json<EnrollResponse>, ApiError> {
+    match principal.map(|Extension(p)| p) {
+        Some(Principal::Vm(claims)) => Ok(axum::Json(app.gate().enroller.refresh(&claims)?)),
+        _ => Err(ApiError::Conflict(
+            "no VM credential to refresh (the controller runs in open mode)".into(),
+        )),
+    }
+}
+
+/// A VM credential is bound to one pool: a body naming another pool is refused, and a body
+/// naming none gets the credential's.
+fn bind_pool(principal: Option<&Principal>, pool_id: &mut Option<String>) -> Result<(), ApiError> {
+    if let Some(Principal::Vm(c)) = principal {
+        match pool_id.as_deref() {
+            Some(p) if !p.is_empty() && p != c.pool_id => {
+                return Err(ApiError::Forbidden(format!(
+                    "the credential is for pool {:?}, not {p:?}",
+                    c.pool_id
+                )));
+            }
+            _ => *pool_id = Some(c.pool_id.clone()),
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn path_one(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     p.map(|Path(v)| v)
         .map_err(|e| ApiError::BadRequest(e.body_text()))
 }
 
-fn body_bytes(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub(crate) fn body_bytes(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     b.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(format!("request body is larger than {MAX_BODY} bytes"))
@@ -112,7 +239,7 @@ fn body_bytes(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     })
 }
 
-fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes)
         .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))
 }
@@ -123,12 +250,14 @@ fn body_text(bytes: &Bytes) -> String {
 
 async fn post_event(
     State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
     vm_id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let vm_id = path_one(vm_id)?;
     let bytes = body_bytes(body)?;
-    let parsed: EventBody = parse_json(&bytes)?;
+    let mut parsed: EventBody = parse_json(&bytes)?;
+    bind_pool(principal.as_ref().map(|e| &e.0), &mut parsed.pool_id)?;
     let report = EventReport::from_json(parsed);
     let is_vm_started = matches!(report.kind(), EventKind::VmStarted { .. });
     let accepted = app
@@ -183,17 +312,19 @@ async fn post_heartbeat(
 
 async fn post_registration_token(
     State(app): State<AppState>,
+    principal: Option<Extension<Principal>>,
     vm_id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let vm_id = path_one(vm_id)?;
     let bytes = body_bytes(body)?;
     // The base contract's agent may send an empty body.
-    let request: RegistrationTokenRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
+    let mut request: RegistrationTokenRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
         RegistrationTokenRequest::default()
     } else {
         parse_json(&bytes)?
     };
+    bind_pool(principal.as_ref().map(|e| &e.0), &mut request.pool_id)?;
     let response = app
         .registration_config(&vm_id, request, body_text(&bytes))
         .await?;

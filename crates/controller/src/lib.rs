@@ -1,13 +1,18 @@
 //! The MIG controller. See ARCHITECTURE.md for the map of modules and message flows.
 
+pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod export;
 pub mod grpc;
 pub mod http;
 pub mod lifecycle;
+pub mod net;
+pub mod pki;
 pub mod server;
 pub mod store;
 pub mod streams;
+pub mod tls;
 pub mod token;

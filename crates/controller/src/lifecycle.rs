@@ -76,6 +76,7 @@ pub fn on_contact(
             runner_registered: false,
             acks_commands: false,
             agent_version: None,
+            job_started_at: None,
             created_at: now,
             updated_at: now,
         },
@@ -104,6 +105,7 @@ pub fn on_contact(
         vm.current_job = None;
         vm.registration_command_id = None;
         vm.runner_registered = false;
+        vm.job_started_at = None;
     }
     if PRE_REGISTRATION.contains(&vm.state.as_str()) {
         // Announcing itself is what a waiting agent does right after its vm_started is
@@ -195,6 +197,7 @@ pub fn on_event(vm: &VmRecord, kind: &EventKind, now: Millis) -> VmRecord {
             vm.runner_registered = true;
             vm.runner_state = Some("running".into());
             vm.current_job = Some(job_from(d, now));
+            vm.job_started_at.get_or_insert(now);
             if vm.state != MigletState::Draining.as_str() {
                 vm.state = MigletState::JobRunning.as_str().into();
             }

@@ -3,7 +3,9 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use mig_controller::auth::{AuthMode, Role};
 use mig_controller::config::{ConfigError, LogFormat, ServeArgs, Settings};
+use mig_controller::store::{AuditRow, Mutation, Store};
 use mig_controller::server;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +31,27 @@ enum Cmd {
     /// Serve the HTTP and gRPC APIs.
     Serve(Box<ServeArgs>),
     /// Write every stored VM's data as the sample controller's per-VM JSON files.
+    /// Operator API tokens: create, list, revoke. Works on the data dir, also while the
+    /// controller runs.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Show the audit log of admin actions, newest first.
+    Audit {
+        #[arg(long, env = "MIG_CONTROLLER_DATA_DIR", default_value = "./controller_data")]
+        data_dir: PathBuf,
+        /// How many entries.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Only entries older than this sequence number (for paging).
+        #[arg(long)]
+        before: Option<i64>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A private CA and certificates for TLS and mutual TLS.
+    #[command(subcommand)]
+    Certs(CertsCmd),
     Export {
         /// Data dir of the controller.
         #[arg(
@@ -40,6 +63,63 @@ enum Cmd {
         /// Folder to write into (created if missing).
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Create a token; it is printed once, on standard output, and never stored.
+    Create {
+        #[arg(long, env = "MIG_CONTROLLER_DATA_DIR", default_value = "./controller_data")]
+        data_dir: PathBuf,
+        /// Who or what the token is for (letters, digits, `.`, `_`, `-`).
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        role: Role,
+        /// Expire the token after this many days (default: never).
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[arg(long, env = "MIG_CONTROLLER_DATA_DIR", default_value = "./controller_data")]
+        data_dir: PathBuf,
+    },
+    /// Revoke a token by id; it stops working at once.
+    Revoke {
+        #[arg(long, env = "MIG_CONTROLLER_DATA_DIR", default_value = "./controller_data")]
+        data_dir: PathBuf,
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCmd {
+    /// Create a CA, a server certificate for the given names, and optionally client
+    /// certificates, as PEM files in a folder.
+    Init {
+        /// Folder for ca.pem, ca-key.pem, server.pem, server-key.pem, <client>.pem, ...
+        #[arg(long)]
+        out: PathBuf,
+        /// DNS names and IP addresses of the controller (repeatable).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        /// Also issue a client certificate with this name (repeatable), for mutual TLS.
+        #[arg(long = "client")]
+        clients: Vec<String>,
+        /// Validity of the leaf certificates, days.
+        #[arg(long, default_value_t = 90)]
+        days: i64,
+    },
+    /// Issue one more client certificate from the CA in a folder made by `certs init`.
+    Client {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 90)]
+        days: i64,
     },
 }
 
@@ -85,6 +165,20 @@ fn main() -> ExitCode {
             init_logging(LogFormat::Text, "warn");
             runtime.block_on(export(data_dir, out))
         }
+        Cmd::Token(cmd) => {
+            init_logging(LogFormat::Text, "warn");
+            runtime.block_on(token(cmd))
+        }
+        Cmd::Audit {
+            data_dir,
+            limit,
+            before,
+            json,
+        } => {
+            init_logging(LogFormat::Text, "warn");
+            runtime.block_on(audit(data_dir, limit, before, json))
+        }
+        Cmd::Certs(cmd) => certs(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,10 +196,19 @@ fn main() -> ExitCode {
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     init_logging(settings.log_format, &settings.log_level);
+    if settings.auth_mode == AuthMode::Open {
+        tracing::warn!(
+            "AUTH MODE OPEN: nobody is asked who they are; anyone who can reach the listeners can read commands (including registration tokens) and act for any VM. Development only."
+        );
+    }
     if settings.dev_defaults {
         tracing::warn!(
-            "No pools configured: every pool gets development defaults (runner URL from MIG_CONTROLLER_RUNNER_URL, group default, labels self-hosted,linux,x64, token from MIG_CONTROLLER_STATIC_TOKEN or a placeholder). Do not use this in production."
+            secret_file = %mig_controller::config::dev_secret_file(&settings.data_dir).display(),
+            "No pools configured: every pool gets development defaults (runner URL from MIG_CONTROLLER_RUNNER_URL, group default, labels self-hosted,linux,x64, token from MIG_CONTROLLER_STATIC_TOKEN or a placeholder; agents enroll with the bootstrap secret in secret_file). Do not use this in production."
         );
+    }
+    if settings.tls.is_none() {
+        tracing::warn!("TLS is off: credentials and registration tokens cross the network in clear text. Set --tls-cert and --tls-key.");
     }
     let addr_file = settings.addr_file.clone();
     let (http, grpc) = server::bind(&settings).await?;
@@ -161,5 +264,183 @@ async fn export(data_dir: PathBuf, out: PathBuf) -> anyhow::Result<()> {
         summary.files,
         out.display()
     );
+    Ok(())
+}
+
+async fn open_store(data_dir: &std::path::Path) -> anyhow::Result<Store> {
+    Store::open_sqlite(data_dir)
+        .await
+        .with_context(|| format!("failed to open the store in {}", data_dir.display()))
+}
+
+fn local_actor() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    format!("cli:{user}")
+}
+
+fn when(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_default()
+}
+
+#[allow(clippy::print_stdout)]
+async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
+    match cmd {
+        TokenCmd::Create {
+            data_dir,
+            name,
+            role,
+            expires_in_days,
+        } => {
+            let store = open_store(&data_dir).await?;
+            let now = chrono::Utc::now().timestamp_millis();
+            let expires = expires_in_days.map(|d| now + i64::from(d) * 86_400_000);
+            let minted = mig_controller::auth::operator::mint(&name, role, &local_actor(), now, expires)?;
+            let audit = AuditRow {
+                seq: 0,
+                at: now,
+                actor: local_actor(),
+                action: "operator_token.create".into(),
+                target: Some(format!("operator_token:{}", minted.record.id)),
+                remote_addr: Some("local".into()),
+                outcome: "ok".into(),
+                detail: Some(format!("name={name} role={role}")),
+            };
+            store
+                .write(vec![
+                    Mutation::InsertOperatorToken(minted.record.clone()),
+                    Mutation::Audit(audit),
+                ])
+                .await?;
+            store.close().await;
+            eprintln!(
+                "Created {role} token {} for {name:?}. It is shown once; store it now:",
+                minted.record.id
+            );
+            println!("{}", minted.token);
+        }
+        TokenCmd::List { data_dir } => {
+            let store = open_store(&data_dir).await?;
+            let tokens = store.operator_tokens_list().await?;
+            store.close().await;
+            println!(
+                "{:<18} {:<20} {:<10} {:<20} {:<20} STATE",
+                "ID", "NAME", "ROLE", "CREATED", "EXPIRES"
+            );
+            let now = chrono::Utc::now().timestamp_millis();
+            for t in tokens {
+                let state = if t.revoked_at.is_some() {
+                    "revoked"
+                } else if t.expires_at.is_some_and(|e| e <= now) {
+                    "expired"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{:<18} {:<20} {:<10} {:<20} {:<20} {state}",
+                    t.id,
+                    t.name,
+                    t.role.as_str(),
+                    when(t.created_at),
+                    t.expires_at.map(when).unwrap_or_else(|| "never".into()),
+                );
+            }
+        }
+        TokenCmd::Revoke { data_dir, id } => {
+            let store = open_store(&data_dir).await?;
+            let now = chrono::Utc::now().timestamp_millis();
+            let outcomes = store
+                .write(vec![Mutation::RevokeOperatorToken { id: id.clone(), at: now }])
+                .await?;
+            let revoked = outcomes.first() == Some(&mig_controller::store::Outcome::Applied(true));
+            store
+                .write(vec![Mutation::Audit(AuditRow {
+                    seq: 0,
+                    at: now,
+                    actor: local_actor(),
+                    action: "operator_token.revoke".into(),
+                    target: Some(format!("operator_token:{id}")),
+                    remote_addr: Some("local".into()),
+                    outcome: if revoked { "ok" } else { "error: not_found" }.into(),
+                    detail: None,
+                })])
+                .await?;
+            store.close().await;
+            if !revoked {
+                anyhow::bail!("no active token with id {id:?}");
+            }
+            eprintln!("Revoked token {id}.");
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+async fn audit(data_dir: PathBuf, limit: u32, before: Option<i64>, json: bool) -> anyhow::Result<()> {
+    let store = open_store(&data_dir).await?;
+    let rows = store.audit_list(before, limit.clamp(1, 10_000)).await?;
+    store.close().await;
+    if json {
+        for r in rows {
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<6} {:<20} {:<36} {:<24} {:<28} {:<16} OUTCOME",
+        "SEQ", "WHEN (UTC)", "ACTOR", "ACTION", "TARGET", "FROM"
+    );
+    for r in rows {
+        println!(
+            "{:<6} {:<20} {:<36} {:<24} {:<28} {:<16} {}{}",
+            r.seq,
+            when(r.at),
+            r.actor,
+            r.action,
+            r.target.unwrap_or_default(),
+            r.remote_addr.unwrap_or_default(),
+            r.outcome,
+            r.detail.map(|d| format!(" ({d})")).unwrap_or_default(),
+        );
+    }
+    Ok(())
+}
+
+fn certs(cmd: CertsCmd) -> anyhow::Result<()> {
+    use mig_controller::pki;
+    match cmd {
+        CertsCmd::Init {
+            out,
+            hosts,
+            clients,
+            days,
+        } => {
+            if out.join("ca-key.pem").exists() {
+                anyhow::bail!("{} already holds a CA; refusing to overwrite it", out.display());
+            }
+            let ca = pki::new_ca("miglet private CA", 3650)?;
+            pki::write(&out, "ca", &ca)?;
+            let server = pki::issue(&ca, pki::Usage::Server, &hosts, days)?;
+            pki::write(&out, "server", &server)?;
+            for name in &clients {
+                let c = pki::issue(&ca, pki::Usage::Client, std::slice::from_ref(name), days)?;
+                pki::write(&out, name, &c)?;
+            }
+            eprintln!(
+                "Wrote ca.pem, server.pem (for {}){} with their -key.pem files to {}. Keep ca-key.pem offline.",
+                hosts.join(", "),
+                if clients.is_empty() { String::new() } else { format!(", {}", clients.iter().map(|c| format!("{c}.pem")).collect::<Vec<_>>().join(", ")) },
+                out.display()
+            );
+        }
+        CertsCmd::Client { dir, name, days } => {
+            miglet_proto::ids::validate_id("name", &name)?;
+            let ca = pki::read(&dir, "ca")?;
+            let c = pki::issue(&ca, pki::Usage::Client, std::slice::from_ref(&name), days)?;
+            pki::write(&dir, &name, &c)?;
+            eprintln!("Wrote {name}.pem and {name}-key.pem to {}", dir.display());
+        }
+    }
     Ok(())
 }

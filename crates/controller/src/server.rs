@@ -6,6 +6,12 @@
 //! each step bounded in time.
 
 use crate::app::Controller;
+use crate::auth::credential::{CredentialKey, write_secret_file};
+use crate::auth::enroll::Enroller;
+use crate::auth::limits::RateLimits;
+use crate::auth::{AuthMode, Gatekeeper};
+use crate::net::Security;
+use crate::tls::TlsFiles;
 use crate::config::Settings;
 use crate::grpc::{GrpcService, MAX_MESSAGE};
 use crate::store::{Store, StoreError};
@@ -16,7 +22,8 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -37,6 +44,16 @@ pub enum ServeError {
     LocalAddr(#[source] std::io::Error),
     #[error("failed to open the store")]
     Store(#[from] StoreError),
+    #[error("TLS setup failed")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("credential key unusable")]
+    Key(#[from] crate::auth::credential::KeyError),
+    #[error("failed to write {path}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Binds the HTTP and gRPC listeners of `settings`.
@@ -81,23 +98,48 @@ pub async fn start(
     let http_addr = http.local_addr().map_err(ServeError::LocalAddr)?;
     let grpc_addr = grpc.local_addr().map_err(ServeError::LocalAddr)?;
     let store = Store::open_sqlite(&settings.data_dir).await?;
+    let gate = Gatekeeper {
+        mode: settings.auth_mode,
+        enroller: Enroller::new(
+            CredentialKey::load_or_create(&settings.credential_key_file)?,
+            settings.enroll.clone(),
+        ),
+        limits: RateLimits::new(settings.per_vm_limit, settings.per_addr_limit),
+    };
+    if settings.auth_mode == AuthMode::Authenticated {
+        first_start_secrets(&settings, &store).await?;
+    }
+    let tls = settings.tls.as_ref().map(TlsFiles::load).transpose()?;
     let shutdown = CancellationToken::new();
     let settings = Arc::new(settings);
-    let app = Controller::new(store.clone(), settings.clone(), shutdown.clone());
+    let app = Controller::new(store.clone(), settings.clone(), shutdown.clone(), gate);
     let sessions = TaskTracker::new();
+    let (http_security, grpc_security) = match &tls {
+        None => (Security::Plain, Security::Plain),
+        Some(files) => {
+            tokio::spawn(files.clone().watch(shutdown.clone()));
+            (
+                Security::Tls {
+                    files: files.clone(),
+                    pick: TlsFiles::http,
+                },
+                Security::Tls {
+                    files: files.clone(),
+                    pick: TlsFiles::grpc,
+                },
+            )
+        }
+    };
 
     let router = crate::http::router(app.clone());
-    let stop = shutdown.clone();
-    let http_task = tokio::spawn(async move {
-        let serve = axum::serve(
-            http,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop.cancelled_owned());
-        if let Err(e) = serve.await {
-            warn!(error = %e, "HTTP server stopped with an error");
-        }
-    });
+    let http_conns = crate::net::accept(http, http_security, shutdown.clone());
+    let http_task = tokio::spawn(crate::net::serve_http(
+        http_conns,
+        router,
+        settings.header_timeout,
+        shutdown.clone(),
+        SHUTDOWN_GRACE,
+    ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -105,6 +147,12 @@ pub async fn start(
         .await;
     let service = CommandServiceServer::new(GrpcService::new(app.clone(), sessions.clone()))
         .max_decoding_message_size(MAX_MESSAGE);
+    let grpc_conns = ReceiverStream::new(crate::net::accept(
+        grpc,
+        grpc_security,
+        shutdown.clone(),
+    ))
+    .map(|(conn, _peer)| Ok::<_, std::io::Error>(conn));
     let stop = shutdown.clone();
     let grpc_task = tokio::spawn(async move {
         let serve = tonic::transport::Server::builder()
@@ -113,7 +161,7 @@ pub async fn start(
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_service(health_service)
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stop.cancelled_owned());
+            .serve_with_incoming_shutdown(grpc_conns, stop.cancelled_owned());
         if let Err(e) = serve.await {
             warn!(error = %e, "gRPC server stopped with an error");
         }
@@ -127,7 +175,7 @@ pub async fn start(
         settings.reconcile_interval,
         shutdown.clone(),
     ));
-    info!(%http_addr, %grpc_addr, data_dir = %settings.data_dir.display(), "MIG controller listening");
+    info!(%http_addr, %grpc_addr, data_dir = %settings.data_dir.display(), auth_mode = settings.auth_mode.as_str(), tls = tls.is_some(), mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()), "MIG controller listening");
     Ok(RunningServer {
         http_addr,
         grpc_addr,
@@ -141,6 +189,69 @@ pub async fn start(
     })
 }
 
+/// The file an automatically created first admin token is written to.
+pub fn initial_admin_token_file(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("initial-admin-token")
+}
+
+/// What an authenticated controller needs on its first start so that it works in one
+/// command: the development pool's bootstrap secret (only with development defaults) and, if
+/// no operator token exists yet, an admin token. Both go to files only the owner can read;
+/// neither is logged.
+async fn first_start_secrets(settings: &Settings, store: &Store) -> Result<(), ServeError> {
+    let write = |path: &std::path::Path, text: &str| {
+        write_secret_file(path, text).map_err(|source| ServeError::Write {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    if settings.dev_defaults {
+        let path = crate::config::dev_secret_file(&settings.data_dir);
+        if !path.exists() {
+            let bytes = crate::auth::random_bytes(24).map_err(|_| ServeError::Write {
+                path: path.display().to_string(),
+                source: std::io::Error::other("no randomness available"),
+            })?;
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            write(&path, &hex)?;
+        }
+    }
+    if store.operator_tokens_list().await?.is_empty() {
+        let now = chrono::Utc::now().timestamp_millis();
+        let minted = crate::auth::operator::mint(
+            "initial-admin",
+            crate::auth::Role::Admin,
+            "controller (first start)",
+            now,
+            None,
+        )
+        .map_err(|e| ServeError::Write {
+            path: "operator token".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let path = initial_admin_token_file(&settings.data_dir);
+        write(&path, &minted.token)?;
+        let audit = crate::store::AuditRow {
+            seq: 0,
+            at: now,
+            actor: "controller (first start)".into(),
+            action: "operator_token.create".into(),
+            target: Some(format!("operator_token:{}", minted.record.id)),
+            remote_addr: None,
+            outcome: "ok".into(),
+            detail: Some(format!("name=initial-admin role=admin file={}", path.display())),
+        };
+        store
+            .write(vec![
+                crate::store::Mutation::InsertOperatorToken(minted.record),
+                crate::store::Mutation::Audit(audit),
+            ])
+            .await?;
+        warn!(file = %path.display(), "No operator token existed: created an admin token in this file (readable by its owner only). Create named tokens with `mig-controller token create` and delete this file.");
+    }
+    Ok(())
+}
+
 /// The reconciler: one idempotent pass per interval, until shutdown.
 async fn reconcile_loop(app: Arc<Controller>, every: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(every);
@@ -150,6 +261,7 @@ async fn reconcile_loop(app: Arc<Controller>, every: Duration, shutdown: Cancell
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        app.gate().limits.prune();
         match app.reconcile_once().await {
             Ok(report) if report != Default::default() => info!(?report, "Reconciler pass"),
             Ok(_) => {}

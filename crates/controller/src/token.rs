@@ -128,6 +128,8 @@ pub struct PoolRegistration {
     pub runner_group: String,
     pub labels: Vec<String>,
     pub token: Arc<dyn TokenSource>,
+    /// How the pool's VMs prove their identity.
+    pub enrollment: crate::auth::enroll::PoolEnrollment,
 }
 
 /// Registration config by pool id, with an optional fallback for pools not listed.
@@ -150,6 +152,14 @@ impl Pools {
             .get(pool_id)
             .or(self.fallback.as_ref())
             .ok_or_else(|| TokenError::UnknownPool(pool_id.to_owned()))
+    }
+
+    /// Does any pool enroll VMs with GCE identity tokens?
+    pub fn any_gce(&self) -> bool {
+        self.by_id
+            .values()
+            .chain(self.fallback.as_ref())
+            .any(|p| p.enrollment.gce.is_some())
     }
 }
 
@@ -184,6 +194,7 @@ mod tests {
             runner_group: "default".into(),
             labels: vec![],
             token: Arc::new(StaticToken::new("t".into(), Duration::from_secs(1))),
+            enrollment: Default::default(),
         };
         let pools = Pools::new([("a".to_owned(), reg("A"))].into(), None);
         assert!(pools.get("b").is_err());

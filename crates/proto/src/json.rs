@@ -346,3 +346,63 @@ mod tests {
         Ok(())
     }
 }
+
+/// How a VM proves its identity at enrollment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnrollMethod {
+    /// A GCE instance identity token (`format=full`, audience = the controller's URL).
+    Gce,
+    /// The pool's bootstrap secret.
+    Bootstrap,
+}
+
+/// `POST /api/v1/enroll` (an addition to the base contract): a VM proves who it is once per
+/// boot and receives a credential bound to its `vm_id` and pool. `Debug` redacts the proofs.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub vm_id: String,
+    pub pool_id: String,
+    pub method: EnrollMethod,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("vm_id", &self.vm_id)
+            .field("pool_id", &self.pool_id)
+            .field("method", &self.method)
+            .field("boot_id", &self.boot_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The answer to an enrollment or a credential refresh. Send `credential` as
+/// `Authorization: Bearer <credential>` on every HTTP request and as the `authorization`
+/// metadata of the gRPC stream; refresh after `refresh_after`
+/// (`POST /api/v1/vms/{vm_id}/credential`). `Debug` redacts the credential.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    pub credential: String,
+    pub vm_id: String,
+    pub pool_id: String,
+    pub expires_at: DateTime<Utc>,
+    pub refresh_after: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for EnrollResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollResponse")
+            .field("vm_id", &self.vm_id)
+            .field("pool_id", &self.pool_id)
+            .field("expires_at", &self.expires_at)
+            .field("refresh_after", &self.refresh_after)
+            .finish_non_exhaustive()
+    }
+}

@@ -4,11 +4,14 @@
 //!   `config.sh` performs, and job dispatch to a registered runner (driven by the test).
 //! * [`runner_dir`]: installs a runner directory (`config.sh`, `run.sh`, `env.sh`,
 //!   `bin/Runner.Listener`) whose listener is the `fake-runner-listener` binary of this crate.
-//! * [`metadata`]: the GCE metadata server.
+//! * [`metadata`]: the GCE metadata server, including instance identity tokens.
+//! * [`google`]: Google's token signing keys: the JWKS endpoint the controller verifies
+//!   instance identity tokens against, and the minting of such tokens.
 //!
 //! Nothing here is linked into the agent or the controller.
 
 pub mod github;
+pub mod google;
 pub mod metadata;
 pub mod runner_dir;
 

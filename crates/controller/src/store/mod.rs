@@ -174,6 +174,9 @@ pub struct VmRecord {
     /// over HTTP too.
     pub acks_commands: bool,
     pub agent_version: Option<String>,
+    /// When the current boot first reported a job; from then on its registration token is
+    /// never handed out again.
+    pub job_started_at: Option<Millis>,
     pub created_at: Millis,
     pub updated_at: Millis,
 }
@@ -326,6 +329,33 @@ pub struct HealthChange {
     pub to: Health,
 }
 
+/// An operator API token; the secret itself is never stored, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OperatorTokenRecord {
+    pub id: String,
+    pub name: String,
+    pub role: crate::auth::Role,
+    #[serde(skip)]
+    pub secret_hash: String,
+    pub created_at: Millis,
+    pub created_by: String,
+    pub expires_at: Option<Millis>,
+    pub revoked_at: Option<Millis>,
+}
+
+/// One audited admin action: who, what, on what, from where, when, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRow {
+    pub seq: i64,
+    pub at: Millis,
+    pub actor: String,
+    pub action: String,
+    pub target: Option<String>,
+    pub remote_addr: Option<String>,
+    pub outcome: String,
+    pub detail: Option<String>,
+}
+
 /// One write. A [`Store::write`] call applies a list of them atomically.
 #[derive(Debug, Clone)]
 pub enum Mutation {
@@ -367,6 +397,21 @@ pub enum Mutation {
         via: String,
     },
     VmLog(VmLogRow),
+    InsertOperatorToken(OperatorTokenRecord),
+    /// Revoke an operator token unless revoked already: [`Outcome::Applied`] says whether.
+    RevokeOperatorToken {
+        id: String,
+        at: Millis,
+    },
+    Audit(AuditRow),
+    /// Record that an identity token (by hash) was exchanged, unless it was before:
+    /// [`Outcome::Inserted`] is false for a replay. Also forgets tokens past their expiry.
+    ClaimIdentityToken {
+        token_hash: String,
+        vm_id: String,
+        now: Millis,
+        expires_at: Millis,
+    },
     /// Expire every open command whose `expires_at` is at or before `now`:
     /// [`Outcome::Expired`].
     ExpireCommands {
@@ -475,5 +520,25 @@ impl Store {
 
     pub async fn vm_log_for_vm(&self, vm_id: &str) -> Result<Vec<VmLogRow>, StoreError> {
         self.backend.vm_log_for_vm(vm_id).await
+    }
+
+    pub async fn operator_token_get(
+        &self,
+        id: &str,
+    ) -> Result<Option<OperatorTokenRecord>, StoreError> {
+        self.backend.operator_token_get(id).await
+    }
+
+    pub async fn operator_tokens_list(&self) -> Result<Vec<OperatorTokenRecord>, StoreError> {
+        self.backend.operator_tokens_list().await
+    }
+
+    /// Audit entries, newest first, with `seq` below `before_seq`.
+    pub async fn audit_list(
+        &self,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        self.backend.audit_list(before_seq, limit).await
     }
 }

@@ -12,8 +12,10 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 /// Numbered migrations, applied in order, each once. Never edit a released one: add a new one.
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (2, "auth", include_str!("../../migrations/0002_auth.sql")),
+];
 
 /// How many [`Store::write`] calls share one transaction at most.
 const MAX_GROUP: usize = 1024;
@@ -248,6 +250,53 @@ impl SqliteStore {
             .collect()
     }
 
+    pub async fn operator_token_get(
+        &self,
+        id: &str,
+    ) -> Result<Option<OperatorTokenRecord>, StoreError> {
+        sqlx::query("SELECT * FROM operator_tokens WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.reads)
+            .await?
+            .map(|r| operator_token_from_row(&r))
+            .transpose()
+    }
+
+    pub async fn operator_tokens_list(&self) -> Result<Vec<OperatorTokenRecord>, StoreError> {
+        sqlx::query("SELECT * FROM operator_tokens ORDER BY created_at, id")
+            .fetch_all(&self.reads)
+            .await?
+            .iter()
+            .map(operator_token_from_row)
+            .collect()
+    }
+
+    pub async fn audit_list(
+        &self,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        sqlx::query("SELECT * FROM audit_log WHERE seq < ? ORDER BY seq DESC LIMIT ?")
+            .bind(before_seq.unwrap_or(i64::MAX))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reads)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(AuditRow {
+                    seq: r.try_get("seq")?,
+                    at: r.try_get("at")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    target: r.try_get("target")?,
+                    remote_addr: r.try_get("remote_addr")?,
+                    outcome: r.try_get("outcome")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+
     pub async fn vm_log_for_vm(&self, vm_id: &str) -> Result<Vec<VmLogRow>, StoreError> {
         sqlx::query("SELECT * FROM vm_log WHERE vm_id = ? ORDER BY seq")
             .bind(vm_id)
@@ -428,8 +477,8 @@ async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Outcome, Stor
                 "INSERT OR REPLACE INTO vms (vm_id, pool_id, org_id, boot_id, boot_seq, booted_at, \
                  state, health, connected, last_seen_at, last_heartbeat_at, runner_state, current_job, \
                  latest_health, registration_command_id, runner_registered, acks_commands, \
-                 agent_version, created_at, updated_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 agent_version, created_at, updated_at, job_started_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&vm.vm_id)
             .bind(&vm.pool_id)
@@ -451,6 +500,7 @@ async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Outcome, Stor
             .bind(&vm.agent_version)
             .bind(vm.created_at)
             .bind(vm.updated_at)
+            .bind(vm.job_started_at)
             .execute(&mut *conn)
             .await?;
             Ok(Outcome::Done)
@@ -638,6 +688,70 @@ async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Outcome, Stor
                 .await?;
             Ok(Outcome::Done)
         }
+        Mutation::InsertOperatorToken(t) => {
+            sqlx::query(
+                "INSERT INTO operator_tokens (id, name, role, secret_hash, created_at, created_by, \
+                 expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+            )
+            .bind(&t.id)
+            .bind(&t.name)
+            .bind(t.role.as_str())
+            .bind(&t.secret_hash)
+            .bind(t.created_at)
+            .bind(&t.created_by)
+            .bind(t.expires_at)
+            .execute(&mut *conn)
+            .await?;
+            Ok(Outcome::Done)
+        }
+        Mutation::RevokeOperatorToken { id, at } => {
+            let done = sqlx::query(
+                "UPDATE operator_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+            )
+            .bind(at)
+            .bind(&id)
+            .execute(&mut *conn)
+            .await?;
+            Ok(Outcome::Applied(done.rows_affected() > 0))
+        }
+        Mutation::Audit(a) => {
+            sqlx::query(
+                "INSERT INTO audit_log (at, actor, action, target, remote_addr, outcome, detail) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(a.at)
+            .bind(&a.actor)
+            .bind(&a.action)
+            .bind(&a.target)
+            .bind(&a.remote_addr)
+            .bind(&a.outcome)
+            .bind(&a.detail)
+            .execute(&mut *conn)
+            .await?;
+            Ok(Outcome::Done)
+        }
+        Mutation::ClaimIdentityToken {
+            token_hash,
+            vm_id,
+            now,
+            expires_at,
+        } => {
+            sqlx::query("DELETE FROM identity_tokens_used WHERE expires_at < ?")
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+            let done = sqlx::query(
+                "INSERT OR IGNORE INTO identity_tokens_used (token_hash, vm_id, used_at, expires_at) \
+                 VALUES (?, ?, ?, ?)",
+            )
+            .bind(&token_hash)
+            .bind(&vm_id)
+            .bind(now)
+            .bind(expires_at)
+            .execute(&mut *conn)
+            .await?;
+            Ok(Outcome::Inserted(done.rows_affected() > 0))
+        }
         Mutation::ExpireCommands { now } => {
             let rows = sqlx::query(
                 "UPDATE commands SET state = 'expired', finished_at = ?1, \
@@ -797,6 +911,22 @@ fn parse_json<T: serde::de::DeserializeOwned>(
         .transpose()
 }
 
+fn operator_token_from_row(r: &SqliteRow) -> Result<OperatorTokenRecord, StoreError> {
+    let role: String = r.try_get("role")?;
+    Ok(OperatorTokenRecord {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        role: role
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("unknown operator role {role:?}")))?,
+        secret_hash: r.try_get("secret_hash")?,
+        created_at: r.try_get("created_at")?,
+        created_by: r.try_get("created_by")?,
+        expires_at: r.try_get("expires_at")?,
+        revoked_at: r.try_get("revoked_at")?,
+    })
+}
+
 fn vm_from_row(r: &SqliteRow) -> Result<VmRecord, StoreError> {
     let health: String = r.try_get("health")?;
     Ok(VmRecord {
@@ -818,6 +948,7 @@ fn vm_from_row(r: &SqliteRow) -> Result<VmRecord, StoreError> {
         runner_registered: r.try_get("runner_registered")?,
         acks_commands: r.try_get("acks_commands")?,
         agent_version: r.try_get("agent_version")?,
+        job_started_at: r.try_get("job_started_at")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
     })

@@ -75,22 +75,51 @@ async fn binary_serves_stops_on_sigterm_restarts_and_exports() -> TestResult {
     let client = reqwest::Client::builder().timeout(WAIT).build()?;
 
     let c = spawn(&data, &dir.path().join("run1.log")).await?;
+    // Authenticated by default, with what one command needs set up in the data dir.
+    let health: Value = client
+        .get(format!("{}/health", c.base))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(health["auth_mode"], "authenticated");
+    let vm_started =
+        json!({"type":"vm_started","vm_id":"vm-bin","pool_id":"pool-001","org_id":"org-001"});
     let r = client
         .post(format!("{}/api/v1/vms/vm-bin/events", c.base))
-        .json(
-            &json!({"type":"vm_started","vm_id":"vm-bin","pool_id":"pool-001","org_id":"org-001"}),
-        )
+        .json(&vm_started)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 401);
+    let secret = std::fs::read_to_string(data.join("dev-bootstrap-secret"))?;
+    let enrolled: Value = client
+        .post(format!("{}/api/v1/enroll", c.base))
+        .json(&json!({"vm_id":"vm-bin","pool_id":"pool-001","method":"bootstrap","bootstrap_secret":secret.trim()}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let cred = enrolled["credential"]
+        .as_str()
+        .ok_or("no credential")?
+        .to_owned();
+    let r = client
+        .post(format!("{}/api/v1/vms/vm-bin/events", c.base))
+        .bearer_auth(&cred)
+        .json(&vm_started)
         .send()
         .await?;
     assert_eq!(r.status().as_u16(), 200);
     let r = client
         .post(format!("{}/api/v1/vms/vm-bin/heartbeat", c.base))
+        .bearer_auth(&cred)
         .json(&json!({"type":"job_heartbeat","vm_id":"vm-bin","miglet_state":"ready"}))
         .send()
         .await?;
     assert_eq!(r.status().as_u16(), 200);
     let r = client
         .post(format!("{}/api/v1/vms/vm-bin/registration-token", c.base))
+        .bearer_auth(&cred)
         .json(&json!({"pool_id":"pool-001"}))
         .send()
         .await?;
@@ -112,6 +141,7 @@ async fn binary_serves_stops_on_sigterm_restarts_and_exports() -> TestResult {
     let c = spawn(&data, &dir.path().join("run2.log")).await?;
     let body: Value = client
         .get(format!("{}/api/v1/vms/vm-bin/commands", c.base))
+        .bearer_auth(&cred)
         .send()
         .await?
         .json()

@@ -8,6 +8,7 @@ use miglet_proto::pb::{
     self, ControllerMessage, MiGletMessage, controller_message, mi_glet_message,
 };
 use serde_json::Value;
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,6 +28,13 @@ pub struct TestServer {
     pub data_dir: PathBuf,
     _dir: Option<tempfile::TempDir>,
     pub client: reqwest::Client,
+    /// Credentials by VM id (with the pool they are for), enrolled on first use.
+    creds: std::sync::Mutex<HashMap<String, (String, String)>>,
+}
+
+/// The VM id of an agent endpoint path.
+fn path_vm(path: &str) -> Option<&str> {
+    path.strip_prefix("/api/v1/vms/")?.split('/').next()
 }
 
 pub fn settings(data_dir: &Path) -> Settings {
@@ -66,7 +74,145 @@ impl TestServer {
                 .timeout(WAIT)
                 .build()
                 .unwrap_or_else(|e| panic!("client: {e}")),
+            creds: Default::default(),
         }
+    }
+
+    /// Talks HTTPS to the server from now on, trusting `ca` (and presenting `identity`).
+    pub fn use_https(&mut self, ca: &str, identity: Option<&mig_controller::pki::Pem>) {
+        self.base = self.base.replace("http://", "https://");
+        let mut b = reqwest::Client::builder().timeout(WAIT).tls_certs_only([
+            reqwest::Certificate::from_pem(ca.as_bytes()).unwrap_or_else(|e| panic!("CA: {e}")),
+        ]);
+        if let Some(id) = identity {
+            let pem = format!("{}{}", id.cert, id.key);
+            b = b.identity(
+                reqwest::Identity::from_pem(pem.as_bytes())
+                    .unwrap_or_else(|e| panic!("identity: {e}")),
+            );
+        }
+        self.client = b.build().unwrap_or_else(|e| panic!("client: {e}"));
+    }
+
+    /// Enrolls `vm` into `pool` over `client` (which may speak TLS).
+    pub async fn credential_over(
+        &self,
+        client: &reqwest::Client,
+        vm: &str,
+        pool: &str,
+    ) -> Result<String, String> {
+        let base = self.base.replace("http://", "https://");
+        let r = client
+            .post(format!("{base}/api/v1/enroll"))
+            .json(&serde_json::json!({
+                "vm_id": vm, "pool_id": pool, "method": "bootstrap",
+                "bootstrap_secret": self.dev_secret(),
+            }))
+            .send()
+            .await
+            .map_err(|e| format!("enroll: {e:?}"))?;
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        body["credential"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("no credential: {body}"))
+    }
+
+    /// A controller in `open` mode (the base contract with no authentication).
+    pub async fn start_open() -> TestServer {
+        Self::start_with(|s| s.auth_mode = mig_controller::auth::AuthMode::Open).await
+    }
+
+    /// The development pool's bootstrap secret.
+    pub fn dev_secret(&self) -> String {
+        std::fs::read_to_string(mig_controller::config::dev_secret_file(&self.data_dir))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// The admin token the controller created on its first start.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(server::initial_admin_token_file(&self.data_dir))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|e| panic!("initial admin token: {e}"))
+    }
+
+    /// Enrolls `vm` into `pool` with the development bootstrap secret.
+    pub async fn enroll(&self, vm: &str, pool: &str) -> String {
+        let r = self
+            .client
+            .post(format!("{}/api/v1/enroll", self.base))
+            .json(&serde_json::json!({
+                "vm_id": vm, "pool_id": pool, "method": "bootstrap",
+                "bootstrap_secret": self.dev_secret(),
+            }))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("enroll: {e}"));
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, 200, "enroll {vm}: {body}");
+        body["credential"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no credential: {body}"))
+            .to_owned()
+    }
+
+    /// The credential of `vm` for `pool` (or its last pool), enrolling when needed. None in
+    /// open mode or for ids that cannot enroll.
+    pub async fn credential(&self, vm: &str, pool: Option<&str>) -> Option<String> {
+        if self.app().gate().mode == mig_controller::auth::AuthMode::Open
+            || miglet_proto::ids::validate_vm_id(vm).is_err()
+        {
+            return None;
+        }
+        let known = self
+            .creds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(vm)
+            .cloned();
+        let pool = match (pool.filter(|p| !p.is_empty()), &known) {
+            (Some(p), _) => p.to_owned(),
+            (None, Some((p, _))) => p.clone(),
+            (None, None) => "pool-001".to_owned(),
+        };
+        if let Some((p, c)) = known
+            && p == pool
+        {
+            return Some(c);
+        }
+        let cred = self.enroll(vm, &pool).await;
+        self.creds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(vm.to_owned(), (pool, cred.clone()));
+        Some(cred)
+    }
+
+    async fn auth(&self, path: &str, body: Option<&str>) -> Option<String> {
+        let vm = path_vm(path)?;
+        let pool = body
+            .and_then(|b| serde_json::from_str::<Value>(b).ok())
+            .and_then(|v| v["pool_id"].as_str().map(str::to_owned));
+        self.credential(vm, pool.as_deref()).await
+    }
+
+    /// Opens a gRPC stream with the credential of the VM named in `first` (if a connect).
+    pub async fn grpc_open(&self, first: MiGletMessage) -> Result<GrpcAgent, tonic::Status> {
+        let cred = match &first.message {
+            Some(mi_glet_message::Message::Connect(c)) => {
+                self.credential(&c.vm_id, Some(&c.pool_id)).await
+            }
+            _ => None,
+        };
+        GrpcAgent::open_with(&self.grpc, first, cred.as_deref()).await
+    }
+
+    /// Connects over gRPC as `vm` (enrolled) and checks the ConnectAck.
+    pub async fn grpc_connect(&self, vm: &str, pool: &str, boot: &str) -> GrpcAgent {
+        let cred = self.credential(vm, Some(pool)).await;
+        GrpcAgent::connect_with(&self.grpc, vm, pool, boot, cred.as_deref()).await
     }
 
     pub fn app(&self) -> &Arc<Controller> {
@@ -91,10 +237,14 @@ impl TestServer {
     }
 
     pub async fn post_raw(&self, path: &str, body: String) -> (u16, Value) {
-        let r = self
+        let mut req = self
             .client
             .post(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        if let Some(c) = self.auth(path, Some(&body)).await {
+            req = req.bearer_auth(c);
+        }
+        let r = req
             .body(body)
             .send()
             .await
@@ -104,9 +254,11 @@ impl TestServer {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .client
-            .get(format!("{}{path}", self.base))
+        let mut req = self.client.get(format!("{}{path}", self.base));
+        if let Some(c) = self.auth(path, None).await {
+            req = req.bearer_auth(c);
+        }
+        let r = req
             .send()
             .await
             .unwrap_or_else(|e| panic!("GET {path}: {e}"));
@@ -173,8 +325,12 @@ pub fn connect_msg(vm: &str, pool: &str, boot: &str) -> MiGletMessage {
 }
 
 impl GrpcAgent {
-    /// Opens a stream and sends `first` (normally a connect).
-    pub async fn open(url: &str, first: MiGletMessage) -> Result<GrpcAgent, tonic::Status> {
+    /// Opens a stream with `credential` (if any) and sends `first` (normally a connect).
+    pub async fn open_with(
+        url: &str,
+        first: MiGletMessage,
+        credential: Option<&str>,
+    ) -> Result<GrpcAgent, tonic::Status> {
         let mut client = CommandServiceClient::connect(url.to_owned())
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
@@ -182,16 +338,26 @@ impl GrpcAgent {
         tx.send(first)
             .await
             .map_err(|_| tonic::Status::internal("send"))?;
-        let inbound = client
-            .stream_commands(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(c) = credential {
+            let value = format!("Bearer {c}")
+                .parse()
+                .map_err(|_| tonic::Status::internal("metadata"))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let inbound = client.stream_commands(request).await?.into_inner();
         Ok(GrpcAgent { tx, rx: inbound })
     }
 
     /// Connects and checks the ConnectAck.
-    pub async fn connect(url: &str, vm: &str, pool: &str, boot: &str) -> GrpcAgent {
-        let mut a = Self::open(url, connect_msg(vm, pool, boot))
+    pub async fn connect_with(
+        url: &str,
+        vm: &str,
+        pool: &str,
+        boot: &str,
+        credential: Option<&str>,
+    ) -> GrpcAgent {
+        let mut a = Self::open_with(url, connect_msg(vm, pool, boot), credential)
             .await
             .unwrap_or_else(|e| panic!("connect: {e}"));
         match a.recv().await {

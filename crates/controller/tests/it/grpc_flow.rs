@@ -28,7 +28,7 @@ fn event(vm: &str, ty: &str, id: Option<&str>, extra: &[(&str, &str)]) -> mi_gle
 async fn grpc_flow_connect_register_ack_events_heartbeats() -> TestResult {
     let mut s = TestServer::start().await;
     // A VM the controller has never seen connects without vm_started: that counts as one.
-    let mut agent = GrpcAgent::connect(&s.grpc, "vm-g1", "pool-001", "").await;
+    let mut agent = s.grpc_connect("vm-g1", "pool-001", "").await;
     let reg = agent.recv_command().await;
     assert_eq!(reg.r#type, "register_runner");
     assert_eq!(
@@ -191,7 +191,12 @@ async fn grpc_flow_connect_register_ack_events_heartbeats() -> TestResult {
         .collect();
     assert_eq!(
         kinds,
-        ["boot_started", "stream_connected", "stream_disconnected"]
+        [
+            "enrolled",
+            "boot_started",
+            "stream_connected",
+            "stream_disconnected"
+        ]
     );
     s.stop().await;
     Ok(())
@@ -199,11 +204,12 @@ async fn grpc_flow_connect_register_ack_events_heartbeats() -> TestResult {
 
 #[tokio::test]
 async fn first_message_must_be_connect_and_ids_are_validated() -> TestResult {
-    let mut s = TestServer::start().await;
+    // Open mode, so the checks after authentication are what answers.
+    let mut s = TestServer::start_open().await;
     let hb = pb::MiGletMessage {
         message: Some(mi_glet_message::Message::Heartbeat(pb::Heartbeat::default())),
     };
-    let mut a = GrpcAgent::open(&s.grpc, hb).await.map(Some).or_else(|st| {
+    let mut a = s.grpc_open(hb).await.map(Some).or_else(|st| {
         assert_eq!(st.code(), tonic::Code::FailedPrecondition, "{st}");
         Ok::<_, tonic::Status>(None)
     })?;
@@ -215,7 +221,7 @@ async fn first_message_must_be_connect_and_ids_are_validated() -> TestResult {
             .ok_or("expected an error status")?;
         assert_eq!(st.code(), tonic::Code::FailedPrecondition);
     }
-    let res = GrpcAgent::open(&s.grpc, connect_msg("../evil", "p", "")).await;
+    let res = s.grpc_open(connect_msg("../evil", "p", "")).await;
     let code = match res {
         Err(st) => st.code(),
         Ok(mut a) => a
@@ -234,16 +240,16 @@ async fn first_message_must_be_connect_and_ids_are_validated() -> TestResult {
 #[tokio::test]
 async fn reconnect_never_registers_again_and_new_stream_replaces_old() -> TestResult {
     let mut s = TestServer::start().await;
-    let mut a = GrpcAgent::connect(&s.grpc, "vm-r", "p", "").await;
+    let mut a = s.grpc_connect("vm-r", "p", "").await;
     let reg = a.recv_command().await;
     a.ack(&reg.id, true, "ok").await;
     wait_command_state(s.app(), &reg.id, "acknowledged").await;
     drop(a);
     // Reconnect: no second register_runner.
-    let mut b = GrpcAgent::connect(&s.grpc, "vm-r", "p", "").await;
+    let mut b = s.grpc_connect("vm-r", "p", "").await;
     b.expect_no_command(Duration::from_millis(700)).await;
     // A second stream for the same VM replaces the first, which is told so.
-    let mut c = GrpcAgent::connect(&s.grpc, "vm-r", "p", "").await;
+    let mut c = s.grpc_connect("vm-r", "p", "").await;
     let st = loop {
         match b.recv_within(WAIT).await {
             Err(st) => break st,
@@ -261,7 +267,7 @@ async fn reconnect_never_registers_again_and_new_stream_replaces_old() -> TestRe
     assert_eq!(s.app().store().commands_for_vm("vm-r").await?.len(), 1);
     // A connect naming a new boot is a new lifecycle and gets a new registration.
     drop(c);
-    let mut d = GrpcAgent::connect(&s.grpc, "vm-r", "p", "boot-xyz").await;
+    let mut d = s.grpc_connect("vm-r", "p", "boot-xyz").await;
     let reg2 = d.recv_command().await;
     assert_eq!(reg2.r#type, "register_runner");
     assert_ne!(reg2.id, reg.id);
@@ -287,7 +293,7 @@ async fn shutdown_closes_streams_and_health_service_serves() -> TestResult {
         resp.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
-    let mut a = GrpcAgent::connect(&s.grpc, "vm-s", "p", "").await;
+    let mut a = s.grpc_connect("vm-s", "p", "").await;
     let _reg = a.recv_command().await;
     s.stop().await;
     // The stream ends (cleanly or with a status) promptly.

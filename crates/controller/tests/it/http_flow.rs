@@ -81,6 +81,18 @@ async fn seed_http_flow_step_by_step() -> TestResult {
         .await;
     assert_eq!(status, 200);
 
+    // 4b. Registration config on request.
+    let (status, reg) = s
+        .post(
+            "/api/v1/vms/vm-123/registration-token",
+            &json!({"org_id":"org-001","pool_id":"pool-001","runner_group":"default","labels":null}),
+        )
+        .await;
+    assert_eq!(status, 200, "{reg}");
+    assert_eq!(reg["registration_token"], TOKEN);
+    assert_eq!(reg["runner_group"], "default");
+    assert_eq!(reg["labels"], json!(["self-hosted", "linux", "x64"]));
+
     // 5. Job events.
     for ev in [
         json!({"type":"runner_registered","vm_id":"vm-123","pool_id":"pool-001","runner_url":"https://github.com/test-org"}),
@@ -103,17 +115,12 @@ async fn seed_http_flow_step_by_step() -> TestResult {
         .await;
     assert_eq!(status, 200);
 
-    // 6. Registration config on request.
-    let (status, reg) = s
-        .post(
-            "/api/v1/vms/vm-123/registration-token",
-            &json!({"org_id":"org-001","pool_id":"pool-001","runner_group":"default","labels":null}),
-        )
+    // 6. Once a job started on this boot, the registration token is not handed out again.
+    let (status, body) = s
+        .post("/api/v1/vms/vm-123/registration-token", &json!({}))
         .await;
-    assert_eq!(status, 200, "{reg}");
-    assert_eq!(reg["registration_token"], TOKEN);
-    assert_eq!(reg["runner_group"], "default");
-    assert_eq!(reg["labels"], json!(["self-hosted", "linux", "x64"]));
+    assert_eq!(status, 409, "{body}");
+    assert!(!body.to_string().contains(TOKEN));
 
     // Everything stored once, in order.
     let store = s.app().store();

@@ -1,3 +1,4 @@
+mod auth;
 mod bad_input;
 mod binary;
 mod common;
@@ -5,3 +6,4 @@ mod grpc_flow;
 mod http_flow;
 mod queue;
 mod reconciler;
+mod tls;

@@ -14,7 +14,7 @@ fn drain() -> Command {
 #[tokio::test]
 async fn command_queued_while_offline_is_delivered_on_connect() -> TestResult {
     let mut s = TestServer::start().await;
-    let mut a = GrpcAgent::connect(&s.grpc, "vm-off", "p", "").await;
+    let mut a = s.grpc_connect("vm-off", "p", "").await;
     let reg = a.recv_command().await;
     a.ack(&reg.id, true, "ok").await;
     wait_command_state(s.app(), &reg.id, "acknowledged").await;
@@ -45,7 +45,7 @@ async fn command_queued_while_offline_is_delivered_on_connect() -> TestResult {
             .map(|c| c.state.as_str()),
         Some("pending")
     );
-    let mut b = GrpcAgent::connect(&s.grpc, "vm-off", "p", "").await;
+    let mut b = s.grpc_connect("vm-off", "p", "").await;
     let first = b.recv_command().await;
     let second = b.recv_command().await;
     // In queue order, with the contract's placement.
@@ -80,7 +80,7 @@ async fn command_queued_while_offline_is_delivered_on_connect() -> TestResult {
 #[tokio::test]
 async fn unacknowledged_command_is_redelivered_after_reconnect_and_done_once() -> TestResult {
     let mut s = TestServer::start().await;
-    let mut a = GrpcAgent::connect(&s.grpc, "vm-re", "p", "b1").await;
+    let mut a = s.grpc_connect("vm-re", "p", "b1").await;
     let reg = a.recv_command().await;
     a.ack(&reg.id, true, "ok").await;
     let cmd = s.app().enqueue("vm-re", drain(), "test", None).await?;
@@ -88,7 +88,7 @@ async fn unacknowledged_command_is_redelivered_after_reconnect_and_done_once() -
     assert_eq!(got.id, cmd.id);
     // The agent dies before acknowledging.
     drop(a);
-    let mut b = GrpcAgent::connect(&s.grpc, "vm-re", "p", "b1").await;
+    let mut b = s.grpc_connect("vm-re", "p", "b1").await;
     let again = b.recv_command().await;
     assert_eq!(
         again.id, cmd.id,
@@ -97,7 +97,7 @@ async fn unacknowledged_command_is_redelivered_after_reconnect_and_done_once() -
     b.ack(&again.id, true, "draining").await;
     wait_command_state(s.app(), &cmd.id, "acknowledged").await;
     drop(b);
-    let mut c = GrpcAgent::connect(&s.grpc, "vm-re", "p", "b1").await;
+    let mut c = s.grpc_connect("vm-re", "p", "b1").await;
     c.expect_no_command(Duration::from_millis(700)).await;
     let stored = s.app().store().command_get(&cmd.id).await?.ok_or("cmd")?;
     assert_eq!(stored.delivery_count, 2);
@@ -109,7 +109,7 @@ async fn unacknowledged_command_is_redelivered_after_reconnect_and_done_once() -
 #[tokio::test]
 async fn unacknowledged_command_is_redelivered_after_timeout_on_the_same_stream() -> TestResult {
     let mut s = TestServer::start_with(|st| st.redelivery_timeout = Duration::from_secs(1)).await;
-    let mut a = GrpcAgent::connect(&s.grpc, "vm-to", "p", "").await;
+    let mut a = s.grpc_connect("vm-to", "p", "").await;
     let reg = a.recv_command().await;
     // Not acknowledged: comes again on the same stream after the timeout.
     let again = a.recv_command().await;
@@ -152,13 +152,19 @@ async fn restart_on_the_same_data_dir_keeps_vms_events_and_pending_commands() ->
         )
         .await;
     assert_eq!(body["duplicate"], true);
-    // Both pending commands survive: the registration (re-filled with a token) and the drain.
+    // Both pending commands survive. The drain goes out; the registration stays held back,
+    // because a job already started on this boot (its token is never handed out again).
     let cmds = s2.poll("vm-keep").await;
     let ids: Vec<&str> = cmds.iter().filter_map(|c| c["id"].as_str()).collect();
-    assert_eq!(ids.len(), 2, "{cmds:?}");
-    assert_eq!(cmds[0]["type"], "register_runner");
-    assert_eq!(cmds[0]["parameters"]["registration_token"], TOKEN);
-    assert_eq!(ids[1], queued.id);
+    assert_eq!(ids, [queued.id.as_str()], "{cmds:?}");
+    assert!(!serde_json::to_string(&cmds)?.contains(TOKEN));
+    let stored = s2.app().store().commands_for_vm("vm-keep").await?;
+    assert!(
+        stored
+            .iter()
+            .any(|c| c.command_type == "register_runner" && c.state.as_str() == "pending"),
+        "{stored:?}"
+    );
     s2.stop().await;
     drop(guard);
     Ok(())

@@ -1,0 +1,349 @@
+//! Who is calling, and what they may do.
+//!
+//! Two kinds of caller:
+//! * a **VM**, holding a credential minted by the controller at enrollment ([`credential`]),
+//!   bound to one `vm_id` and pool; it proves its identity once per boot with a GCE instance
+//!   identity token ([`gce`]) or its pool's bootstrap secret;
+//! * an **operator**, holding an API token with a [`Role`] ([`operator`]); only a hash of it
+//!   is stored.
+//!
+//! [`route`] classifies a request path and [`authorize`] decides, both pure, so the rules are
+//! unit-tested without sockets. [`limits`] holds the per-VM and per-address rate limits.
+
+pub mod credential;
+pub mod enroll;
+pub mod gce;
+pub mod limits;
+pub mod operator;
+
+use axum::http;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// `authenticated` (the default) or `open` (development only: nobody is asked who they are).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    #[default]
+    Authenticated,
+    Open,
+}
+
+impl AuthMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Authenticated => "authenticated",
+            AuthMode::Open => "open",
+        }
+    }
+}
+
+/// An operator token's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// May read everything the admin API shows.
+    ReadOnly,
+    /// May also enqueue commands and change things.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::ReadOnly => "read-only",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "read-only" | "readonly" | "read_only" => Ok(Role::ReadOnly),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!(
+                "unknown role {other:?} (expected read-only or admin)"
+            )),
+        }
+    }
+}
+
+/// A verified operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    pub token_id: String,
+    pub name: String,
+    pub role: Role,
+}
+
+impl Operator {
+    /// How the operator appears in the audit log.
+    pub fn actor(&self) -> String {
+        format!("operator:{}({})", self.name, self.token_id)
+    }
+}
+
+/// Whoever made a request, once verified. In `open` mode every caller is [`Principal::Open`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    Vm(credential::VmClaims),
+    Operator(Operator),
+    Open,
+}
+
+impl Principal {
+    pub fn actor(&self) -> String {
+        match self {
+            Principal::Vm(c) => format!("vm:{}", c.vm_id),
+            Principal::Operator(o) => o.actor(),
+            Principal::Open => "anonymous (open mode)".into(),
+        }
+    }
+}
+
+/// What a request path is, for authorization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Needs no credential (`/health`, enrollment).
+    Public,
+    /// An agent endpoint of this VM.
+    Vm(String),
+    /// The operator API; `write` for anything but reads.
+    Admin { write: bool },
+    /// Not an endpoint we serve (answered 404 after authentication).
+    Other,
+}
+
+/// Classifies `path` (and whether `method` changes state).
+pub fn route(method: &http::Method, path: &str) -> Route {
+    if path == "/health" || path == "/api/v1/enroll" {
+        return Route::Public;
+    }
+    if let Some(rest) = path.strip_prefix("/api/v1/vms/") {
+        let vm = rest.split('/').next().unwrap_or_default();
+        return Route::Vm(vm.to_owned());
+    }
+    if path.starts_with("/api/v1/admin/") || path == "/api/v1/admin" {
+        let write = !matches!(
+            *method,
+            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+        );
+        return Route::Admin { write };
+    }
+    Route::Other
+}
+
+/// Why a request is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// 401 / `UNAUTHENTICATED`.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// 403 / `PERMISSION_DENIED`.
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+/// May `who` use `route`? `who` is `None` when no credential came with the request.
+pub fn authorize(route: &Route, who: Option<&Principal>) -> Result<(), Denied> {
+    match (route, who) {
+        (Route::Public, _) | (_, Some(Principal::Open)) => Ok(()),
+        (_, None) => Err(Denied::Unauthenticated(
+            "this endpoint needs a credential: Authorization: Bearer <token>".into(),
+        )),
+        (Route::Vm(vm), Some(Principal::Vm(c))) => {
+            if c.vm_id == *vm {
+                Ok(())
+            } else {
+                Err(Denied::Forbidden(format!(
+                    "the credential of VM {:?} cannot act for VM {vm:?}",
+                    c.vm_id
+                )))
+            }
+        }
+        (Route::Vm(_), Some(Principal::Operator(_))) => Err(Denied::Forbidden(
+            "operator tokens cannot use agent endpoints".into(),
+        )),
+        (Route::Admin { write }, Some(Principal::Operator(o))) => {
+            if *write && o.role != Role::Admin {
+                Err(Denied::Forbidden(format!(
+                    "operator {:?} has the {} role; this needs admin",
+                    o.name, o.role
+                )))
+            } else {
+                Ok(())
+            }
+        }
+        (Route::Admin { .. }, Some(Principal::Vm(_))) => Err(Denied::Forbidden(
+            "VM credentials cannot use the operator API".into(),
+        )),
+        (Route::Other, Some(_)) => Ok(()),
+    }
+}
+
+/// The bearer token of an `Authorization` header value, if it is one.
+pub fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Hex SHA-256, for storing digests of secrets and identity tokens.
+pub fn sha256_hex(data: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `n` random bytes from the system's CSPRNG.
+pub fn random_bytes(n: usize) -> Result<Vec<u8>, aws_lc_rs::error::Unspecified> {
+    let mut buf = vec![0u8; n];
+    aws_lc_rs::rand::fill(&mut buf)?;
+    Ok(buf)
+}
+
+/// Everything a front end needs to decide about a caller.
+#[derive(Debug)]
+pub struct Gatekeeper {
+    pub mode: AuthMode,
+    pub enroller: enroll::Enroller,
+    pub limits: limits::RateLimits,
+}
+
+impl Gatekeeper {
+    /// Verifies `token` (the bearer token, if any). `Ok(None)`: no credential came. In `open`
+    /// mode everyone is [`Principal::Open`].
+    pub async fn principal(
+        &self,
+        store: &crate::store::Store,
+        token: Option<&str>,
+    ) -> Result<Option<Principal>, Denied> {
+        if self.mode == AuthMode::Open {
+            return Ok(Some(Principal::Open));
+        }
+        let Some(token) = token else {
+            return Ok(None);
+        };
+        if token.starts_with(operator::PREFIX) {
+            let (id, secret) = operator::parse(token)
+                .map_err(|e| Denied::Unauthenticated(e.to_string()))?;
+            let record = store
+                .operator_token_get(id)
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %crate::error::chain(&e), "Operator token lookup failed");
+                    Denied::Unauthenticated("operator token could not be checked; retry".into())
+                })?
+                .ok_or_else(|| {
+                    Denied::Unauthenticated(operator::OperatorTokenError::Wrong.to_string())
+                })?;
+            let now = chrono::Utc::now().timestamp_millis();
+            return operator::check(&record, secret, now)
+                .map(|o| Some(Principal::Operator(o)))
+                .map_err(|e| Denied::Unauthenticated(e.to_string()));
+        }
+        self.vm(token).map(|c| Some(Principal::Vm(c)))
+    }
+
+    /// Verifies a VM credential (no store lookup).
+    pub fn vm(&self, token: &str) -> Result<credential::VmClaims, Denied> {
+        self.enroller
+            .verify(token)
+            .map_err(|e| Denied::Unauthenticated(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Method;
+
+    fn vm(id: &str) -> Principal {
+        Principal::Vm(credential::VmClaims {
+            vm_id: id.into(),
+            pool_id: "p".into(),
+            issued_at: 0,
+            expires_at: 1,
+            enrolled_at: 0,
+            credential_id: "c".into(),
+        })
+    }
+
+    fn op(role: Role) -> Principal {
+        Principal::Operator(Operator {
+            token_id: "t".into(),
+            name: "alice".into(),
+            role,
+        })
+    }
+
+    #[test]
+    fn routes_are_classified() {
+        assert_eq!(route(&Method::GET, "/health"), Route::Public);
+        assert_eq!(route(&Method::POST, "/api/v1/enroll"), Route::Public);
+        assert_eq!(
+            route(&Method::GET, "/api/v1/vms/a-1/commands"),
+            Route::Vm("a-1".into())
+        );
+        assert_eq!(
+            route(&Method::GET, "/api/v1/admin/vms"),
+            Route::Admin { write: false }
+        );
+        assert_eq!(
+            route(&Method::POST, "/api/v1/admin/vms/x/commands"),
+            Route::Admin { write: true }
+        );
+        assert_eq!(route(&Method::GET, "/nope"), Route::Other);
+    }
+
+    #[test]
+    fn who_may_do_what() {
+        let vm_a = Route::Vm("a".into());
+        assert!(authorize(&Route::Public, None).is_ok());
+        assert!(matches!(
+            authorize(&vm_a, None),
+            Err(Denied::Unauthenticated(_))
+        ));
+        assert!(authorize(&vm_a, Some(&vm("a"))).is_ok());
+        assert!(matches!(
+            authorize(&vm_a, Some(&vm("b"))),
+            Err(Denied::Forbidden(_))
+        ));
+        assert!(matches!(
+            authorize(&vm_a, Some(&op(Role::Admin))),
+            Err(Denied::Forbidden(_))
+        ));
+        let read = Route::Admin { write: false };
+        let write = Route::Admin { write: true };
+        assert!(authorize(&read, Some(&op(Role::ReadOnly))).is_ok());
+        assert!(matches!(
+            authorize(&write, Some(&op(Role::ReadOnly))),
+            Err(Denied::Forbidden(_))
+        ));
+        assert!(authorize(&write, Some(&op(Role::Admin))).is_ok());
+        assert!(matches!(
+            authorize(&read, Some(&vm("a"))),
+            Err(Denied::Forbidden(_))
+        ));
+        assert!(authorize(&write, Some(&Principal::Open)).is_ok());
+    }
+
+    #[test]
+    fn bearer_header_parsing() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("abc"), None);
+    }
+}
