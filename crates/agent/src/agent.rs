@@ -10,6 +10,7 @@
 //!  ticks ──┘
 //! ```
 
+use crate::auth::Credentials;
 use crate::config::Settings;
 use crate::health::Sampler;
 use crate::hooks::{self, Hooks};
@@ -17,7 +18,9 @@ use crate::lock;
 use crate::machine::{Action, Input, Machine, PostJobAction, Via};
 use crate::runner::{RunnerSettings, Supervisor};
 use crate::spool::Spool;
-use crate::transport::{Backoff, Http, command_input, run_stream};
+use crate::transport::{
+    Backoff, Http, StreamTarget, command_input, grpc_tls, http_client, run_stream,
+};
 use miglet_proto::command::LogLevel;
 use miglet_proto::event::{CurrentJob, HeartbeatReport};
 use miglet_proto::json::EventBody;
@@ -120,12 +123,26 @@ pub async fn run(
         .map_err(|e| setup("the event spool")(Box::new(e)))?;
     let hooks: Hooks = hooks::install(&settings.data_dir, &agent_exe)
         .map_err(|e| setup("the job hooks")(Box::new(e)))?;
-    let http = Http::new(
+    let client = http_client(&settings.tls, settings.controller_timeout)
+        .map_err(|e| setup("the HTTP client")(Box::new(e)))?;
+    let grpc_tls = match &settings.controller_grpc_endpoint {
+        Some(ep) => grpc_tls(ep, &settings.tls).map_err(|e| setup("gRPC TLS")(Box::new(e)))?,
+        None => None,
+    };
+    let creds = Arc::new(Credentials::new(
+        settings.auth.clone(),
+        client.clone(),
         &settings.controller_endpoint,
         &settings.vm_id,
-        settings.controller_timeout,
-    )
-    .map_err(|e| setup("the HTTP client")(Box::new(e)))?;
+        &settings.pool_id,
+        &settings.boot_id,
+    ));
+    let http = Http::new(
+        client,
+        &settings.controller_endpoint,
+        &settings.vm_id,
+        creds.clone(),
+    );
     let pending = spool.len().unwrap_or(0);
     if pending > 0 {
         info!(pending, "Replaying events spooled before the last stop");
@@ -179,6 +196,7 @@ pub async fn run(
         };
         let mut snap = snap_rx.clone();
         let (core, stop) = (core_tx.clone(), stop_rx.clone());
+        let stream_creds = creds.clone();
         tasks.push(tokio::spawn(async move {
             // The stream opens right after the vm_started acknowledgment (PROTOCOL.md).
             let acked = snap
@@ -191,11 +209,21 @@ pub async fn run(
                 .await
                 .is_ok();
             if acked {
-                run_stream(endpoint, connect, core, stream_rx, connected_tx, stop).await;
+                let target = StreamTarget {
+                    endpoint,
+                    tls: grpc_tls,
+                    creds: stream_creds,
+                    connect,
+                };
+                run_stream(target, core, stream_rx, connected_tx, stop).await;
             }
         }));
     } else {
         info!("gRPC stream disabled: using HTTP polling only");
+    }
+    {
+        let (creds, stop) = (creds.clone(), stop_rx.clone());
+        tasks.push(tokio::spawn(async move { creds.keep_fresh(stop).await }));
     }
     tasks.push(tokio::spawn(poller(
         shared.clone(),

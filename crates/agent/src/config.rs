@@ -99,6 +99,25 @@ pub struct AgentArgs {
     /// Identifies this boot [default: /proc/sys/kernel/random/boot_id].
     #[arg(long, env = "MIGLET_BOOT_ID")]
     pub boot_id: Option<String>,
+    /// How to prove the VM's identity to the controller: auto (bootstrap secret if a secret
+    /// file is set, else GCE identity token when on GCE, else none), bootstrap, gce, none.
+    #[arg(long, env = "MIGLET_AUTH")]
+    pub auth: Option<String>,
+    /// File holding the pool's bootstrap secret.
+    #[arg(long, env = "MIGLET_BOOTSTRAP_SECRET_FILE")]
+    pub bootstrap_secret_file: Option<PathBuf>,
+    /// Audience of GCE identity tokens [default: the controller endpoint].
+    #[arg(long, env = "MIGLET_AUDIENCE")]
+    pub audience: Option<String>,
+    /// PEM CA bundle the controller's certificate must chain to (instead of the system roots).
+    #[arg(long, env = "MIGLET_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with MIGLET_CLIENT_KEY).
+    #[arg(long, env = "MIGLET_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    #[arg(long, env = "MIGLET_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
 }
 
 /// The YAML file (the prototype's shape).
@@ -122,6 +141,8 @@ pub struct FileConfig {
     pub poll_interval: Option<String>,
     #[serde(default)]
     pub metadata: FileMetadata,
+    #[serde(default)]
+    pub auth: FileAuth,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -130,6 +151,18 @@ pub struct FileController {
     pub endpoint: Option<String>,
     pub grpc_endpoint: Option<String>,
     pub timeout: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+/// `auth:` of the YAML config.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAuth {
+    pub method: Option<String>,
+    pub bootstrap_secret_file: Option<PathBuf>,
+    pub audience: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -205,6 +238,32 @@ pub struct Settings {
     /// Base URL of the metadata server to watch for preemption; None when metadata is off or
     /// was not found (not on GCE).
     pub preemption_watch: Option<String>,
+    /// How the VM proves who it is.
+    pub auth: AuthMethod,
+    pub tls: TlsFiles,
+}
+
+/// How the VM enrolls with the controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// No credential (a controller in open mode).
+    None,
+    /// The pool's bootstrap secret, read from this file at each enrollment.
+    Bootstrap { secret_file: PathBuf },
+    /// A GCE instance identity token from the metadata server.
+    Gce {
+        metadata_base: String,
+        audience: String,
+    },
+}
+
+/// TLS files for talking to the controller.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Trust only this CA bundle (instead of the system roots).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key, for mutual TLS.
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 impl FileConfig {
@@ -319,6 +378,65 @@ fn read_boot_id() -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
+/// Does `auto` authentication need to know whether this is a GCE VM?
+pub fn auth_needs_gce_probe(args: &AgentArgs, file: &FileConfig) -> bool {
+    let method = args
+        .auth
+        .clone()
+        .or(file.auth.method.clone())
+        .unwrap_or_else(|| "auto".into());
+    let metadata_off = matches!(
+        pick(&args.metadata, &file.metadata.enabled, None).as_deref(),
+        Some("false" | "0")
+    );
+    method == "auto"
+        && !metadata_off
+        && args.bootstrap_secret_file.is_none()
+        && file.auth.bootstrap_secret_file.is_none()
+}
+
+fn resolve_auth(
+    args: &AgentArgs,
+    file: &FileConfig,
+    meta: &MetadataValues,
+    endpoint: &str,
+) -> Result<AuthMethod, ConfigError> {
+    let method = args
+        .auth
+        .clone()
+        .or(file.auth.method.clone())
+        .unwrap_or_else(|| "auto".into());
+    let secret = args
+        .bootstrap_secret_file
+        .clone()
+        .or(file.auth.bootstrap_secret_file.clone());
+    let gce = || AuthMethod::Gce {
+        metadata_base: metadata_base(args, file),
+        audience: pick(&args.audience, &file.auth.audience, None)
+            .unwrap_or_else(|| endpoint.to_owned()),
+    };
+    Ok(match method.as_str() {
+        "none" => AuthMethod::None,
+        "bootstrap" => AuthMethod::Bootstrap {
+            secret_file: secret.ok_or(ConfigError::Missing(
+                "bootstrap secret file (MIGLET_BOOTSTRAP_SECRET_FILE)",
+            ))?,
+        },
+        "gce" => gce(),
+        "auto" => match secret {
+            Some(secret_file) => AuthMethod::Bootstrap { secret_file },
+            None if meta.instance_name.is_some() => gce(),
+            None => AuthMethod::None,
+        },
+        other => {
+            return Err(ConfigError::Invalid {
+                name: "auth",
+                reason: format!("{other:?} (auto, bootstrap, gce, none)"),
+            });
+        }
+    })
+}
+
 fn check_id(name: &'static str, v: &str) -> Result<(), ConfigError> {
     miglet_proto::ids::validate_id(name, v).map_err(|e| ConfigError::Invalid {
         name,
@@ -415,6 +533,34 @@ impl Settings {
                     .into(),
             });
         }
+        let auth = resolve_auth(args, file, meta, &endpoint)?;
+        let client = match (
+            args.client_cert
+                .clone()
+                .or(file.controller.client_cert.clone()),
+            args.client_key
+                .clone()
+                .or(file.controller.client_key.clone()),
+        ) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    name: "client_cert",
+                    reason: "set both MIGLET_CLIENT_CERT and MIGLET_CLIENT_KEY".into(),
+                });
+            }
+        };
+        let tls = TlsFiles {
+            ca_file: args.ca_file.clone().or(file.controller.ca_file.clone()),
+            client,
+        };
+        if (tls.ca_file.is_some() || tls.client.is_some()) && !endpoint.starts_with("https://") {
+            return Err(ConfigError::Invalid {
+                name: "ca_file",
+                reason: "TLS files are set but the controller endpoint is not https://".into(),
+            });
+        }
         Ok(Settings {
             pool_id,
             vm_id,
@@ -465,6 +611,8 @@ impl Settings {
             )?,
             boot_id: pick(&args.boot_id, &None, None).unwrap_or_else(read_boot_id),
             preemption_watch: None,
+            auth,
+            tls,
         })
     }
 }
@@ -480,6 +628,93 @@ mod tests {
             controller_endpoint: Some("http://ctl:8080".into()),
             ..AgentArgs::default()
         }
+    }
+
+    #[test]
+    fn auth_and_tls_resolution() -> Result<(), ConfigError> {
+        let none = MetadataValues::default();
+        let on_gce = MetadataValues {
+            instance_name: Some("vm-1".into()),
+            ..MetadataValues::default()
+        };
+        let file = FileConfig::default();
+        // auto: no secret, not on GCE -> none; on GCE -> identity token for the endpoint.
+        assert_eq!(
+            Settings::resolve(&args(), &file, &none, false)?.auth,
+            AuthMethod::None
+        );
+        assert_eq!(
+            Settings::resolve(&args(), &file, &on_gce, false)?.auth,
+            AuthMethod::Gce {
+                metadata_base: "http://metadata.google.internal".into(),
+                audience: "http://ctl:8080".into(),
+            }
+        );
+        // A secret file wins in auto mode.
+        let with_secret = AgentArgs {
+            bootstrap_secret_file: Some("/etc/miglet/secret".into()),
+            ..args()
+        };
+        assert_eq!(
+            Settings::resolve(&with_secret, &file, &on_gce, false)?.auth,
+            AuthMethod::Bootstrap {
+                secret_file: "/etc/miglet/secret".into()
+            }
+        );
+        // Explicit methods, and their errors.
+        let bootstrap_without_file = AgentArgs {
+            auth: Some("bootstrap".into()),
+            ..args()
+        };
+        assert!(Settings::resolve(&bootstrap_without_file, &file, &none, false).is_err());
+        let bad = AgentArgs {
+            auth: Some("kerberos".into()),
+            ..args()
+        };
+        assert!(Settings::resolve(&bad, &file, &none, false).is_err());
+        let audience = AgentArgs {
+            auth: Some("gce".into()),
+            audience: Some("https://mig.example".into()),
+            ..args()
+        };
+        assert!(matches!(
+            Settings::resolve(&audience, &file, &none, false)?.auth,
+            AuthMethod::Gce { audience, .. } if audience == "https://mig.example"
+        ));
+        // TLS files need an https endpoint, and a client cert needs its key.
+        let ca_on_http = AgentArgs {
+            ca_file: Some("/ca.pem".into()),
+            ..args()
+        };
+        assert!(Settings::resolve(&ca_on_http, &file, &none, false).is_err());
+        let half_client = AgentArgs {
+            controller_endpoint: Some("https://ctl:8443".into()),
+            client_cert: Some("/c.pem".into()),
+            ..args()
+        };
+        assert!(Settings::resolve(&half_client, &file, &none, false).is_err());
+        let tls = AgentArgs {
+            controller_endpoint: Some("https://ctl:8443".into()),
+            ca_file: Some("/ca.pem".into()),
+            client_cert: Some("/c.pem".into()),
+            client_key: Some("/k.pem".into()),
+            ..args()
+        };
+        let s = Settings::resolve(&tls, &file, &none, false)?;
+        assert_eq!(s.tls.client, Some(("/c.pem".into(), "/k.pem".into())));
+        assert_eq!(
+            s.controller_grpc_endpoint.as_deref(),
+            Some("https://ctl:50051")
+        );
+        // No probe of the metadata server when it is switched off or a secret is set.
+        let off = AgentArgs {
+            metadata: Some("false".into()),
+            ..args()
+        };
+        assert!(!auth_needs_gce_probe(&off, &file));
+        assert!(!auth_needs_gce_probe(&with_secret, &file));
+        assert!(auth_needs_gce_probe(&args(), &file));
+        Ok(())
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! MIGlet, the agent. See ARCHITECTURE.md.
 
 pub mod agent;
+pub mod auth;
 pub mod config;
 pub mod health;
 pub mod hooks;

@@ -3,7 +3,8 @@
 use clap::{Parser, Subcommand};
 use miglet::agent::{self, LogControl};
 use miglet::config::{
-    AgentArgs, FileConfig, MetadataValues, Settings, fetch_metadata, metadata_base, wants_metadata,
+    AgentArgs, FileConfig, MetadataValues, Settings, auth_needs_gce_probe, fetch_metadata,
+    metadata_base, wants_metadata,
 };
 use miglet::machine::{PostJobAction, exit_code};
 use std::path::PathBuf;
@@ -71,7 +72,8 @@ async fn async_main(args: AgentArgs) -> ExitCode {
         },
         None => FileConfig::default(),
     };
-    let meta = if wants_metadata(&args, &file) {
+    // Also asked when `auto` authentication must know whether this is a GCE VM.
+    let meta = if wants_metadata(&args, &file) || auth_needs_gce_probe(&args, &file) {
         fetch_metadata(&metadata_base(&args, &file)).await
     } else {
         MetadataValues::default()

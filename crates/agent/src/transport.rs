@@ -5,6 +5,8 @@
 //! through one channel. Keepalive pings are sent every 5 minutes at most, the minimum that
 //! default gRPC servers accept (more frequent pings get a GOAWAY `too_many_pings`).
 
+use crate::auth::Credentials;
+use crate::config::TlsFiles;
 use crate::machine::{Input, Via};
 use miglet_proto::command::CommandEnvelope;
 use miglet_proto::json::{
@@ -13,6 +15,7 @@ use miglet_proto::json::{
 use miglet_proto::pb::command_service_client::CommandServiceClient;
 use miglet_proto::pb::{self, MiGletMessage, controller_message, mi_glet_message};
 use rand::Rng;
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
@@ -25,13 +28,82 @@ pub enum TransportError {
     Request(#[from] reqwest::Error),
     #[error("controller answered {code}: {body}")]
     Status { code: u16, body: String },
+    #[error("no credential for the controller")]
+    Auth(#[from] crate::auth::AuthError),
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
 }
 
 impl TransportError {
-    /// The controller refuses this request for good (retrying cannot help).
+    /// The controller refuses this request for good (retrying cannot help). Authentication
+    /// refusals are not: a new credential may fix them.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, TransportError::Status { code, .. } if (400..500).contains(code) && *code != 408 && *code != 429)
+        matches!(self, TransportError::Status { code, .. }
+            if (400..500).contains(code) && ![401, 403, 408, 429].contains(code))
     }
+}
+
+/// An error with its sources, for logs (reqwest hides the TLS reason in the chain).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn read_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, TransportError> {
+    std::fs::read(path).map_err(|e| TransportError::Tls(format!("{what} {}: {e}", path.display())))
+}
+
+/// The HTTP client for the controller: trusts only `tls.ca_file` when set (else the system
+/// roots) and presents the client certificate when set.
+pub fn http_client(tls: &TlsFiles, timeout: Duration) -> Result<reqwest::Client, TransportError> {
+    let mut b = reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(ca) = &tls.ca_file {
+        let certs = reqwest::Certificate::from_pem_bundle(&read_file("CA file", ca)?)
+            .map_err(|e| TransportError::Tls(format!("CA file {}: {e}", ca.display())))?;
+        b = b.tls_certs_only(certs);
+    }
+    if let Some((cert, key)) = &tls.client {
+        let mut pem = read_file("client certificate", cert)?;
+        pem.push(b'\n');
+        pem.extend(read_file("client key", key)?);
+        b = b.identity(
+            reqwest::Identity::from_pem(&pem)
+                .map_err(|e| TransportError::Tls(format!("client certificate: {e}")))?,
+        );
+    }
+    Ok(b.build()?)
+}
+
+/// The gRPC TLS config for an `https://` endpoint (None for `http://`).
+pub fn grpc_tls(
+    endpoint: &str,
+    tls: &TlsFiles,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, TransportError> {
+    if !endpoint.starts_with("https://") {
+        return Ok(None);
+    }
+    let mut c = tonic::transport::ClientTlsConfig::new();
+    c = match &tls.ca_file {
+        Some(ca) => c.ca_certificate(tonic::transport::Certificate::from_pem(read_file(
+            "CA file", ca,
+        )?)),
+        None => c.with_native_roots(),
+    };
+    if let Some((cert, key)) = &tls.client {
+        c = c.identity(tonic::transport::Identity::from_pem(
+            read_file("client certificate", cert)?,
+            read_file("client key", key)?,
+        ));
+    }
+    Ok(Some(c))
 }
 
 /// Capped exponential backoff with jitter: the n-th wait is uniform in [d/2, d] where
@@ -70,6 +142,7 @@ pub struct Http {
     client: reqwest::Client,
     base: String,
     vm_id: String,
+    creds: Arc<Credentials>,
 }
 
 fn excerpt(s: &str) -> String {
@@ -77,19 +150,34 @@ fn excerpt(s: &str) -> String {
 }
 
 impl Http {
-    pub fn new(base: &str, vm_id: &str, timeout: Duration) -> Result<Http, TransportError> {
-        Ok(Http {
-            client: reqwest::Client::builder()
-                .timeout(timeout)
-                .connect_timeout(Duration::from_secs(5))
-                .build()?,
+    /// `client` comes from [`http_client`]; `creds` supplies the credential of each request.
+    pub fn new(client: reqwest::Client, base: &str, vm_id: &str, creds: Arc<Credentials>) -> Http {
+        Http {
+            client,
             base: base.trim_end_matches('/').to_owned(),
             vm_id: vm_id.to_owned(),
-        })
+            creds,
+        }
     }
 
     fn url(&self, suffix: &str) -> String {
         format!("{}/api/v1/vms/{}/{suffix}", self.base, self.vm_id)
+    }
+
+    /// Sends with the current credential; a 401 drops it so the next request enrolls again.
+    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, TransportError> {
+        let token = self.creds.bearer().await?;
+        let rb = match &token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        };
+        let r = rb.send().await?;
+        if r.status().as_u16() == 401
+            && let Some(t) = &token
+        {
+            self.creds.rejected(t);
+        }
+        Self::check(r).await
     }
 
     async fn check(r: reqwest::Response) -> Result<reqwest::Response, TransportError> {
@@ -106,31 +194,20 @@ impl Http {
 
     /// Posts an event; `Ok` means the controller stored it (HTTP 200).
     pub async fn post_event(&self, body: &EventBody) -> Result<AnyAck, TransportError> {
-        let r = Self::check(
-            self.client
-                .post(self.url("events"))
-                .json(body)
-                .send()
-                .await?,
-        )
-        .await?;
+        let r = self
+            .send(self.client.post(self.url("events")).json(body))
+            .await?;
         Ok(r.json::<AnyAck>().await.unwrap_or_default())
     }
 
     pub async fn post_heartbeat(&self, body: &HeartbeatBody) -> Result<(), TransportError> {
-        Self::check(
-            self.client
-                .post(self.url("heartbeat"))
-                .json(body)
-                .send()
-                .await?,
-        )
-        .await?;
+        self.send(self.client.post(self.url("heartbeat")).json(body))
+            .await?;
         Ok(())
     }
 
     pub async fn poll_commands(&self) -> Result<Vec<CommandJson>, TransportError> {
-        let r = Self::check(self.client.get(self.url("commands")).send().await?).await?;
+        let r = self.send(self.client.get(self.url("commands"))).await?;
         let text = r.text().await?;
         serde_json::from_str::<CommandsResponse>(&text)
             .map(|c| c.commands)
@@ -146,12 +223,10 @@ impl Http {
             message: message.to_owned(),
             result: Default::default(),
         };
-        Self::check(
+        self.send(
             self.client
                 .post(self.url(&format!("commands/{id}/ack")))
-                .json(&body)
-                .send()
-                .await?,
+                .json(&body),
         )
         .await?;
         Ok(())
@@ -168,12 +243,22 @@ pub fn command_input(c: &CommandJson, via: Via) -> Input {
     }
 }
 
+/// Where and as whom the stream connects.
+#[derive(Debug, Clone)]
+pub struct StreamTarget {
+    pub endpoint: String,
+    /// Set for `https://` endpoints.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    pub creds: Arc<Credentials>,
+    /// Sent first on every new stream.
+    pub connect: pb::ConnectRequest,
+}
+
 /// Keeps a stream to the controller open while `stop` is false: connect, `ConnectRequest`
 /// first, wait for `ConnectAck`, then forward commands to the core and `outbound` to the
 /// controller. `connected` says whether a stream is up.
 pub async fn run_stream(
-    endpoint: String,
-    connect: pb::ConnectRequest,
+    target: StreamTarget,
     core: mpsc::Sender<Input>,
     mut outbound: mpsc::Receiver<MiGletMessage>,
     connected: watch::Sender<bool>,
@@ -185,16 +270,7 @@ pub async fn run_stream(
             return;
         }
         let started = tokio::time::Instant::now();
-        match session(
-            &endpoint,
-            &connect,
-            &core,
-            &mut outbound,
-            &connected,
-            &mut stop,
-        )
-        .await
-        {
+        match session(&target, &core, &mut outbound, &connected, &mut stop).await {
             Ok(()) => return,
             Err(reason) => {
                 let _ = connected.send(false);
@@ -213,22 +289,37 @@ pub async fn run_stream(
 }
 
 async fn session(
-    endpoint: &str,
-    connect: &pb::ConnectRequest,
+    target: &StreamTarget,
     core: &mpsc::Sender<Input>,
     outbound: &mut mpsc::Receiver<MiGletMessage>,
     connected: &watch::Sender<bool>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-        .map_err(|e| format!("bad endpoint: {e}"))?
+    let StreamTarget {
+        endpoint,
+        tls,
+        creds,
+        connect,
+    } = target;
+    let mut ep = tonic::transport::Endpoint::from_shared(endpoint.clone())
+        .map_err(|e| format!("bad endpoint: {e}"))?;
+    if let Some(tls) = tls {
+        ep = ep
+            .tls_config(tls.clone())
+            .map_err(|e| format!("TLS setup failed: {e}"))?;
+    }
+    let token = creds
+        .bearer()
+        .await
+        .map_err(|e| format!("no credential: {e}"))?;
+    let channel = ep
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(300))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(false)
         .connect()
         .await
-        .map_err(|e| format!("connect failed: {e}"))?;
+        .map_err(|e| format!("connect failed: {}", error_chain(&e)))?;
     let mut client = CommandServiceClient::new(channel);
     let (tx, rx) = mpsc::channel::<MiGletMessage>(64);
     tx.send(MiGletMessage {
@@ -236,15 +327,30 @@ async fn session(
     })
     .await
     .map_err(|_| "stream closed".to_owned())?;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(t) = &token {
+        let value = format!("Bearer {t}")
+            .parse()
+            .map_err(|_| "credential is not valid metadata".to_owned())?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let refused = |s: tonic::Status| {
+        if s.code() == tonic::Code::Unauthenticated
+            && let Some(t) = &token
+        {
+            creds.rejected(t);
+        }
+        format!("stream refused: {} {}", s.code(), s.message())
+    };
     let mut inbound = client
-        .stream_commands(ReceiverStream::new(rx))
+        .stream_commands(request)
         .await
-        .map_err(|s| format!("stream refused: {}", s.message()))?
+        .map_err(refused)?
         .into_inner();
     let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
         .await
         .map_err(|_| "no ConnectAck within 10 s".to_owned())?
-        .map_err(|s| format!("stream failed: {}", s.message()))?;
+        .map_err(refused)?;
     match first.and_then(|m| m.message) {
         Some(controller_message::Message::ConnectAck(ack)) if ack.accepted => {
             info!(server_version = %ack.server_version, "Connection accepted by controller");
@@ -297,6 +403,8 @@ async fn session(
                 },
                 Ok(None) => return Err("controller closed the stream".into()),
                 Err(s) => return Err(format!("stream broken: {} {}", s.code(), s.message())),
+                // (An expired credential ends the stream with UNAUTHENTICATED; the next
+                // session uses the refreshed one.)
             },
         }
     }
@@ -346,7 +454,16 @@ mod tls_tests {
                 drop(s);
             }
         });
-        let http = Http::new(&format!("https://{addr}"), "vm-1", Duration::from_secs(5))?;
+        let client = http_client(&TlsFiles::default(), Duration::from_secs(5))?;
+        let creds = Arc::new(Credentials::new(
+            crate::config::AuthMethod::None,
+            client.clone(),
+            "https://x",
+            "vm-1",
+            "p",
+            "b",
+        ));
+        let http = Http::new(client, &format!("https://{addr}"), "vm-1", creds);
         let err = http
             .poll_commands()
             .await

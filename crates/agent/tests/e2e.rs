@@ -2,11 +2,15 @@
 //! port 0), with the runner stand-in and the fake GitHub of `miglet-sim`. Every wait is
 //! bounded.
 
-use mig_controller::config::Settings as ControllerSettings;
+use mig_controller::auth::enroll::PoolEnrollment;
+use mig_controller::auth::gce::GceRule;
+use mig_controller::config::{Settings as ControllerSettings, TlsSettings};
+use mig_controller::pki;
 use mig_controller::server::{self, RunningServer};
 use mig_controller::token::{PoolRegistration, Pools, StaticToken};
 use miglet_proto::command::Command;
 use miglet_sim::github::{FakeGitHub, Job};
+use miglet_sim::google::FakeGoogle;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -73,7 +77,7 @@ async fn wait_event(app: &Arc<mig_controller::app::Controller>, vm: &str, ty: &s
 /// stored the agent's `event`.
 async fn agent_at(vm: &str, job: Option<Job>, event: &str) -> (Env, Controller, Agent) {
     let env = env().await;
-    let ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
+    let ctl = Controller::start(&env.dir.path().join("ctl"), &env.ctl()).await;
     if let Some(job) = job {
         env.github.enqueue_job(job);
     }
@@ -87,12 +91,27 @@ struct Controller {
     http: SocketAddr,
     grpc: SocketAddr,
     data: PathBuf,
-    github_url: String,
+    cfg: CtlConfig,
 }
+
+/// What the test controller is configured with: GitHub, TLS with mutual TLS, and the pool's
+/// enrollment (bootstrap secret, or GCE identity tokens checked against the fake Google).
+#[derive(Clone)]
+struct CtlConfig {
+    github_url: String,
+    tls_dir: PathBuf,
+    secret_file: PathBuf,
+    jwks_url: String,
+    credential_ttl: Duration,
+}
+
+/// The audience agents and the controller agree on for GCE identity tokens.
+const AUDIENCE: &str = "https://mig-controller.e2e.test";
+const GCE_PROJECT: &str = "e2e-project";
 
 fn controller_settings(
     data: &Path,
-    github_url: &str,
+    cfg: &CtlConfig,
     http: SocketAddr,
     grpc: SocketAddr,
 ) -> ControllerSettings {
@@ -104,7 +123,7 @@ fn controller_settings(
     s.pools = Pools::new(
         Default::default(),
         Some(PoolRegistration {
-            runner_url: github_url.to_owned(),
+            runner_url: cfg.github_url.clone(),
             runner_group: "default".into(),
             labels: vec![
                 "self-hosted".into(),
@@ -113,24 +132,42 @@ fn controller_settings(
                 "e2e".into(),
             ],
             token: Arc::new(StaticToken::new(TOKEN.into(), Duration::from_secs(3600))),
+            enrollment: PoolEnrollment {
+                bootstrap_secret_file: Some(cfg.secret_file.clone()),
+                gce: Some(GceRule {
+                    project_id: GCE_PROJECT.into(),
+                    zones: vec![],
+                    instance_name_prefix: None,
+                    service_account: None,
+                }),
+            },
         }),
     );
+    s.enroll.audience = Some(AUDIENCE.into());
+    s.enroll.credential_ttl = cfg.credential_ttl;
+    s.enroll.google_jwks_url = cfg.jwks_url.clone();
+    s.tls = Some(TlsSettings {
+        cert_file: cfg.tls_dir.join("server.pem"),
+        key_file: cfg.tls_dir.join("server-key.pem"),
+        client_ca_file: Some(cfg.tls_dir.join("ca.pem")),
+        reload_interval: Duration::from_secs(10),
+    });
     s
 }
 
 impl Controller {
-    async fn start(data: &Path, github_url: &str) -> Controller {
+    async fn start(data: &Path, cfg: &CtlConfig) -> Controller {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
-        Self::start_at(data, github_url, any, any).await
+        Self::start_at(data, cfg, any, any).await
     }
 
     async fn start_at(
         data: &Path,
-        github_url: &str,
+        cfg: &CtlConfig,
         http: SocketAddr,
         grpc: SocketAddr,
     ) -> Controller {
-        let s = controller_settings(data, github_url, http, grpc);
+        let s = controller_settings(data, cfg, http, grpc);
         let (h, g) = server::bind(&s)
             .await
             .unwrap_or_else(|e| panic!("bind: {e}"));
@@ -142,7 +179,7 @@ impl Controller {
             grpc: running.grpc_addr,
             server: Some(running),
             data: data.to_owned(),
-            github_url: github_url.to_owned(),
+            cfg: cfg.clone(),
         }
     }
 
@@ -156,7 +193,7 @@ impl Controller {
 
     async fn restart(&mut self) {
         self.stop().await;
-        let again = Controller::start_at(&self.data, &self.github_url, self.http, self.grpc).await;
+        let again = Controller::start_at(&self.data, &self.cfg, self.http, self.grpc).await;
         self.server = again.server;
     }
 
@@ -188,6 +225,39 @@ struct Env {
     dir: tempfile::TempDir,
     github: FakeGitHub,
     github_url: String,
+    google: FakeGoogle,
+    jwks_url: String,
+    /// The pool's bootstrap secret.
+    secret: String,
+}
+
+const SECRET: &str = "e2e-pool-bootstrap-secret-7f3a9c";
+
+impl Env {
+    fn ctl(&self) -> CtlConfig {
+        CtlConfig {
+            github_url: self.github_url.clone(),
+            tls_dir: self.dir.path().join("tls"),
+            secret_file: self.dir.path().join("pool.secret"),
+            jwks_url: self.jwks_url.clone(),
+            credential_ttl: Duration::from_secs(3600),
+        }
+    }
+
+    fn tls(&self, file: &str) -> PathBuf {
+        self.dir.path().join("tls").join(file)
+    }
+}
+
+async fn serve_router(router: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    addr
 }
 
 async fn env() -> Env {
@@ -203,10 +273,26 @@ async fn env() -> Env {
     let runner = dir.path().join("runner");
     miglet_sim::runner_dir::install(&runner, &listener_binary())
         .unwrap_or_else(|e| panic!("install runner: {e}"));
+    // A private CA, the controller's certificate and the agents' client certificate.
+    let tls = dir.path().join("tls");
+    let ca = pki::new_ca("e2e CA", 2).unwrap_or_else(|e| panic!("{e}"));
+    let names = ["127.0.0.1".to_owned(), "localhost".to_owned()];
+    let server = pki::issue(&ca, pki::Usage::Server, &names, 2).unwrap_or_else(|e| panic!("{e}"));
+    let client = pki::issue(&ca, pki::Usage::Client, &["e2e-agents".to_owned()], 2)
+        .unwrap_or_else(|e| panic!("{e}"));
+    pki::write(&tls, "ca", &ca).unwrap_or_else(|e| panic!("{e}"));
+    pki::write(&tls, "server", &server).unwrap_or_else(|e| panic!("{e}"));
+    pki::write(&tls, "client", &client).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("pool.secret"), SECRET).unwrap_or_else(|e| panic!("{e}"));
+    let google = FakeGoogle::new();
+    let google_addr = serve_router(google.router()).await;
     Env {
         dir,
         github,
         github_url: format!("http://{addr}/test-org"),
+        google,
+        jwks_url: format!("http://{google_addr}/oauth2/v3/certs"),
+        secret: SECRET.into(),
     }
 }
 
@@ -217,9 +303,50 @@ struct Agent {
 }
 
 impl Agent {
+    /// An agent of the e2e pool against the test controller: HTTPS and gRPC over TLS with a
+    /// client certificate, enrolled with the pool's bootstrap secret.
     fn spawn(
         env: &Env,
         vm: &str,
+        http: SocketAddr,
+        grpc: Option<SocketAddr>,
+        extra: &[(&str, &str)],
+    ) -> Agent {
+        let secure = [
+            ("MIGLET_CA_FILE", env.tls("ca.pem")),
+            ("MIGLET_CLIENT_CERT", env.tls("client.pem")),
+            ("MIGLET_CLIENT_KEY", env.tls("client-key.pem")),
+            (
+                "MIGLET_BOOTSTRAP_SECRET_FILE",
+                env.dir.path().join("pool.secret"),
+            ),
+        ];
+        let secure: Vec<(&str, String)> = secure
+            .iter()
+            .map(|(k, v)| (*k, v.display().to_string()))
+            .collect();
+        let mut all: Vec<(&str, &str)> = secure.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        all.extend_from_slice(extra);
+        Self::spawn_with(env, vm, "https", http, grpc, &all)
+    }
+
+    /// An agent speaking the base contract over plain HTTP with no credential.
+    fn spawn_plain(
+        env: &Env,
+        vm: &str,
+        http: SocketAddr,
+        grpc: Option<SocketAddr>,
+        extra: &[(&str, &str)],
+    ) -> Agent {
+        let mut all = vec![("MIGLET_AUTH", "none")];
+        all.extend_from_slice(extra);
+        Self::spawn_with(env, vm, "http", http, grpc, &all)
+    }
+
+    fn spawn_with(
+        env: &Env,
+        vm: &str,
+        scheme: &str,
         http: SocketAddr,
         grpc: Option<SocketAddr>,
         extra: &[(&str, &str)],
@@ -236,10 +363,10 @@ impl Agent {
             .env("MIGLET_POOL_ID", "pool-e2e")
             .env("MIGLET_VM_ID", vm)
             .env("MIGLET_ORG_ID", "org-e2e")
-            .env("MIGLET_CONTROLLER_ENDPOINT", format!("http://{http}"))
+            .env("MIGLET_CONTROLLER_ENDPOINT", format!("{scheme}://{http}"))
             .env(
                 "MIGLET_CONTROLLER_GRPC_ENDPOINT",
-                grpc.map_or("disabled".to_owned(), |g| format!("http://{g}")),
+                grpc.map_or("disabled".to_owned(), |g| format!("{scheme}://{g}")),
             )
             .env("MIGLET_DATA_DIR", &data)
             .env("MIGLET_RUNNER_DIR", env.dir.path().join("runner"))
@@ -317,7 +444,7 @@ fn assert_no_token(env: &Env, agent: &Agent) {
 
 async fn full_lifecycle(grpc: bool) -> R {
     let env = env().await;
-    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.ctl()).await;
     env.github
         .enqueue_job(job("build (linux)", "Succeeded", 800));
     let vm = if grpc { "vm-grpc" } else { "vm-http" };
@@ -395,6 +522,16 @@ async fn full_lifecycle(grpc: bool) -> R {
             .ok_or_else(|| format!("missing or out of order: {line}\n{log}"))?;
         at += pos + line.len();
     }
+    // It enrolled with the pool's bootstrap secret over mutual TLS.
+    assert!(agent.log_text().contains("Enrolled with the controller"));
+    let log = ctl.app().store().vm_log_for_vm(vm).await?;
+    assert!(
+        log.iter().any(|l| l.kind == "enrolled"
+            && l.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("method=bootstrap"))),
+        "{log:?}"
+    );
     assert_no_token(&env, &agent);
     assert!(
         std::fs::read_dir(agent.data.join("spool"))?
@@ -419,7 +556,7 @@ async fn full_lifecycle_with_http_polling_only() -> R {
 #[tokio::test]
 async fn controller_down_at_start_then_up() -> R {
     let env = env().await;
-    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.ctl()).await;
     ctl.stop().await;
     env.github.enqueue_job(job("late", "Succeeded", 200));
     let mut agent = Agent::spawn(&env, "vm-late", ctl.http, Some(ctl.grpc), &[]);
@@ -751,7 +888,7 @@ async fn bad_register_runner_is_refused_with_a_failed_ack_and_no_runner() -> R {
             "parameters":{"registration_token": TOKEN,"runner_url": env.github_url,"runner_group":"default",
             "labels":["self-hosted"],"expires_at":"2024-01-15T11:30:00Z"}}),
     ]);
-    let mut agent = Agent::spawn(&env, "vm-bad", addr, None, &[]);
+    let mut agent = Agent::spawn_plain(&env, "vm-bad", addr, None, &[]);
     let acks = base.acks.clone();
     wait_for("two acks", 30, || {
         let acks = acks.clone();
@@ -875,7 +1012,7 @@ async fn runner_runs_as_the_configured_unprivileged_user() -> R {
     let env = env().await;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755))?;
-    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.ctl()).await;
     env.github.enqueue_job(job("as-user", "Succeeded", 300));
     let mut agent = Agent::spawn(
         &env,
@@ -913,7 +1050,11 @@ async fn runner_runs_as_the_configured_unprivileged_user() -> R {
 #[tokio::test]
 async fn preemption_drains_the_agent() -> R {
     let env = env().await;
-    let meta = miglet_sim::metadata::FakeMetadata::default();
+    // A GCE VM: it proves who it is with an instance identity token, not a secret.
+    let meta = miglet_sim::metadata::FakeMetadata::default().with_identity(
+        env.google.clone(),
+        miglet_sim::google::Instance::new(GCE_PROJECT, "us-central1-a", "vm-preempt"),
+    );
     meta.set("instance/name", "vm-preempt");
     meta.set("instance/preempted", "FALSE");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -922,7 +1063,7 @@ async fn preemption_drains_the_agent() -> R {
     let meta_task = tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
     });
-    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.github_url).await;
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.ctl()).await;
     env.github.enqueue_job(job("spot", "Succeeded", 8000));
     let meta_url = format!("http://{meta_addr}");
     let mut agent = Agent::spawn(
@@ -933,6 +1074,8 @@ async fn preemption_drains_the_agent() -> R {
         &[
             ("MIGLET_METADATA", "true"),
             ("MIGLET_METADATA_URL", &meta_url),
+            ("MIGLET_AUTH", "gce"),
+            ("MIGLET_AUDIENCE", AUDIENCE),
         ],
     );
     let app = ctl.app().clone();
@@ -960,7 +1103,312 @@ async fn preemption_drains_the_agent() -> R {
     let types = ctl.event_types("vm-preempt").await;
     assert!(types.contains(&"error".to_owned()), "{types:?}");
     assert_eq!(types.last().map(String::as_str), Some("vm_shutting_down"));
+    let log = ctl.app().store().vm_log_for_vm("vm-preempt").await?;
+    assert!(
+        log.iter().any(|l| l.kind == "enrolled"
+            && l.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("method=gce project=e2e-project"))),
+        "{log:?}"
+    );
+    assert!(meta.identity_requests() >= 1);
     ctl.stop().await;
     meta_task.abort();
+    Ok(())
+}
+
+/// The real `mig-controller` binary, built next to `miglet` (on demand when this package's
+/// tests run alone).
+fn controller_binary() -> PathBuf {
+    let dir = Path::new(MIGLET)
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_default();
+    let bin = dir.join("mig-controller");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "-p", "mig-controller", "--bin", "mig-controller"])
+            .status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "could not build mig-controller"
+        );
+    }
+    bin
+}
+
+/// Every value of every row of every table of a SQLite file, as text.
+async fn dump_sqlite(path: &Path) -> Result<Vec<String>, Box<dyn std::error::Error + Send + Sync>> {
+    use sqlx::{Column, ConnectOptions, Row};
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .connect()
+        .await?;
+    let tables: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
+            .fetch_all(&mut conn)
+            .await?;
+    let mut out = Vec::new();
+    for t in tables {
+        // Table names come from sqlite_master of our own test database.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM \"{t}\"")))
+            .fetch_all(&mut conn)
+            .await?;
+        for r in rows {
+            let mut line = format!("{t}:");
+            for c in r.columns() {
+                let i = c.ordinal();
+                let v = if let Ok(v) = r.try_get::<Option<String>, _>(i) {
+                    v.unwrap_or_default()
+                } else if let Ok(v) = r.try_get::<Option<i64>, _>(i) {
+                    v.map(|n| n.to_string()).unwrap_or_default()
+                } else if let Ok(v) = r.try_get::<Option<f64>, _>(i) {
+                    v.map(|n| n.to_string()).unwrap_or_default()
+                } else {
+                    let b: Option<Vec<u8>> = r.try_get(i)?;
+                    String::from_utf8_lossy(&b.unwrap_or_default()).into_owned()
+                };
+                line.push(' ');
+                line.push_str(&v);
+            }
+            out.push(line);
+        }
+    }
+    Ok(out)
+}
+
+/// A full run with the real controller binary (TLS, mutual TLS, bootstrap enrollment, debug
+/// logs on both sides, an operator acting through the admin API), then every log line of
+/// both programs and every stored row is searched for every token, secret and key.
+#[tokio::test]
+async fn no_secret_reaches_a_log_line_or_a_stored_row() -> R {
+    let env = env().await;
+    let dir = env.dir.path();
+    let data = dir.join("ctl-bin");
+    std::fs::write(dir.join("github.token"), TOKEN)?;
+    let config = format!(
+        r#"
+http_addr = "127.0.0.1:0"
+grpc_addr = "127.0.0.1:0"
+log_format = "json"
+log_level = "debug"
+reconcile_interval_secs = 1
+[tls]
+cert_file = "{tls}/server.pem"
+key_file = "{tls}/server-key.pem"
+client_ca_file = "{tls}/ca.pem"
+[pools."*"]
+runner_url = "{github}"
+token_file = "{dir}/github.token"
+labels = ["self-hosted", "linux", "x64", "e2e"]
+enrollment = {{ bootstrap_secret_file = "{dir}/pool.secret" }}
+"#,
+        tls = env.tls("").display(),
+        github = env.github_url,
+        dir = dir.display(),
+    );
+    std::fs::write(dir.join("controller.toml"), config)?;
+    let bin = controller_binary();
+    let ctl_log = dir.join("controller.log");
+    let addr_file = dir.join("addr.json");
+    let mut ctl = tokio::process::Command::new(&bin)
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.join("controller.toml"))
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&ctl_log)?)
+        .kill_on_drop(true)
+        .spawn()?;
+    wait_for("the controller's address file", 30, || {
+        let f = addr_file.clone();
+        async move { f.exists() }
+    })
+    .await;
+    let addrs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&addr_file)?)?;
+    let http: SocketAddr = addrs["http_addr"].as_str().ok_or("http_addr")?.parse()?;
+    let grpc: SocketAddr = addrs["grpc_addr"].as_str().ok_or("grpc_addr")?.parse()?;
+
+    // An operator token, made with the CLI while the controller runs.
+    let out = std::process::Command::new(&bin)
+        .args([
+            "token",
+            "create",
+            "--name",
+            "alice",
+            "--role",
+            "admin",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let operator = String::from_utf8(out.stdout)?.trim().to_owned();
+    assert!(operator.starts_with("migop_"));
+
+    env.github.enqueue_job(job("scan", "Succeeded", 1500));
+    let mut agent = Agent::spawn(
+        &env,
+        "vm-scan",
+        http,
+        Some(grpc),
+        &[("MIGLET_LOGGING_LEVEL", "debug")],
+    );
+    // The operator changes the agent's log level through the admin API (over mutual TLS).
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&std::fs::read(
+            env.tls("ca.pem"),
+        )?)?])
+        .identity(reqwest::Identity::from_pem(
+            format!(
+                "{}{}",
+                std::fs::read_to_string(env.tls("client.pem"))?,
+                std::fs::read_to_string(env.tls("client-key.pem"))?
+            )
+            .as_bytes(),
+        )?)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let base = format!("https://{http}");
+    wait_for("vm-scan known to the controller", 30, || {
+        let (client, base, op) = (client.clone(), base.clone(), operator.clone());
+        async move {
+            client
+                .get(format!("{base}/api/v1/admin/vms/vm-scan"))
+                .bearer_auth(op)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().as_u16() == 200)
+        }
+    })
+    .await;
+    let r = client
+        .post(format!("{base}/api/v1/admin/vms/vm-scan/commands"))
+        .bearer_auth(&operator)
+        .json(&serde_json::json!({"type":"set_log_level","parameters":{"level":"debug"}}))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 201);
+    assert_eq!(
+        agent.wait_exit(60).await,
+        Some(0),
+        "log:\n{}",
+        agent.log_text()
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(ctl.id().ok_or("pid")? as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let status = tokio::time::timeout(Duration::from_secs(20), ctl.wait()).await??;
+    assert!(status.success());
+
+    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    let mut secrets: Vec<(String, String)> = vec![
+        ("GitHub registration token".into(), TOKEN.into()),
+        ("pool bootstrap secret".into(), env.secret.clone()),
+        ("operator token".into(), operator.clone()),
+        (
+            "initial admin token".into(),
+            read(data.join("initial-admin-token")).trim().to_owned(),
+        ),
+        (
+            "credential signing key".into(),
+            read(data.join("credential.key")).trim().to_owned(),
+        ),
+        ("a VM credential".into(), "migvm1.".into()),
+        ("an operator token".into(), "migop_".into()),
+        ("a private key".into(), "PRIVATE KEY".into()),
+    ];
+    for key in ["server-key.pem", "client-key.pem", "ca-key.pem"] {
+        for line in read(env.tls(key))
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+        {
+            secrets.push((format!("a line of {key}"), line.to_owned()));
+        }
+    }
+    let ctl_text = read(ctl_log.clone());
+    let agent_text = agent.log_text();
+    assert!(ctl_text.lines().count() > 20 && ctl_text.contains("\"level\":\"DEBUG\""));
+    assert!(agent_text.contains("DEBUG"));
+    let rows = dump_sqlite(&data.join("controller.db")).await?;
+    assert!(rows.iter().any(|r| r.starts_with("events:")));
+    assert!(rows.iter().any(|r| r.starts_with("operator_tokens:")));
+    assert!(
+        rows.iter()
+            .any(|r| r.starts_with("audit_log:") && r.contains("command.enqueue"))
+    );
+    for (what, secret) in &secrets {
+        assert!(!secret.is_empty(), "{what} is empty");
+        for (where_, text) in [("controller log", &ctl_text), ("agent log", &agent_text)] {
+            if let Some(line) = text.lines().find(|l| l.contains(secret.as_str())) {
+                panic!("{what} in the {where_}: {line}");
+            }
+        }
+        if let Some(row) = rows.iter().find(|r| r.contains(secret.as_str())) {
+            panic!("{what} in a stored row: {row}");
+        }
+    }
+    assert_no_token(&env, &agent);
+    Ok(())
+}
+
+/// Credentials live 4 s here: the agent refreshes them at half-life, a stream opened with an
+/// old one is closed at its expiry and reopened with the new one, and a 9 s job runs through
+/// all of it with every event stored once and no second enrollment.
+#[tokio::test]
+async fn short_lived_credentials_are_refreshed_without_losing_anything() -> R {
+    let env = env().await;
+    let cfg = CtlConfig {
+        credential_ttl: Duration::from_secs(4),
+        ..env.ctl()
+    };
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &cfg).await;
+    env.github.enqueue_job(job("long", "Succeeded", 9000));
+    let mut agent = Agent::spawn(&env, "vm-ttl", ctl.http, Some(ctl.grpc), &[]);
+    assert_eq!(
+        agent.wait_exit(60).await,
+        Some(0),
+        "log:\n{}",
+        agent.log_text()
+    );
+    let types = ctl.event_types("vm-ttl").await;
+    assert_eq!(
+        types,
+        [
+            "vm_started",
+            "runner_registered",
+            "job_started",
+            "job_completed",
+            "vm_shutting_down"
+        ]
+    );
+    let log = ctl.app().store().vm_log_for_vm("vm-ttl").await?;
+    let enrolled = log.iter().filter(|l| l.kind == "enrolled").count();
+    assert_eq!(enrolled, 1, "refreshes, not new enrollments: {log:?}");
+    assert!(
+        log.iter().any(|l| l.kind == "stream_disconnected"
+            && l.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("credential expired"))),
+        "{log:?}"
+    );
+    assert!(
+        log.iter().filter(|l| l.kind == "stream_connected").count() >= 2,
+        "{log:?}"
+    );
+    assert_no_token(&env, &agent);
+    ctl.stop().await;
     Ok(())
 }

@@ -171,7 +171,9 @@ async fn get_command(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("unknown command {id:?}")))?;
     let transitions = app.store().command_transitions(&id).await?;
-    Ok(Json(json!({ "command": command, "transitions": transitions })))
+    Ok(Json(
+        json!({ "command": command, "transitions": transitions }),
+    ))
 }
 
 #[derive(Debug, Deserialize)]

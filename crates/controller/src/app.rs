@@ -72,8 +72,7 @@ pub struct Controller {
 }
 
 /// Why a registration token is refused once a job ran on the VM's current boot.
-const JOB_STARTED: &str =
-    "a job already started on this VM's current boot; its registration token is not handed out again";
+const JOB_STARTED: &str = "a job already started on this VM's current boot; its registration token is not handed out again";
 
 fn now_ms() -> Millis {
     Utc::now().timestamp_millis()

@@ -427,10 +427,7 @@ impl Settings {
             }
         };
         let l = &file.limits;
-        let per_vm_rate = args
-            .rate_limit_per_vm
-            .or(l.per_vm_per_second)
-            .unwrap_or(20);
+        let per_vm_rate = args.rate_limit_per_vm.or(l.per_vm_per_second).unwrap_or(20);
         let per_addr_rate = args
             .rate_limit_per_addr
             .or(l.per_addr_per_second)
@@ -495,10 +492,7 @@ impl Settings {
                 per_second: per_addr_rate,
                 burst: l.per_addr_burst.unwrap_or(per_addr_rate.saturating_mul(5)),
             },
-            header_timeout: secs(
-                "header_timeout_secs",
-                l.header_timeout_secs.unwrap_or(10),
-            )?,
+            header_timeout: secs("header_timeout_secs", l.header_timeout_secs.unwrap_or(10))?,
         })
     }
 }
@@ -579,7 +573,11 @@ fn build_pools(
                 reason: "no enrollment method: set bootstrap_secret_file and/or [gce], or its VMs can never connect".into(),
             });
         }
-        if enrollment.gce.as_ref().is_some_and(|g| g.project_id.is_empty()) {
+        if enrollment
+            .gce
+            .as_ref()
+            .is_some_and(|g| g.project_id.is_empty())
+        {
             return Err(ConfigError::Invalid {
                 name: format!("{name}.enrollment.gce.project_id"),
                 reason: "is empty".into(),
@@ -650,15 +648,17 @@ mod tests {
     #[test]
     fn auth_settings_are_checked() -> Result<(), Box<dyn std::error::Error>> {
         // A pool that cannot enroll anyone is a config error in authenticated mode ...
-        let no_method: FileConfig =
-            toml::from_str("[pools.p]\nrunner_url = \"u\"\ntoken = \"a\"")?;
+        let no_method: FileConfig = toml::from_str("[pools.p]\nrunner_url = \"u\"\ntoken = \"a\"")?;
         assert!(Settings::resolve(ServeArgs::default(), no_method.clone()).is_err());
         // ... but fine in open mode.
         let open = ServeArgs {
             auth_mode: Some(AuthMode::Open),
             ..ServeArgs::default()
         };
-        assert_eq!(Settings::resolve(open, no_method)?.auth_mode, AuthMode::Open);
+        assert_eq!(
+            Settings::resolve(open, no_method)?.auth_mode,
+            AuthMode::Open
+        );
         // GCE enrollment needs an audience.
         let gce: FileConfig = toml::from_str(
             "[pools.p]\nrunner_url = \"u\"\ntoken = \"a\"\n[pools.p.enrollment.gce]\nproject_id = \"x\"",

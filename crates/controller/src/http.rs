@@ -14,14 +14,13 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
-use axum::{Extension, Router};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use miglet_proto::event::{EventKind, EventReport, HeartbeatReport};
 use miglet_proto::json::{
-    CommandAckBody, CommandAckResponse, CommandsResponse, EnrollRequest, EnrollResponse,
-    ErrorBody, EventBody, HealthBody, HeartbeatBody, Received, RegistrationTokenRequest,
-    VmStartedAck,
+    CommandAckBody, CommandAckResponse, CommandsResponse, EnrollRequest, EnrollResponse, ErrorBody,
+    EventBody, HealthBody, HeartbeatBody, Received, RegistrationTokenRequest, VmStartedAck,
 };
 use serde::de::DeserializeOwned;
 use std::net::SocketAddr;

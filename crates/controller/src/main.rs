@@ -5,8 +5,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mig_controller::auth::{AuthMode, Role};
 use mig_controller::config::{ConfigError, LogFormat, ServeArgs, Settings};
-use mig_controller::store::{AuditRow, Mutation, Store};
 use mig_controller::server;
+use mig_controller::store::{AuditRow, Mutation, Store};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
@@ -37,7 +37,11 @@ enum Cmd {
     Token(TokenCmd),
     /// Show the audit log of admin actions, newest first.
     Audit {
-        #[arg(long, env = "MIG_CONTROLLER_DATA_DIR", default_value = "./controller_data")]
+        #[arg(
+            long,
+            env = "MIG_CONTROLLER_DATA_DIR",
+            default_value = "./controller_data"
+        )]
         data_dir: PathBuf,
         /// How many entries.
         #[arg(long, default_value_t = 50)]
@@ -70,7 +74,11 @@ enum Cmd {
 enum TokenCmd {
     /// Create a token; it is printed once, on standard output, and never stored.
     Create {
-        #[arg(long, env = "MIG_CONTROLLER_DATA_DIR", default_value = "./controller_data")]
+        #[arg(
+            long,
+            env = "MIG_CONTROLLER_DATA_DIR",
+            default_value = "./controller_data"
+        )]
         data_dir: PathBuf,
         /// Who or what the token is for (letters, digits, `.`, `_`, `-`).
         #[arg(long)]
@@ -83,12 +91,20 @@ enum TokenCmd {
     },
     /// List tokens (never their secrets).
     List {
-        #[arg(long, env = "MIG_CONTROLLER_DATA_DIR", default_value = "./controller_data")]
+        #[arg(
+            long,
+            env = "MIG_CONTROLLER_DATA_DIR",
+            default_value = "./controller_data"
+        )]
         data_dir: PathBuf,
     },
     /// Revoke a token by id; it stops working at once.
     Revoke {
-        #[arg(long, env = "MIG_CONTROLLER_DATA_DIR", default_value = "./controller_data")]
+        #[arg(
+            long,
+            env = "MIG_CONTROLLER_DATA_DIR",
+            default_value = "./controller_data"
+        )]
         data_dir: PathBuf,
         id: String,
     },
@@ -208,7 +224,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         );
     }
     if settings.tls.is_none() {
-        tracing::warn!("TLS is off: credentials and registration tokens cross the network in clear text. Set --tls-cert and --tls-key.");
+        tracing::warn!(
+            "TLS is off: credentials and registration tokens cross the network in clear text. Set --tls-cert and --tls-key."
+        );
     }
     let addr_file = settings.addr_file.clone();
     let (http, grpc) = server::bind(&settings).await?;
@@ -296,7 +314,8 @@ async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
             let store = open_store(&data_dir).await?;
             let now = chrono::Utc::now().timestamp_millis();
             let expires = expires_in_days.map(|d| now + i64::from(d) * 86_400_000);
-            let minted = mig_controller::auth::operator::mint(&name, role, &local_actor(), now, expires)?;
+            let minted =
+                mig_controller::auth::operator::mint(&name, role, &local_actor(), now, expires)?;
             let audit = AuditRow {
                 seq: 0,
                 at: now,
@@ -351,7 +370,10 @@ async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
             let store = open_store(&data_dir).await?;
             let now = chrono::Utc::now().timestamp_millis();
             let outcomes = store
-                .write(vec![Mutation::RevokeOperatorToken { id: id.clone(), at: now }])
+                .write(vec![Mutation::RevokeOperatorToken {
+                    id: id.clone(),
+                    at: now,
+                }])
                 .await?;
             let revoked = outcomes.first() == Some(&mig_controller::store::Outcome::Applied(true));
             store
@@ -377,7 +399,12 @@ async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
 }
 
 #[allow(clippy::print_stdout)]
-async fn audit(data_dir: PathBuf, limit: u32, before: Option<i64>, json: bool) -> anyhow::Result<()> {
+async fn audit(
+    data_dir: PathBuf,
+    limit: u32,
+    before: Option<i64>,
+    json: bool,
+) -> anyhow::Result<()> {
     let store = open_store(&data_dir).await?;
     let rows = store.audit_list(before, limit.clamp(1, 10_000)).await?;
     store.close().await;
@@ -417,7 +444,10 @@ fn certs(cmd: CertsCmd) -> anyhow::Result<()> {
             days,
         } => {
             if out.join("ca-key.pem").exists() {
-                anyhow::bail!("{} already holds a CA; refusing to overwrite it", out.display());
+                anyhow::bail!(
+                    "{} already holds a CA; refusing to overwrite it",
+                    out.display()
+                );
             }
             let ca = pki::new_ca("miglet private CA", 3650)?;
             pki::write(&out, "ca", &ca)?;
@@ -430,7 +460,18 @@ fn certs(cmd: CertsCmd) -> anyhow::Result<()> {
             eprintln!(
                 "Wrote ca.pem, server.pem (for {}){} with their -key.pem files to {}. Keep ca-key.pem offline.",
                 hosts.join(", "),
-                if clients.is_empty() { String::new() } else { format!(", {}", clients.iter().map(|c| format!("{c}.pem")).collect::<Vec<_>>().join(", ")) },
+                if clients.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", {}",
+                        clients
+                            .iter()
+                            .map(|c| format!("{c}.pem"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                },
                 out.display()
             );
         }

@@ -191,13 +191,14 @@ pub async fn serve_http(
                 None => break,
             },
         };
-        let svc = router
-            .clone()
-            .map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+        let svc = router.clone().map_request(
+            move |mut req: axum::extract::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(ConnectInfo(peer));
                 req
-            });
-        let connection = builder.serve_connection(TokioIo::new(conn), TowerToHyperService::new(svc));
+            },
+        );
+        let connection =
+            builder.serve_connection(TokioIo::new(conn), TowerToHyperService::new(svc));
         let watched = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = watched.await {
@@ -206,7 +207,10 @@ pub async fn serve_http(
         });
     }
     drop(incoming);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         warn!("HTTP connections still open after the grace period");
     }
 }

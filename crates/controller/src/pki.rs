@@ -45,7 +45,8 @@ impl std::fmt::Debug for Pem {
 
 /// Valid from yesterday (clock skew) for `days` days.
 fn set_validity(p: &mut CertificateParams, days: i64) {
-    let ymd = |t: chrono::DateTime<Utc>| rcgen::date_time_ymd(t.year(), t.month() as u8, t.day() as u8);
+    let ymd =
+        |t: chrono::DateTime<Utc>| rcgen::date_time_ymd(t.year(), t.month() as u8, t.day() as u8);
     p.not_before = ymd(Utc::now() - chrono::Duration::days(1));
     p.not_after = ymd(Utc::now() + chrono::Duration::days(days));
 }
@@ -80,7 +81,8 @@ pub fn issue(ca: &Pem, usage: Usage, names: &[String], days: i64) -> Result<Pem,
     let key = KeyPair::generate()?;
     let mut p = CertificateParams::new(names.to_vec())?;
     if let Some(first) = names.first() {
-        p.distinguished_name.push(DnType::CommonName, first.as_str());
+        p.distinguished_name
+            .push(DnType::CommonName, first.as_str());
     }
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![match usage {

@@ -10,11 +10,11 @@ use crate::auth::credential::{CredentialKey, write_secret_file};
 use crate::auth::enroll::Enroller;
 use crate::auth::limits::RateLimits;
 use crate::auth::{AuthMode, Gatekeeper};
-use crate::net::Security;
-use crate::tls::TlsFiles;
 use crate::config::Settings;
 use crate::grpc::{GrpcService, MAX_MESSAGE};
+use crate::net::Security;
 use crate::store::{Store, StoreError};
+use crate::tls::TlsFiles;
 use miglet_proto::pb::command_service_server::CommandServiceServer;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -147,12 +147,8 @@ pub async fn start(
         .await;
     let service = CommandServiceServer::new(GrpcService::new(app.clone(), sessions.clone()))
         .max_decoding_message_size(MAX_MESSAGE);
-    let grpc_conns = ReceiverStream::new(crate::net::accept(
-        grpc,
-        grpc_security,
-        shutdown.clone(),
-    ))
-    .map(|(conn, _peer)| Ok::<_, std::io::Error>(conn));
+    let grpc_conns = ReceiverStream::new(crate::net::accept(grpc, grpc_security, shutdown.clone()))
+        .map(|(conn, _peer)| Ok::<_, std::io::Error>(conn));
     let stop = shutdown.clone();
     let grpc_task = tokio::spawn(async move {
         let serve = tonic::transport::Server::builder()
@@ -239,7 +235,10 @@ async fn first_start_secrets(settings: &Settings, store: &Store) -> Result<(), S
             target: Some(format!("operator_token:{}", minted.record.id)),
             remote_addr: None,
             outcome: "ok".into(),
-            detail: Some(format!("name=initial-admin role=admin file={}", path.display())),
+            detail: Some(format!(
+                "name=initial-admin role=admin file={}",
+                path.display()
+            )),
         };
         store
             .write(vec![

@@ -41,7 +41,10 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Reads every certificate of a PEM file.
-pub fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn read_certs(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let shown = path.display().to_string();
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| TlsError::Read {
@@ -94,10 +97,9 @@ pub fn server_config(s: &TlsSettings, alpn: &[&[u8]]) -> Result<ServerConfig, Tl
                     .add(c)
                     .map_err(|e| TlsError::Config(format!("client CA {}: {e}", ca.display())))?;
             }
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                    .build()
-                    .map_err(|e| TlsError::Config(e.to_string()))?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };

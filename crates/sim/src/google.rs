@@ -159,7 +159,10 @@ async fn certs(State(g): State<FakeGoogle>) -> impl IntoResponse {
     (
         [
             (header::CONTENT_TYPE, "application/json; charset=UTF-8"),
-            (header::CACHE_CONTROL, "public, max-age=21600, must-revalidate"),
+            (
+                header::CACHE_CONTROL,
+                "public, max-age=21600, must-revalidate",
+            ),
         ],
         json!({ "keys": keys }).to_string(),
     )

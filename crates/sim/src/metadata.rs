@@ -6,8 +6,8 @@
 //! `instance/service-accounts/default/identity?audience=..&format=full|standard` with a fresh
 //! identity token per request (400 without an audience), signed by [`FakeGoogle`].
 
-use axum::Router;
 use crate::google::{FakeGoogle, Instance};
+use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -88,7 +88,11 @@ fn identity(
 ) -> Response {
     let audience = query.get("audience").map(String::as_str).unwrap_or("");
     if audience.is_empty() {
-        return (StatusCode::BAD_REQUEST, "non-empty audience parameter required").into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            "non-empty audience parameter required",
+        )
+            .into_response();
     }
     let mut claims = FakeGoogle::claims(instance, audience);
     if query.get("format").map(String::as_str) != Some("full")

@@ -108,11 +108,9 @@ impl CredentialKey {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let bytes = super::random_bytes(32).map_err(|_| KeyError::Random)?;
-                write_secret_file(path, &B64.encode(&bytes)).map_err(|source| {
-                    KeyError::Write {
-                        path: shown,
-                        source,
-                    }
+                write_secret_file(path, &B64.encode(&bytes)).map_err(|source| KeyError::Write {
+                    path: shown,
+                    source,
                 })?;
                 Ok(CredentialKey::from_bytes(&bytes))
             }
@@ -137,9 +135,7 @@ impl CredentialKey {
         if token.len() > MAX_LEN || !token.starts_with(PREFIX) {
             return Err(CredentialError::Malformed);
         }
-        let (signed, tag) = token
-            .rsplit_once('.')
-            .ok_or(CredentialError::Malformed)?;
+        let (signed, tag) = token.rsplit_once('.').ok_or(CredentialError::Malformed)?;
         let tag = B64.decode(tag).map_err(|_| CredentialError::Malformed)?;
         aws_lc_rs::hmac::verify(&self.key, signed.as_bytes(), &tag)
             .map_err(|_| CredentialError::BadSignature)?;
@@ -220,7 +216,10 @@ mod tests {
         );
         let sig = token.rsplit_once('.').map(|(_, s)| s).unwrap_or_default();
         let forged = format!("{PREFIX}{forged_body}.{sig}");
-        assert_eq!(key.verify(&forged, 1500), Err(CredentialError::BadSignature));
+        assert_eq!(
+            key.verify(&forged, 1500),
+            Err(CredentialError::BadSignature)
+        );
         // Garbage.
         for bad in ["", "migvm1.", "migvm1.a.b", "Bearer x", &"m".repeat(5000)] {
             assert!(key.verify(bad, 1500).is_err(), "{bad:?}");

@@ -141,7 +141,9 @@ impl Enroller {
                 let token = req.identity_token.as_deref().ok_or_else(|| {
                     EnrollError::BadRequest("method gce needs identity_token".into())
                 })?;
-                let identity = self.check_gce(&rules, &req.pool_id, &req.vm_id, token).await?;
+                let identity = self
+                    .check_gce(&rules, &req.pool_id, &req.vm_id, token)
+                    .await?;
                 // One exchange per token: a copied token is worthless once used.
                 let outcome = store
                     .write(vec![Mutation::ClaimIdentityToken {
@@ -197,8 +199,9 @@ impl Enroller {
         })?;
         let a = sha256_hex(presented.trim().as_bytes());
         let b = sha256_hex(expected.as_bytes());
-        aws_lc_rs::constant_time::verify_slices_are_equal(a.as_bytes(), b.as_bytes())
-            .map_err(|_| EnrollError::Refused(format!("wrong bootstrap secret for pool {pool_id:?}")))
+        aws_lc_rs::constant_time::verify_slices_are_equal(a.as_bytes(), b.as_bytes()).map_err(
+            |_| EnrollError::Refused(format!("wrong bootstrap secret for pool {pool_id:?}")),
+        )
     }
 
     async fn check_gce(

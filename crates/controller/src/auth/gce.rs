@@ -150,7 +150,10 @@ impl GoogleKeys {
         if fresh && let Some(k) = cache.keys.get(kid) {
             return Ok(k.clone());
         }
-        if cache.last_attempt.is_some_and(|t| t.elapsed() < MIN_REFETCH) {
+        if cache
+            .last_attempt
+            .is_some_and(|t| t.elapsed() < MIN_REFETCH)
+        {
             return cache.keys.get(kid).cloned().ok_or(GceError::UnknownKey);
         }
         cache.last_attempt = Some(Instant::now());

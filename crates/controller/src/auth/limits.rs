@@ -111,7 +111,10 @@ mod tests {
         assert!(wait.is_some_and(|w| w <= Duration::from_secs(1)));
         assert!(l.check_vm("b").is_ok(), "keys are independent");
         for _ in 0..100 {
-            assert!(l.check_addr("10.0.0.1".parse().unwrap_or(IpAddr::from([0; 4]))).is_ok());
+            assert!(
+                l.check_addr("10.0.0.1".parse().unwrap_or(IpAddr::from([0; 4])))
+                    .is_ok()
+            );
         }
         l.prune();
     }

@@ -235,8 +235,8 @@ impl Gatekeeper {
             return Ok(None);
         };
         if token.starts_with(operator::PREFIX) {
-            let (id, secret) = operator::parse(token)
-                .map_err(|e| Denied::Unauthenticated(e.to_string()))?;
+            let (id, secret) =
+                operator::parse(token).map_err(|e| Denied::Unauthenticated(e.to_string()))?;
             let record = store
                 .operator_token_get(id)
                 .await

@@ -130,7 +130,13 @@ mod tests {
             check(&revoked, secret, 2000),
             Err(OperatorTokenError::Revoked)
         );
-        for bad in ["", "migop_", "migop_zz_x", "migvm1.x.y", "migop_0123456789abcdef_short"] {
+        for bad in [
+            "",
+            "migop_",
+            "migop_zz_x",
+            "migvm1.x.y",
+            "migop_0123456789abcdef_short",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
         assert!(mint("bad name!", Role::Admin, "cli", 0, None).is_err());

@@ -58,7 +58,12 @@ fn pools(st: &mut Settings, dir: &std::path::Path, jwks: &str) {
         }),
     });
     st.pools = Pools::new(
-        [("p".to_owned(), p), ("q".to_owned(), q), ("g".to_owned(), g)].into(),
+        [
+            ("p".to_owned(), p),
+            ("q".to_owned(), q),
+            ("g".to_owned(), g),
+        ]
+        .into(),
         None,
     );
     st.enroll.audience = Some(AUDIENCE.into());
@@ -139,13 +144,20 @@ async fn every_endpoint_needs_the_right_vm_credential() -> TestResult {
         assert_eq!(status, 401, "{method} {path} without credential: {resp}");
         assert_eq!(resp["code"], "unauthenticated");
         assert!(headers.contains_key("www-authenticate"));
-        let (status, resp, _) = request(&s, method, &path, Some("migvm1.bogus.sig"), body.clone()).await;
+        let (status, resp, _) =
+            request(&s, method, &path, Some("migvm1.bogus.sig"), body.clone()).await;
         assert_eq!(status, 401, "{method} {path} with garbage: {resp}");
         let (status, resp, _) = request(&s, method, &path, Some(&cred_a), body.clone()).await;
-        assert_eq!(status, 403, "{method} {path} with VM A's credential: {resp}");
+        assert_eq!(
+            status, 403,
+            "{method} {path} with VM A's credential: {resp}"
+        );
         assert_eq!(resp["code"], "permission_denied");
         let (status, resp, _) = request(&s, method, &path, Some(&admin), body.clone()).await;
-        assert_eq!(status, 403, "{method} {path} with an operator token: {resp}");
+        assert_eq!(
+            status, 403,
+            "{method} {path} with an operator token: {resp}"
+        );
     }
     // The owner gets through (vm_started first, so the others have a VM to talk about).
     for (method, path, body) in vm_endpoints("vm-b") {
@@ -173,31 +185,51 @@ async fn every_endpoint_needs_the_right_vm_credential() -> TestResult {
     .await;
     assert_eq!(status, 403, "{resp}");
     // Refresh hands out a new credential for the same VM and pool.
-    let (status, fresh, _) =
-        request(&s, "POST", "/api/v1/vms/vm-b/credential", Some(&cred_b), None).await;
+    let (status, fresh, _) = request(
+        &s,
+        "POST",
+        "/api/v1/vms/vm-b/credential",
+        Some(&cred_b),
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{fresh}");
-    assert_eq!((fresh["vm_id"].as_str(), fresh["pool_id"].as_str()), (Some("vm-b"), Some("p")));
+    assert_eq!(
+        (fresh["vm_id"].as_str(), fresh["pool_id"].as_str()),
+        (Some("vm-b"), Some("p"))
+    );
     let fresh = fresh["credential"].as_str().ok_or("credential")?;
     assert_ne!(fresh, cred_b);
     let (status, _, _) = request(&s, "GET", "/api/v1/vms/vm-b/commands", Some(fresh), None).await;
     assert_eq!(status, 200);
     // Health is public and says how the controller runs.
     let (status, health, _) = request(&s, "GET", "/health", None, None).await;
-    assert_eq!((status, health["auth_mode"].as_str()), (200, Some("authenticated")));
+    assert_eq!(
+        (status, health["auth_mode"].as_str()),
+        (200, Some("authenticated"))
+    );
     s.stop().await;
     Ok(())
 }
 
 #[tokio::test]
 async fn expired_credentials_are_refused() -> TestResult {
-    let mut s = TestServer::start_with(|st| st.enroll.credential_ttl = Duration::from_secs(1)).await;
+    let mut s =
+        TestServer::start_with(|st| st.enroll.credential_ttl = Duration::from_secs(1)).await;
     let cred = s.enroll("vm-e", "p").await;
     let (status, _, _) = request(&s, "GET", "/api/v1/vms/vm-e/commands", Some(&cred), None).await;
     assert_eq!(status, 200);
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let (status, body, _) = request(&s, "GET", "/api/v1/vms/vm-e/commands", Some(&cred), None).await;
+    let (status, body, _) =
+        request(&s, "GET", "/api/v1/vms/vm-e/commands", Some(&cred), None).await;
     assert_eq!(status, 401, "{body}");
-    assert!(body["error"].as_str().unwrap_or_default().contains("expired"), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("expired"),
+        "{body}"
+    );
     s.stop().await;
     Ok(())
 }
@@ -227,7 +259,12 @@ async fn grpc_stream_needs_the_right_vm_credential() -> TestResult {
     let res = GrpcAgent::open_with(&s.grpc, connect_msg("vm-ga", "other", ""), Some(&cred_a)).await;
     let got = match res {
         Err(st) => st.code(),
-        Ok(mut a) => a.recv_within(WAIT).await.err().map(|st| st.code()).ok_or("error")?,
+        Ok(mut a) => a
+            .recv_within(WAIT)
+            .await
+            .err()
+            .map(|st| st.code())
+            .ok_or("error")?,
     };
     assert_eq!(got, tonic::Code::PermissionDenied);
     assert!(s.app().store().vm_get("vm-gb").await?.is_none());
@@ -244,9 +281,7 @@ async fn bootstrap_secrets_enroll_only_into_their_pool() -> TestResult {
     let dir = tempfile::tempdir()?;
     let d = dir.path().to_owned();
     let mut s = TestServer::start_with(|st| pools(st, &d, "http://127.0.0.1:9/none")).await;
-    let enroll = |pool: &str, secret: &str| {
-        json!({"vm_id":"vm-1","pool_id":pool,"method":"bootstrap","bootstrap_secret":secret})
-    };
+    let enroll = |pool: &str, secret: &str| json!({"vm_id":"vm-1","pool_id":pool,"method":"bootstrap","bootstrap_secret":secret});
     let (status, body) = enroll_raw(&s, enroll("p", "secret-of-pool-p-0123456789")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["pool_id"], "p");
@@ -259,11 +294,23 @@ async fn bootstrap_secrets_enroll_only_into_their_pool() -> TestResult {
     assert_eq!(status, 401, "a GCE-only pool takes no secrets");
     let (status, _) = enroll_raw(&s, enroll("unknown", "secret-of-pool-p-0123456789")).await;
     assert_eq!(status, 401);
-    let (status, body) = enroll_raw(&s, json!({"vm_id":"../x","pool_id":"p","method":"bootstrap","bootstrap_secret":"x"})).await;
+    let (status, body) = enroll_raw(
+        &s,
+        json!({"vm_id":"../x","pool_id":"p","method":"bootstrap","bootstrap_secret":"x"}),
+    )
+    .await;
     assert_eq!(status, 400, "{body}");
-    let (status, _) = enroll_raw(&s, json!({"vm_id":"vm-1","pool_id":"p","method":"bootstrap"})).await;
+    let (status, _) = enroll_raw(
+        &s,
+        json!({"vm_id":"vm-1","pool_id":"p","method":"bootstrap"}),
+    )
+    .await;
     assert_eq!(status, 400);
-    let (status, _) = enroll_raw(&s, json!({"vm_id":"vm-1","pool_id":"p","method":"telepathy"})).await;
+    let (status, _) = enroll_raw(
+        &s,
+        json!({"vm_id":"vm-1","pool_id":"p","method":"telepathy"}),
+    )
+    .await;
     assert_eq!(status, 400);
     s.stop().await;
     Ok(())
@@ -278,9 +325,7 @@ async fn gce_identity_tokens_are_verified_bound_and_used_once() -> TestResult {
     let d = dir.path().to_owned();
     let mut s = TestServer::start_with(|st| pools(st, &d, &jwks)).await;
     let vm = Instance::new("acme-ci", "us-central1-a", "gce-abcd");
-    let enroll = |token: &str, vm_id: &str| {
-        json!({"vm_id":vm_id,"pool_id":"g","method":"gce","identity_token":token})
-    };
+    let enroll = |token: &str, vm_id: &str| json!({"vm_id":vm_id,"pool_id":"g","method":"gce","identity_token":token});
     let good = google.identity_token(&vm, AUDIENCE)?;
     let (status, body) = enroll_raw(&s, enroll(&good, "gce-abcd")).await;
     assert_eq!(status, 200, "{body}");
@@ -288,7 +333,13 @@ async fn gce_identity_tokens_are_verified_bound_and_used_once() -> TestResult {
     // Replay: the same token again, even for the same VM.
     let (status, body) = enroll_raw(&s, enroll(&good, "gce-abcd")).await;
     assert_eq!(status, 401, "{body}");
-    assert!(body["error"].as_str().unwrap_or_default().contains("already used"), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("already used"),
+        "{body}"
+    );
 
     let mut cases: Vec<(&str, String, &str)> = Vec::new();
     let mut claims = FakeGoogle::claims(&vm, AUDIENCE);
@@ -305,12 +356,18 @@ async fn gce_identity_tokens_are_verified_bound_and_used_once() -> TestResult {
     ));
     cases.push((
         "wrong project",
-        google.identity_token(&Instance::new("evil-proj", "us-central1-a", "gce-abcd"), AUDIENCE)?,
+        google.identity_token(
+            &Instance::new("evil-proj", "us-central1-a", "gce-abcd"),
+            AUDIENCE,
+        )?,
         "gce-abcd",
     ));
     cases.push((
         "wrong zone",
-        google.identity_token(&Instance::new("acme-ci", "europe-west1-b", "gce-abcd"), AUDIENCE)?,
+        google.identity_token(
+            &Instance::new("acme-ci", "europe-west1-b", "gce-abcd"),
+            AUDIENCE,
+        )?,
         "gce-abcd",
     ));
     cases.push((
@@ -321,7 +378,10 @@ async fn gce_identity_tokens_are_verified_bound_and_used_once() -> TestResult {
     let fresh = google.identity_token(&vm, AUDIENCE)?;
     let mut parts: Vec<String> = fresh.split('.').map(str::to_owned).collect();
     // Tampered: the payload of a token for another project under this signature.
-    let other = google.identity_token(&Instance::new("acme-ci", "us-central1-a", "gce-zzzz"), AUDIENCE)?;
+    let other = google.identity_token(
+        &Instance::new("acme-ci", "us-central1-a", "gce-zzzz"),
+        AUDIENCE,
+    )?;
     parts[1] = other.split('.').nth(1).unwrap_or_default().to_owned();
     cases.push(("tampered", parts.join("."), "gce-zzzz"));
     let mut standard = FakeGoogle::claims(&vm, AUDIENCE);
@@ -333,7 +393,11 @@ async fn gce_identity_tokens_are_verified_bound_and_used_once() -> TestResult {
     wrong_iss["iss"] = json!("https://evil.example");
     cases.push(("wrong issuer", google.sign(&wrong_iss)?, "gce-abcd"));
     google.sign_with(1);
-    cases.push(("unpublished key", google.identity_token(&vm, AUDIENCE)?, "gce-abcd"));
+    cases.push((
+        "unpublished key",
+        google.identity_token(&vm, AUDIENCE)?,
+        "gce-abcd",
+    ));
     google.sign_with(0);
     cases.push(("not a JWT", "not-a-jwt".into(), "gce-abcd"));
     for (what, token, vm_id) in cases {
@@ -346,14 +410,30 @@ async fn gce_identity_tokens_are_verified_bound_and_used_once() -> TestResult {
     google.publish(&[0, 1]);
     google.sign_with(1);
     tokio::time::sleep(mig_controller::auth::gce::MIN_REFETCH).await;
-    let (status, body) = enroll_raw(&s, enroll(&google.identity_token(&vm, AUDIENCE)?, "gce-abcd")).await;
+    let (status, body) = enroll_raw(
+        &s,
+        enroll(&google.identity_token(&vm, AUDIENCE)?, "gce-abcd"),
+    )
+    .await;
     assert_eq!(status, 200, "rotated key: {body}");
     // The credential from the GCE enrollment works for its VM.
-    let (status, _, _) = request(&s, "GET", "/api/v1/vms/gce-abcd/commands", Some(&cred), None).await;
+    let (status, _, _) = request(
+        &s,
+        "GET",
+        "/api/v1/vms/gce-abcd/commands",
+        Some(&cred),
+        None,
+    )
+    .await;
     assert_eq!(status, 200);
     let log = s.app().store().vm_log_for_vm("gce-abcd").await?;
-    assert!(log.iter().any(|l| l.kind == "enrolled"
-        && l.detail.as_deref().unwrap_or_default().contains("method=gce")));
+    assert!(log.iter().any(|l| {
+        l.kind == "enrolled"
+            && l.detail
+                .as_deref()
+                .unwrap_or_default()
+                .contains("method=gce")
+    }));
     s.stop().await;
     Ok(())
 }
@@ -365,9 +445,17 @@ async fn operator_roles_and_the_audit_log() -> TestResult {
     let admin = s.admin_token();
     let store = s.app().store().clone();
     let now = chrono::Utc::now().timestamp_millis();
-    let ro = mig_controller::auth::operator::mint("viewer", mig_controller::auth::Role::ReadOnly, "test", now, None)?;
+    let ro = mig_controller::auth::operator::mint(
+        "viewer",
+        mig_controller::auth::Role::ReadOnly,
+        "test",
+        now,
+        None,
+    )?;
     store
-        .write(vec![mig_controller::store::Mutation::InsertOperatorToken(ro.record.clone())])
+        .write(vec![mig_controller::store::Mutation::InsertOperatorToken(
+            ro.record.clone(),
+        )])
         .await?;
     let drain = json!({"type":"drain","parameters":{"reason":"test","timeout_seconds":60}});
     let path = "/api/v1/admin/vms/vm-op/commands";
@@ -386,38 +474,97 @@ async fn operator_roles_and_the_audit_log() -> TestResult {
     assert_eq!(list["count"], 1);
     let (status, body, _) = request(&s, "POST", path, Some(&ro.token), Some(drain.clone())).await;
     assert_eq!(status, 403, "{body}");
-    assert!(store.commands_for_vm("vm-op").await?.iter().all(|c| c.command_type != "drain"));
+    assert!(
+        store
+            .commands_for_vm("vm-op")
+            .await?
+            .iter()
+            .all(|c| c.command_type != "drain")
+    );
     // Admin enqueues; the command can be followed to its state.
     let (status, body, _) = request(&s, "POST", path, Some(&admin), Some(drain.clone())).await;
     assert_eq!(status, 201, "{body}");
     let id = body["command"]["id"].as_str().ok_or("id")?.to_owned();
-    assert_eq!(body["command"]["source"], format!("operator:initial-admin({})", admin.split('_').nth(1).unwrap_or_default()));
-    let (status, cmd, _) = request(&s, "GET", &format!("/api/v1/admin/commands/{id}"), Some(&ro.token), None).await;
+    assert_eq!(
+        body["command"]["source"],
+        format!(
+            "operator:initial-admin({})",
+            admin.split('_').nth(1).unwrap_or_default()
+        )
+    );
+    let (status, cmd, _) = request(
+        &s,
+        "GET",
+        &format!("/api/v1/admin/commands/{id}"),
+        Some(&ro.token),
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{cmd}");
     assert_eq!(cmd["command"]["state"], "pending");
     // Bad input to the admin API is a 400 and is audited too.
-    let (status, _, _) = request(&s, "POST", path, Some(&admin), Some(json!({"type":"reboot"}))).await;
+    let (status, _, _) = request(
+        &s,
+        "POST",
+        path,
+        Some(&admin),
+        Some(json!({"type":"reboot"})),
+    )
+    .await;
     assert_eq!(status, 400);
-    let (status, _, _) = request(&s, "GET", "/api/v1/admin/audit?limit=0", Some(&admin), None).await;
+    let (status, _, _) =
+        request(&s, "GET", "/api/v1/admin/audit?limit=0", Some(&admin), None).await;
     assert_eq!(status, 400);
     // The audit log: who, what, on what, from where, how it ended.
-    let (status, audit, _) = request(&s, "GET", "/api/v1/admin/audit?limit=10", Some(&ro.token), None).await;
+    let (status, audit, _) = request(
+        &s,
+        "GET",
+        "/api/v1/admin/audit?limit=10",
+        Some(&ro.token),
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{audit}");
     let entries = audit["entries"].as_array().ok_or("entries")?;
     let outcomes: Vec<(&str, &str)> = entries
         .iter()
-        .map(|e| (e["action"].as_str().unwrap_or_default(), e["outcome"].as_str().unwrap_or_default()))
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap_or_default(),
+                e["outcome"].as_str().unwrap_or_default(),
+            )
+        })
         .collect();
-    assert!(outcomes.contains(&("command.enqueue", "ok")), "{outcomes:?}");
-    assert!(outcomes.contains(&("command.enqueue", "error: bad_request")), "{outcomes:?}");
-    assert!(outcomes.contains(&("POST /api/v1/admin/vms/vm-op/commands", "denied")), "{outcomes:?}");
-    let ok = entries.iter().find(|e| e["outcome"] == "ok" && e["action"] == "command.enqueue").ok_or("ok entry")?;
+    assert!(
+        outcomes.contains(&("command.enqueue", "ok")),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.contains(&("command.enqueue", "error: bad_request")),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.contains(&("POST /api/v1/admin/vms/vm-op/commands", "denied")),
+        "{outcomes:?}"
+    );
+    let ok = entries
+        .iter()
+        .find(|e| e["outcome"] == "ok" && e["action"] == "command.enqueue")
+        .ok_or("ok entry")?;
     assert_eq!(ok["target"], "vm:vm-op");
     assert_eq!(ok["remote_addr"], "127.0.0.1");
-    assert!(ok["actor"].as_str().unwrap_or_default().starts_with("operator:initial-admin("));
+    assert!(
+        ok["actor"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("operator:initial-admin(")
+    );
     // Revocation takes effect at once.
     store
-        .write(vec![mig_controller::store::Mutation::RevokeOperatorToken { id: ro.record.id.clone(), at: now }])
+        .write(vec![mig_controller::store::Mutation::RevokeOperatorToken {
+            id: ro.record.id.clone(),
+            at: now,
+        }])
         .await?;
     let (status, _, _) = request(&s, "GET", "/api/v1/admin/vms", Some(&ro.token), None).await;
     assert_eq!(status, 401);
@@ -427,7 +574,11 @@ async fn operator_roles_and_the_audit_log() -> TestResult {
         if path.ends_with("initial-admin-token") {
             continue;
         }
-        assert!(!text.contains(&ro.token) && !text.contains(&admin), "{}", path.display());
+        assert!(
+            !text.contains(&ro.token) && !text.contains(&admin),
+            "{}",
+            path.display()
+        );
     }
     s.stop().await;
     Ok(())
@@ -436,30 +587,45 @@ async fn operator_roles_and_the_audit_log() -> TestResult {
 #[tokio::test]
 async fn rate_limits_answer_429_with_retry_after() -> TestResult {
     let mut s = TestServer::start_with(|st| {
-        st.per_vm_limit = mig_controller::auth::limits::Limit { per_second: 1, burst: 3 };
+        st.per_vm_limit = mig_controller::auth::limits::Limit {
+            per_second: 1,
+            burst: 3,
+        };
     })
     .await;
     let cred = s.enroll("vm-rl", "p").await;
     let mut statuses = Vec::new();
     let mut retry_after = None;
     for _ in 0..6 {
-        let (status, _, headers) = request(&s, "GET", "/api/v1/vms/vm-rl/commands", Some(&cred), None).await;
+        let (status, _, headers) =
+            request(&s, "GET", "/api/v1/vms/vm-rl/commands", Some(&cred), None).await;
         statuses.push(status);
         if status == 429 {
-            retry_after = headers.get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            retry_after = headers
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
         }
     }
     assert!(statuses.contains(&429), "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|&&c| c == 200).count(), 3, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|&&c| c == 200).count(),
+        3,
+        "{statuses:?}"
+    );
     assert!(retry_after.is_some_and(|v| v.parse::<u64>().is_ok_and(|n| n >= 1)));
     // Another VM is not affected.
     let other = s.enroll("vm-rl2", "p").await;
-    let (status, _, _) = request(&s, "GET", "/api/v1/vms/vm-rl2/commands", Some(&other), None).await;
+    let (status, _, _) =
+        request(&s, "GET", "/api/v1/vms/vm-rl2/commands", Some(&other), None).await;
     assert_eq!(status, 200);
     s.stop().await;
 
     let mut s = TestServer::start_with(|st| {
-        st.per_addr_limit = mig_controller::auth::limits::Limit { per_second: 1, burst: 2 };
+        st.per_addr_limit = mig_controller::auth::limits::Limit {
+            per_second: 1,
+            burst: 2,
+        };
     })
     .await;
     let mut statuses = Vec::new();
@@ -477,7 +643,8 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() -> TestResult {
     let mut s = TestServer::start_with(|st| st.header_timeout = Duration::from_secs(1)).await;
     let addr = s.base.trim_start_matches("http://").to_owned();
     let mut conn = tokio::net::TcpStream::connect(&addr).await?;
-    conn.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await?;
+    conn.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await?;
     let started = std::time::Instant::now();
     let mut buf = Vec::new();
     // The server answers 408 or just closes; either way the read ends well before WAIT.

@@ -81,9 +81,11 @@ impl TestServer {
     /// Talks HTTPS to the server from now on, trusting `ca` (and presenting `identity`).
     pub fn use_https(&mut self, ca: &str, identity: Option<&mig_controller::pki::Pem>) {
         self.base = self.base.replace("http://", "https://");
-        let mut b = reqwest::Client::builder().timeout(WAIT).tls_certs_only([
-            reqwest::Certificate::from_pem(ca.as_bytes()).unwrap_or_else(|e| panic!("CA: {e}")),
-        ]);
+        let mut b =
+            reqwest::Client::builder()
+                .timeout(WAIT)
+                .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes())
+                    .unwrap_or_else(|e| panic!("CA: {e}"))]);
         if let Some(id) = identity {
             let pem = format!("{}{}", id.cert, id.key);
             b = b.identity(

@@ -37,10 +37,12 @@ fn tls_settings(dir: &Path, mutual: bool) -> TlsSettings {
 }
 
 fn https_client(ca: &str, identity: Option<&Pem>) -> reqwest::Client {
-    let mut b = reqwest::Client::builder()
-        .timeout(WAIT)
-        .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes())
-            .unwrap_or_else(|e| panic!("CA: {e}"))]);
+    let mut b =
+        reqwest::Client::builder()
+            .timeout(WAIT)
+            .tls_certs_only([
+                reqwest::Certificate::from_pem(ca.as_bytes()).unwrap_or_else(|e| panic!("CA: {e}"))
+            ]);
     if let Some(id) = identity {
         let pem = format!("{}{}", id.cert, id.key);
         b = b.identity(
@@ -61,11 +63,7 @@ async fn https_health(s: &TestServer, ca: &str, identity: Option<&Pem>) -> Resul
 }
 
 /// Opens a gRPC stream over TLS as an enrolled VM and waits for the ConnectAck.
-async fn grpc_over_tls(
-    s: &TestServer,
-    ca: &str,
-    identity: Option<&Pem>,
-) -> Result<(), String> {
+async fn grpc_over_tls(s: &TestServer, ca: &str, identity: Option<&Pem>) -> Result<(), String> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .domain_name("localhost");
@@ -100,7 +98,9 @@ async fn grpc_over_tls(
         .into_inner();
     match tokio::time::timeout(WAIT, inbound.message()).await {
         Ok(Ok(Some(m))) => match m.message {
-            Some(miglet_proto::pb::controller_message::Message::ConnectAck(a)) if a.accepted => Ok(()),
+            Some(miglet_proto::pb::controller_message::Message::ConnectAck(a)) if a.accepted => {
+                Ok(())
+            }
             other => Err(format!("unexpected {other:?}")),
         },
         other => Err(format!("no ConnectAck: {other:?}")),
