@@ -64,7 +64,10 @@ fn read_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, TransportErr
 pub fn http_client(tls: &TlsFiles, timeout: Duration) -> Result<reqwest::Client, TransportError> {
     let mut b = reqwest::Client::builder()
         .timeout(timeout)
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(Duration::from_secs(5))
+        // The controller closes keep-alive connections idle for its header timeout (10 s by
+        // default); dropping them first avoids sending on one as it closes.
+        .pool_idle_timeout(Duration::from_secs(8));
     if let Some(ca) = &tls.ca_file {
         let certs = reqwest::Certificate::from_pem_bundle(&read_file("CA file", ca)?)
             .map_err(|e| TransportError::Tls(format!("CA file {}: {e}", ca.display())))?;

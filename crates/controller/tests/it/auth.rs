@@ -409,7 +409,9 @@ async fn gce_identity_tokens_are_verified_bound_and_used_once() -> TestResult {
     // pause for unknown keys).
     google.publish(&[0, 1]);
     google.sign_with(1);
-    tokio::time::sleep(mig_controller::auth::gce::MIN_REFETCH).await;
+    // (Not exactly MIN_REFETCH: the server closes idle keep-alive connections after the
+    // 10 s header timeout, and a request sent at that very moment would race the close.)
+    tokio::time::sleep(mig_controller::auth::gce::MIN_REFETCH + Duration::from_millis(700)).await;
     let (status, body) = enroll_raw(
         &s,
         enroll(&google.identity_token(&vm, AUDIENCE)?, "gce-abcd"),

@@ -233,3 +233,163 @@ async fn invalid_config_exits_with_the_config_code() -> TestResult {
     assert!(err.contains("token or token_file"), "{err}");
     Ok(())
 }
+
+fn run(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("MIG_CONTROLLER_DATA_DIR")
+        .output()
+        .unwrap_or_else(|e| panic!("run {args:?}: {e}"))
+}
+
+/// `certs init` makes a CA, a server and a client certificate the controller and a client
+/// accept for mutual TLS; `certs client` adds one; keys are private; nothing is overwritten.
+#[tokio::test]
+async fn certs_subcommand_makes_a_working_pki() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    let tls = dir.path().join("tls");
+    let tls_s = tls.display().to_string();
+    let out = run(&[
+        "certs",
+        "init",
+        "--out",
+        &tls_s,
+        "--host",
+        "localhost",
+        "--host",
+        "127.0.0.1",
+        "--client",
+        "agents",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["certs", "client", "--dir", &tls_s, "--name", "ops"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for key in [
+        "ca-key.pem",
+        "server-key.pem",
+        "agents-key.pem",
+        "ops-key.pem",
+    ] {
+        let mode = std::fs::metadata(tls.join(key))?.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+    let again = run(&["certs", "init", "--out", &tls_s, "--host", "localhost"]);
+    assert!(
+        !again.status.success(),
+        "a second init must not overwrite the CA"
+    );
+
+    let t = tls.clone();
+    let mut s = TestServer::start_with(|st| {
+        st.tls = Some(mig_controller::config::TlsSettings {
+            cert_file: t.join("server.pem"),
+            key_file: t.join("server-key.pem"),
+            client_ca_file: Some(t.join("ca.pem")),
+            reload_interval: Duration::from_secs(10),
+        });
+    })
+    .await;
+    let read = |f: &str| std::fs::read_to_string(tls.join(f)).unwrap_or_default();
+    for client in ["agents", "ops"] {
+        let id = mig_controller::pki::Pem {
+            cert: read(&format!("{client}.pem")),
+            key: read(&format!("{client}-key.pem")),
+        };
+        s.use_https(&read("ca.pem"), Some(&id));
+        let (status, body) = s.get("/health").await;
+        assert_eq!(status, 200, "{client}: {body}");
+    }
+    s.stop().await;
+    Ok(())
+}
+
+/// Operator tokens from the CLI: created (printed once), listed without their secret,
+/// revoked once; each step is in the audit log.
+#[tokio::test]
+async fn token_subcommands_create_list_revoke_and_audit() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data").display().to_string();
+    let out = run(&[
+        "token",
+        "create",
+        "--name",
+        "grafana",
+        "--role",
+        "read-only",
+        "--data-dir",
+        &data,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout)?.trim().to_owned();
+    let id = token
+        .strip_prefix("migop_")
+        .and_then(|r| r.split('_').next())
+        .ok_or("token shape")?
+        .to_owned();
+    let list = run(&["token", "list", "--data-dir", &data]);
+    let listed = String::from_utf8(list.stdout)?;
+    assert!(listed.contains(&id) && listed.contains("grafana") && listed.contains("read-only"));
+    assert!(listed.contains("active"));
+    assert!(!listed.contains(&token), "the secret is never shown again");
+    let bad = run(&[
+        "token",
+        "create",
+        "--name",
+        "no spaces",
+        "--role",
+        "admin",
+        "--data-dir",
+        &data,
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        run(&["token", "revoke", "--data-dir", &data, &id])
+            .status
+            .success()
+    );
+    let again = run(&["token", "revoke", "--data-dir", &data, &id]);
+    assert!(!again.status.success(), "revoking twice is an error");
+    let listed = String::from_utf8(run(&["token", "list", "--data-dir", &data]).stdout)?;
+    assert!(listed.contains("revoked"));
+    let audit = run(&["audit", "--json", "--data-dir", &data]);
+    let lines: Vec<Value> = String::from_utf8(audit.stdout)?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let actions: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["action"].as_str().unwrap_or_default(),
+                l["outcome"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("operator_token.revoke", "error: not_found"),
+            ("operator_token.revoke", "ok"),
+            ("operator_token.create", "ok"),
+        ]
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["actor"].as_str().is_some_and(|a| a.starts_with("cli:")))
+    );
+    Ok(())
+}

@@ -174,6 +174,10 @@ async fn new_certificates_are_used_without_a_restart() -> TestResult {
     }
     assert!(switched, "the new certificate was not picked up");
     assert!(https_health(&s, &p.ca.cert, None).await.is_err());
+    // The gRPC listener switched too.
+    s.use_https(&new_ca.cert, None);
+    grpc_over_tls(&s, &new_ca.cert, None).await?;
+    assert!(grpc_over_tls(&s, &p.ca.cert, None).await.is_err());
     // A broken file is ignored; the current certificate stays in use.
     std::fs::write(dir.path().join("server.pem"), "garbage")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
