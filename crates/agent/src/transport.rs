@@ -43,17 +43,7 @@ impl TransportError {
     }
 }
 
-/// An error with its sources, for logs (reqwest hides the TLS reason in the chain).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use miglet_proto::error_chain;
 
 fn read_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, TransportError> {
     std::fs::read(path).map_err(|e| TransportError::Tls(format!("{what} {}: {e}", path.display())))

@@ -23,25 +23,27 @@ type R = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 const TOKEN: &str = "AHTE2ESECRETREGISTRATIONTOKEN42";
 const MIGLET: &str = env!("CARGO_BIN_EXE_miglet");
 
-/// The runner stand-in's binary, built next to `miglet` (built on demand when this package's
+/// A binary of this workspace, built next to `miglet` (built on demand when this package's
 /// tests run alone).
-fn listener_binary() -> PathBuf {
+fn sibling_binary(package: &str, name: &str) -> PathBuf {
     let dir = Path::new(MIGLET)
         .parent()
         .map(Path::to_owned)
         .unwrap_or_default();
-    let bin = dir.join("fake-runner-listener");
+    let bin = dir.join(name);
     if !bin.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = std::process::Command::new(cargo)
-            .args(["build", "-p", "miglet-sim", "--bin", "fake-runner-listener"])
+            .args(["build", "-p", package, "--bin", name])
             .status();
-        assert!(
-            status.is_ok_and(|s| s.success()),
-            "could not build the runner stand-in"
-        );
+        assert!(status.is_ok_and(|s| s.success()), "could not build {name}");
     }
     bin
+}
+
+/// The runner stand-in's binary.
+fn listener_binary() -> PathBuf {
+    sibling_binary("miglet-sim", "fake-runner-listener")
 }
 
 async fn wait_for<F, Fut>(what: &str, secs: u64, mut cond: F)
@@ -1117,25 +1119,9 @@ async fn preemption_drains_the_agent() -> R {
     Ok(())
 }
 
-/// The real `mig-controller` binary, built next to `miglet` (on demand when this package's
-/// tests run alone).
+/// The real `mig-controller` binary.
 fn controller_binary() -> PathBuf {
-    let dir = Path::new(MIGLET)
-        .parent()
-        .map(Path::to_owned)
-        .unwrap_or_default();
-    let bin = dir.join("mig-controller");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "-p", "mig-controller", "--bin", "mig-controller"])
-            .status();
-        assert!(
-            status.is_ok_and(|s| s.success()),
-            "could not build mig-controller"
-        );
-    }
-    bin
+    sibling_binary("mig-controller", "mig-controller")
 }
 
 /// Every value of every row of every table of a SQLite file, as text.

@@ -67,16 +67,7 @@ impl From<ApiError> for tonic::Status {
 }
 
 /// Formats an error with its whole source chain (`a: b: c`), for logs.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use miglet_proto::error_chain as chain;
 
 impl From<crate::auth::Denied> for ApiError {
     fn from(d: crate::auth::Denied) -> ApiError {

@@ -30,19 +30,14 @@ struct Cli {
 enum Cmd {
     /// Serve the HTTP and gRPC APIs.
     Serve(Box<ServeArgs>),
-    /// Write every stored VM's data as the sample controller's per-VM JSON files.
     /// Operator API tokens: create, list, revoke. Works on the data dir, also while the
     /// controller runs.
     #[command(subcommand)]
     Token(TokenCmd),
     /// Show the audit log of admin actions, newest first.
     Audit {
-        #[arg(
-            long,
-            env = "MIG_CONTROLLER_DATA_DIR",
-            default_value = "./controller_data"
-        )]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        data: DataDir,
         /// How many entries.
         #[arg(long, default_value_t = 50)]
         limit: u32,
@@ -56,30 +51,34 @@ enum Cmd {
     /// A private CA and certificates for TLS and mutual TLS.
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// Write every stored VM's data as the sample controller's per-VM JSON files.
     Export {
-        /// Data dir of the controller.
-        #[arg(
-            long,
-            env = "MIG_CONTROLLER_DATA_DIR",
-            default_value = "./controller_data"
-        )]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        data: DataDir,
         /// Folder to write into (created if missing).
         #[arg(long)]
         out: PathBuf,
     },
 }
 
+// `--data-dir` of the commands that work on a controller's store.
+#[derive(Debug, clap::Args)]
+struct DataDir {
+    /// Data dir of the controller.
+    #[arg(
+        long = "data-dir",
+        env = "MIG_CONTROLLER_DATA_DIR",
+        default_value = "./controller_data"
+    )]
+    path: PathBuf,
+}
+
 #[derive(Debug, Subcommand)]
 enum TokenCmd {
     /// Create a token; it is printed once, on standard output, and never stored.
     Create {
-        #[arg(
-            long,
-            env = "MIG_CONTROLLER_DATA_DIR",
-            default_value = "./controller_data"
-        )]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        data: DataDir,
         /// Who or what the token is for (letters, digits, `.`, `_`, `-`).
         #[arg(long)]
         name: String,
@@ -91,21 +90,13 @@ enum TokenCmd {
     },
     /// List tokens (never their secrets).
     List {
-        #[arg(
-            long,
-            env = "MIG_CONTROLLER_DATA_DIR",
-            default_value = "./controller_data"
-        )]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        data: DataDir,
     },
     /// Revoke a token by id; it stops working at once.
     Revoke {
-        #[arg(
-            long,
-            env = "MIG_CONTROLLER_DATA_DIR",
-            default_value = "./controller_data"
-        )]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        data: DataDir,
         id: String,
     },
 }
@@ -177,22 +168,22 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
         },
-        Cmd::Export { data_dir, out } => {
+        Cmd::Export { data, out } => {
             init_logging(LogFormat::Text, "warn");
-            runtime.block_on(export(data_dir, out))
+            runtime.block_on(export(data.path, out))
         }
         Cmd::Token(cmd) => {
             init_logging(LogFormat::Text, "warn");
             runtime.block_on(token(cmd))
         }
         Cmd::Audit {
-            data_dir,
+            data,
             limit,
             before,
             json,
         } => {
             init_logging(LogFormat::Text, "warn");
-            runtime.block_on(audit(data_dir, limit, before, json))
+            runtime.block_on(audit(data.path, limit, before, json))
         }
         Cmd::Certs(cmd) => certs(cmd),
     };
@@ -306,12 +297,12 @@ fn when(ms: i64) -> String {
 async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
     match cmd {
         TokenCmd::Create {
-            data_dir,
+            data,
             name,
             role,
             expires_in_days,
         } => {
-            let store = open_store(&data_dir).await?;
+            let store = open_store(&data.path).await?;
             let now = chrono::Utc::now().timestamp_millis();
             let expires = expires_in_days.map(|d| now + i64::from(d) * 86_400_000);
             let minted =
@@ -339,8 +330,8 @@ async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
             );
             println!("{}", minted.token);
         }
-        TokenCmd::List { data_dir } => {
-            let store = open_store(&data_dir).await?;
+        TokenCmd::List { data } => {
+            let store = open_store(&data.path).await?;
             let tokens = store.operator_tokens_list().await?;
             store.close().await;
             println!(
@@ -366,8 +357,8 @@ async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
                 );
             }
         }
-        TokenCmd::Revoke { data_dir, id } => {
-            let store = open_store(&data_dir).await?;
+        TokenCmd::Revoke { data, id } => {
+            let store = open_store(&data.path).await?;
             let now = chrono::Utc::now().timestamp_millis();
             let outcomes = store
                 .write(vec![Mutation::RevokeOperatorToken {

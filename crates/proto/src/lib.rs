@@ -35,3 +35,16 @@ pub fn from_unix(secs: i64) -> Option<chrono::DateTime<chrono::Utc>> {
 pub fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
+
+/// Formats an error with its whole source chain (`a: b: c`), for logs and messages (TLS and
+/// connection failures hide their reason in the chain).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -244,28 +244,12 @@ async fn grpc_stream_needs_the_right_vm_credential() -> TestResult {
         (Some(cred_a.as_str()), tonic::Code::PermissionDenied),
     ] {
         let res = GrpcAgent::open_with(&s.grpc, connect_msg("vm-gb", "pool-001", ""), cred).await;
-        let got = match res {
-            Err(st) => st.code(),
-            Ok(mut a) => a
-                .recv_within(WAIT)
-                .await
-                .err()
-                .map(|st| st.code())
-                .ok_or("expected an error status")?,
-        };
+        let got = refusal_code(res).await?;
         assert_eq!(got, code, "credential {cred:?}");
     }
     // A's credential naming another pool is refused as well.
     let res = GrpcAgent::open_with(&s.grpc, connect_msg("vm-ga", "other", ""), Some(&cred_a)).await;
-    let got = match res {
-        Err(st) => st.code(),
-        Ok(mut a) => a
-            .recv_within(WAIT)
-            .await
-            .err()
-            .map(|st| st.code())
-            .ok_or("error")?,
-    };
+    let got = refusal_code(res).await?;
     assert_eq!(got, tonic::Code::PermissionDenied);
     assert!(s.app().store().vm_get("vm-gb").await?.is_none());
     // The owner connects.

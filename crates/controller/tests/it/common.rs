@@ -438,6 +438,21 @@ impl GrpcAgent {
     }
 }
 
+/// The status code a stream was refused with: at open, or as its first message.
+pub async fn refusal_code(
+    res: Result<GrpcAgent, tonic::Status>,
+) -> Result<tonic::Code, Box<dyn std::error::Error + Send + Sync>> {
+    match res {
+        Err(st) => Ok(st.code()),
+        Ok(mut a) => Ok(a
+            .recv_within(WAIT)
+            .await
+            .err()
+            .map(|st| st.code())
+            .ok_or("expected an error status")?),
+    }
+}
+
 /// Waits until the controller has recorded the command's state.
 pub async fn wait_command_state(app: &Controller, id: &str, state: &str) {
     let store = app.store().clone();

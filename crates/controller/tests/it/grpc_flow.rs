@@ -222,15 +222,7 @@ async fn first_message_must_be_connect_and_ids_are_validated() -> TestResult {
         assert_eq!(st.code(), tonic::Code::FailedPrecondition);
     }
     let res = s.grpc_open(connect_msg("../evil", "p", "")).await;
-    let code = match res {
-        Err(st) => st.code(),
-        Ok(mut a) => a
-            .recv_within(WAIT)
-            .await
-            .err()
-            .map(|st| st.code())
-            .ok_or("expected an error")?,
-    };
+    let code = refusal_code(res).await?;
     assert_eq!(code, tonic::Code::InvalidArgument);
     assert!(s.app().store().vms_list().await?.is_empty());
     s.stop().await;
