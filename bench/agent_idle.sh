@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measures the MIGlet agent idle: registered runner (stand-in), no job, connected to a real
-# controller over gRPC. Prints the agent's RSS and CPU share over the sample window.
+# controller over gRPC with TLS, enrolled with a bootstrap secret (the secure default). Prints the agent's RSS and CPU share over the sample window.
 # Usage: bench/agent_idle.sh [SECONDS]   (default 60). Loopback only; cleans up after itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,15 +17,18 @@ TOKEN=BENCHTOKEN$RANDOM$RANDOM
 "$BIN/miglet-sim" install-runner "$WORK/runner"
 for _ in $(seq 50); do [ -s "$WORK/gh" ] && break; sleep 0.1; done
 GH=$(cat "$WORK/gh")
+"$BIN/mig-controller" certs init --out "$WORK/tls" --host 127.0.0.1 2>/dev/null
 MIG_CONTROLLER_STATIC_TOKEN=$TOKEN MIG_CONTROLLER_RUNNER_URL="http://$GH/bench-org" \
   "$BIN/mig-controller" serve --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 \
+  --tls-cert "$WORK/tls/server.pem" --tls-key "$WORK/tls/server-key.pem" \
   --data-dir "$WORK/ctl" --addr-file "$WORK/ctl.json" 2>"$WORK/ctl.log" & PIDS+=($!)
 for _ in $(seq 100); do [ -s "$WORK/ctl.json" ] && break; sleep 0.1; done
 HTTP=$(python3 -c "import json,sys;print(json.load(open('$WORK/ctl.json'))['http_addr'])")
 GRPC=$(python3 -c "import json,sys;print(json.load(open('$WORK/ctl.json'))['grpc_addr'])")
 
-MIGLET_POOL_ID=bench MIGLET_VM_ID=vm-bench MIGLET_CONTROLLER_ENDPOINT="http://$HTTP" \
-MIGLET_CONTROLLER_GRPC_ENDPOINT="http://$GRPC" MIGLET_DATA_DIR="$WORK/agent" \
+MIGLET_POOL_ID=bench MIGLET_VM_ID=vm-bench MIGLET_CONTROLLER_ENDPOINT="https://$HTTP" \
+MIGLET_CONTROLLER_GRPC_ENDPOINT="https://$GRPC" MIGLET_DATA_DIR="$WORK/agent" \
+MIGLET_CA_FILE="$WORK/tls/ca.pem" MIGLET_BOOTSTRAP_SECRET_FILE="$WORK/ctl/dev-bootstrap-secret" \
 MIGLET_RUNNER_DIR="$WORK/runner" MIGLET_METADATA=false MIGLET_HEARTBEAT_INTERVAL=15s \
   "$BIN/miglet" --runner-user= 2>"$WORK/agent.log" & AGENT=$!; PIDS+=($AGENT)
 

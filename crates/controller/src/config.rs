@@ -23,11 +23,13 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid")]
+    /// Only the message and position: the parser's own rendering quotes the offending line,
+    /// which may hold a token.
+    #[error("config file {path} is not valid (line {line}): {message}")]
     Parse {
         path: String,
-        #[source]
-        source: Box<toml::de::Error>,
+        line: usize,
+        message: String,
     },
     #[error("invalid setting {name}: {reason}")]
     Invalid { name: String, reason: String },
@@ -314,9 +316,12 @@ impl Settings {
                     path: path.display().to_string(),
                     source,
                 })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                toml::from_str(&text).map_err(|e: toml::de::Error| ConfigError::Parse {
                     path: path.display().to_string(),
-                    source: Box::new(source),
+                    line: e.span().map_or(0, |r| {
+                        text[..r.start.min(text.len())].lines().count().max(1)
+                    }),
+                    message: e.message().to_owned(),
                 })?
             }
         };
@@ -642,6 +647,25 @@ mod tests {
         assert_eq!(s.pools.get("other")?.labels, vec!["self-hosted"]);
         assert_eq!(s.auth_mode, AuthMode::Authenticated);
         assert!(s.pools.get("linux-x64")?.enrollment.gce.is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn parse_errors_do_not_quote_the_file() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[pools.p]\nrunner_url = \"u\"\ntoken = \"ghs_SECRETVALUE\" oops\n",
+        )?;
+        let args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        let e = Settings::load(args).err().ok_or("must fail")?;
+        let text = format!("{:#}", anyhow::Error::from(e));
+        assert!(!text.contains("ghs_SECRETVALUE"), "{text}");
+        assert!(text.contains("line 3"), "{text}");
         Ok(())
     }
 

@@ -8,6 +8,7 @@
 
 use crate::app::{Controller, Transport};
 use crate::auth::AuthMode;
+use crate::auth::credential::VmClaims;
 use crate::error::ApiError;
 use crate::streams::StreamHandle;
 use miglet_proto::event::{EventReport, HeartbeatReport};
@@ -120,7 +121,7 @@ impl CommandService for GrpcService {
         if let Err(wait) = gate.limits.check_vm(&connect.vm_id) {
             return Err(ApiError::TooManyRequests(wait).into());
         }
-        let expires = claims.as_ref().map(|c| c.expires_at);
+
         let handle = self
             .app
             .stream_open(&connect, remote)
@@ -137,7 +138,7 @@ impl CommandService for GrpcService {
         let app = self.app.clone();
         let vm_id = connect.vm_id.clone();
         self.sessions.spawn(async move {
-            let reason = run_session(&app, &vm_id, &handle, inbound, &tx, expires).await;
+            let reason = run_session(&app, &vm_id, &handle, inbound, &tx, claims.as_ref()).await;
             app.stream_closed(&vm_id, &handle, reason).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -151,8 +152,10 @@ async fn run_session(
     handle: &StreamHandle,
     mut inbound: Streaming<MiGletMessage>,
     tx: &Outbound,
-    credential_expires: Option<i64>,
+    claims: Option<&VmClaims>,
 ) -> &'static str {
+    let credential_expires = claims.map(|c| c.expires_at);
+    let pool = claims.map(|c| c.pool_id.as_str());
     // A stream lives no longer than the credential it was opened with; the agent reconnects
     // with its refreshed one.
     let expiry = async {
@@ -205,7 +208,7 @@ async fn run_session(
             _ = tick.tick(), if open > 0 => deliver = true,
             next = inbound.message() => match next {
                 Ok(Some(m)) => {
-                    if let Err(reason) = handle_message(app, vm_id, m, tx).await {
+                    if let Err(reason) = handle_message(app, vm_id, m, tx, pool).await {
                         return reason;
                     }
                     // An ack or event may have changed what is open.
@@ -221,11 +224,14 @@ async fn run_session(
     }
 }
 
+/// `pool` is the pool of the stream's credential: events naming another pool are refused,
+/// events naming none are taken as the credential's.
 async fn handle_message(
     app: &Controller,
     vm_id: &str,
     m: MiGletMessage,
     tx: &Outbound,
+    pool: Option<&str>,
 ) -> Result<(), &'static str> {
     let reply = match m.message {
         None => None,
@@ -257,7 +263,21 @@ async fn handle_message(
                 Err(e) => Some(reject("invalid_ack", e)),
             }
         }
-        Some(mi_glet_message::Message::Event(ev)) => {
+        Some(mi_glet_message::Message::Event(mut ev)) => {
+            if let Some(p) = pool {
+                if !ev.pool_id.is_empty() && ev.pool_id != p {
+                    let msg = format!("the credential is for pool {p:?}, not {:?}", ev.pool_id);
+                    if tx
+                        .send(Ok(error_msg("permission_denied", msg)))
+                        .await
+                        .is_err()
+                    {
+                        return Err("peer gone");
+                    }
+                    return Ok(());
+                }
+                p.clone_into(&mut ev.pool_id);
+            }
             let raw = event_raw(&ev);
             let report = EventReport::from_pb(&ev);
             let event_id = report.event_id.clone();

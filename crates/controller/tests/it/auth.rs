@@ -256,6 +256,26 @@ async fn grpc_stream_needs_the_right_vm_credential() -> TestResult {
     let mut a = GrpcAgent::connect_with(&s.grpc, "vm-ga", "pool-001", "", Some(&cred_a)).await;
     let reg = a.recv_command().await;
     assert_eq!(reg.r#type, "register_runner");
+    // Events on the stream are bound to the credential's pool too.
+    let before = s.app().store().events_for_vm("vm-ga").await?.len();
+    a.send(miglet_proto::pb::mi_glet_message::Message::Event(
+        miglet_proto::pb::EventNotification {
+            r#type: "runner_registered".into(),
+            vm_id: "vm-ga".into(),
+            pool_id: "other".into(),
+            ..Default::default()
+        },
+    ))
+    .await;
+    let refused = loop {
+        match a.recv().await {
+            Some(miglet_proto::pb::controller_message::Message::Error(e)) => break e,
+            Some(_) => continue,
+            None => return Err("stream ended".into()),
+        }
+    };
+    assert_eq!(refused.code, "permission_denied", "{refused:?}");
+    assert_eq!(s.app().store().events_for_vm("vm-ga").await?.len(), before);
     s.stop().await;
     Ok(())
 }

@@ -18,6 +18,14 @@ async fn spawn(
     data_dir: &Path,
     log: &Path,
 ) -> Result<Child, Box<dyn std::error::Error + Send + Sync>> {
+    spawn_with(data_dir, log, &[]).await
+}
+
+async fn spawn_with(
+    data_dir: &Path,
+    log: &Path,
+    extra_env: &[(&str, &str)],
+) -> Result<Child, Box<dyn std::error::Error + Send + Sync>> {
     let addr_file = data_dir.join("addr.json");
     let _ = std::fs::remove_file(&addr_file);
     let log_file = std::fs::File::create(log)?;
@@ -38,6 +46,7 @@ async fn spawn(
         .env("MIG_CONTROLLER_STATIC_TOKEN", TOKEN)
         .env("MIG_CONTROLLER_RUNNER_URL", "https://github.com/bin-org")
         .env_remove("RUST_LOG")
+        .envs(extra_env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file)
@@ -390,6 +399,42 @@ async fn token_subcommands_create_list_revoke_and_audit() -> TestResult {
         lines
             .iter()
             .all(|l| l["actor"].as_str().is_some_and(|a| a.starts_with("cli:")))
+    );
+    Ok(())
+}
+
+/// `open` mode only when asked for (here through the environment): warned about at start-up,
+/// shown in `/health`, and the base contract works with no credential.
+#[tokio::test]
+async fn open_mode_is_explicit_warned_and_visible() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("open.log");
+    let c = spawn_with(
+        &dir.path().join("data"),
+        &log,
+        &[("MIG_CONTROLLER_AUTH_MODE", "open")],
+    )
+    .await?;
+    let client = reqwest::Client::builder().timeout(WAIT).build()?;
+    let health: Value = client
+        .get(format!("{}/health", c.base))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(health["auth_mode"], "open");
+    let r = client
+        .post(format!("{}/api/v1/vms/vm-open/events", c.base))
+        .json(&json!({"type":"vm_started","vm_id":"vm-open","pool_id":"pool-001"}))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(sigterm(c).await?.success());
+    let text = std::fs::read_to_string(&log)?;
+    assert!(text.contains("AUTH MODE OPEN"), "{text}");
+    assert!(
+        !dir.path().join("data/initial-admin-token").exists(),
+        "no operator token is minted in open mode"
     );
     Ok(())
 }
