@@ -208,6 +208,15 @@ async fn run_session(
             _ = tick.tick(), if open > 0 => deliver = true,
             next = inbound.message() => match next {
                 Ok(Some(m)) => {
+                    // The per-VM limit holds on the stream too: over it, a message is refused
+                    // (not stored) with a notice, and the stream stays up.
+                    if let Err(wait) = app.gate().limits.check_vm(vm_id) {
+                        let notice = error_msg("rate_limited", ApiError::TooManyRequests(wait).to_string());
+                        if tx.send(Ok(notice)).await.is_err() {
+                            return "peer gone";
+                        }
+                        continue;
+                    }
                     if let Err(reason) = handle_message(app, vm_id, m, tx, pool).await {
                         return reason;
                     }

@@ -6,6 +6,7 @@ use sqlx::sqlite::{
     SqliteRow, SqliteSynchronous,
 };
 use sqlx::{ConnectOptions, Connection, Row};
+use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -43,7 +44,12 @@ impl SqliteStore {
             path: path.display().to_string(),
             source,
         };
-        std::fs::create_dir_all(data_dir).map_err(|e| open_err(sqlx::Error::Io(e)))?;
+        // Owner-only: the store holds the fleet's history and the operators' token hashes.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(|e| open_err(sqlx::Error::Io(e)))?;
         let opts = SqliteConnectOptions::new()
             .filename(&path)
             .create_if_missing(true)

@@ -620,6 +620,29 @@ async fn rate_limits_answer_429_with_retry_after() -> TestResult {
         "{statuses:?}"
     );
     assert!(retry_after.is_some_and(|v| v.parse::<u64>().is_ok_and(|n| n >= 1)));
+    // On the stream the per-VM limit refuses messages with a notice; the stream stays up.
+    let mut a = s.grpc_connect("vm-rl3", "p", "").await;
+    for _ in 0..6 {
+        a.send(miglet_proto::pb::mi_glet_message::Message::Heartbeat(
+            miglet_proto::pb::Heartbeat {
+                vm_id: "vm-rl3".into(),
+                ..Default::default()
+            },
+        ))
+        .await;
+    }
+    let notice = loop {
+        match a.recv().await {
+            Some(miglet_proto::pb::controller_message::Message::Error(e)) => break e,
+            Some(_) => continue,
+            None => return Err("stream ended".into()),
+        }
+    };
+    assert_eq!(notice.code, "rate_limited", "{notice:?}");
+    assert!(
+        s.app().store().heartbeats_for_vm("vm-rl3").await?.len() < 6,
+        "refused heartbeats are not stored"
+    );
     // Another VM is not affected.
     let other = s.enroll("vm-rl2", "p").await;
     let (status, _, _) =
