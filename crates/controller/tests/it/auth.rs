@@ -465,10 +465,36 @@ async fn operator_roles_and_the_audit_log() -> TestResult {
         .await?;
     let drain = json!({"type":"drain","parameters":{"reason":"test","timeout_seconds":60}});
     let path = "/api/v1/admin/vms/vm-op/commands";
+    // Every operator route: no token 401, a VM credential 403.
+    let vm_cred = s.credential("vm-op", None).await.ok_or("vm credential")?;
+    for (method, route, body) in [
+        ("GET", "/api/v1/admin/whoami", None),
+        ("GET", "/api/v1/admin/vms", None),
+        ("GET", "/api/v1/admin/vms/vm-op", None),
+        (
+            "POST",
+            "/api/v1/admin/vms/vm-op/commands",
+            Some(drain.clone()),
+        ),
+        ("GET", "/api/v1/admin/commands/c-1", None),
+        ("GET", "/api/v1/admin/audit", None),
+    ] {
+        let (status, _, _) = request(&s, method, route, None, body.clone()).await;
+        assert_eq!(status, 401, "{method} {route} without a token");
+        let (status, _, _) = request(&s, method, route, Some(&vm_cred), body.clone()).await;
+        assert_eq!(status, 403, "{method} {route} with a VM credential");
+        let (status, _, _) = request(&s, "GET", route, Some(&ro.token), None).await;
+        assert_ne!(status, 401, "GET {route} with a read-only token");
+    }
+    let (status, who, _) = request(&s, "GET", "/api/v1/admin/whoami", Some(&ro.token), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (who["name"].as_str(), who["role"].as_str()),
+        (Some("viewer"), Some("read-only"))
+    );
     // No token, a VM credential, a wrong secret: 401 / 403.
     let (status, _, _) = request(&s, "GET", "/api/v1/admin/vms", None, None).await;
     assert_eq!(status, 401);
-    let vm_cred = s.credential("vm-op", None).await.ok_or("vm credential")?;
     let (status, _, _) = request(&s, "GET", "/api/v1/admin/vms", Some(&vm_cred), None).await;
     assert_eq!(status, 403);
     let wrong = format!("{}x", &ro.token[..ro.token.len() - 1]);
