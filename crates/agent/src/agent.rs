@@ -499,6 +499,9 @@ async fn outbox(shared: Arc<Shared>, core: mpsc::Sender<Input>, mut stop: watch:
                 }
                 continue;
             }
+            Err(e) if e.is_auth() => {
+                warn!(event_type = %entry.body.event_type, error = %e, "The controller does not accept this VM's identity; check the enrollment settings (MIGLET_AUTH, MIGLET_BOOTSTRAP_SECRET_FILE) and the pool's");
+            }
             Err(e) => {
                 debug!(event_type = %entry.body.event_type, error = %e, "Event not delivered yet");
             }

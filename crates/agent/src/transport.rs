@@ -28,7 +28,7 @@ pub enum TransportError {
     Request(#[from] reqwest::Error),
     #[error("controller answered {code}: {body}")]
     Status { code: u16, body: String },
-    #[error("no credential for the controller")]
+    #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
     #[error("TLS setup failed: {0}")]
     Tls(String),
@@ -37,6 +37,18 @@ pub enum TransportError {
 impl TransportError {
     /// The controller refuses this request for good (retrying cannot help). Authentication
     /// refusals are not: a new credential may fix them.
+    /// The controller does not accept who this agent says it is (or it could not enroll).
+    pub fn is_auth(&self) -> bool {
+        matches!(self, TransportError::Auth(_))
+            || matches!(
+                self,
+                TransportError::Status {
+                    code: 401 | 403,
+                    ..
+                }
+            )
+    }
+
     pub fn is_permanent(&self) -> bool {
         matches!(self, TransportError::Status { code, .. }
             if (400..500).contains(code) && ![401, 403, 408, 429].contains(code))

@@ -1398,3 +1398,42 @@ async fn short_lived_credentials_are_refreshed_without_losing_anything() -> R {
     ctl.stop().await;
     Ok(())
 }
+
+/// An agent with the wrong bootstrap secret gets nowhere, says why, and nothing of it is
+/// stored; given the right one it proceeds (the secret file is re-read at each attempt).
+#[tokio::test]
+async fn wrong_bootstrap_secret_is_refused_and_reported() -> R {
+    let env = env().await;
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &env.ctl()).await;
+    let wrong = env.dir.path().join("wrong.secret");
+    std::fs::write(&wrong, "not-the-pool-secret-at-all")?;
+    let wrong_s = wrong.display().to_string();
+    let mut agent = Agent::spawn(
+        &env,
+        "vm-wrong",
+        ctl.http,
+        Some(ctl.grpc),
+        &[("MIGLET_BOOTSTRAP_SECRET_FILE", &wrong_s)],
+    );
+    let log = agent.log.clone();
+    wait_for("the refusal in the agent log", 30, || {
+        let log = log.clone();
+        async move {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|t| t.contains("wrong bootstrap secret for pool"))
+        }
+    })
+    .await;
+    assert!(
+        agent
+            .log_text()
+            .contains("does not accept this VM's identity")
+    );
+    assert!(ctl.app().store().vm_get("vm-wrong").await?.is_none());
+    assert!(!agent.log_text().contains(&env.secret));
+    std::fs::write(&wrong, &env.secret)?;
+    wait_event(ctl.app(), "vm-wrong", "vm_started").await;
+    agent.child.kill().await?;
+    ctl.stop().await;
+    Ok(())
+}
