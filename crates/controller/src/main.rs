@@ -48,6 +48,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print the operator API's OpenAPI document (the checked-in docs/openapi.json).
+    Openapi,
     /// A private CA and certificates for TLS and mutual TLS.
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -186,6 +188,7 @@ fn main() -> ExitCode {
             runtime.block_on(audit(data.path, limit, before, json))
         }
         Cmd::Certs(cmd) => certs(cmd),
+        Cmd::Openapi => print_openapi(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -422,6 +425,12 @@ async fn audit(
             r.detail.map(|d| format!(" ({d})")).unwrap_or_default(),
         );
     }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn print_openapi() -> anyhow::Result<()> {
+    print!("{}", mig_controller::admin::openapi_text());
     Ok(())
 }
 

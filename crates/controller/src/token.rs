@@ -154,6 +154,14 @@ impl Pools {
             .ok_or_else(|| TokenError::UnknownPool(pool_id.to_owned()))
     }
 
+    /// A test: does pool `id`'s runner config carry `label`?
+    pub fn with_label<'a>(&'a self, label: &'a str) -> impl Fn(&str) -> bool + 'a {
+        move |pool| {
+            self.get(pool)
+                .is_ok_and(|r| r.labels.iter().any(|l| l == label))
+        }
+    }
+
     /// Does any pool enroll VMs with GCE identity tokens?
     pub fn any_gce(&self) -> bool {
         self.by_id

@@ -356,6 +356,57 @@ pub struct AuditRow {
     pub detail: Option<String>,
 }
 
+/// Which VMs a page lists, in `vm_id` order after `after`.
+#[derive(Debug, Clone, Default)]
+pub struct VmFilter {
+    /// `Some(empty)` matches nothing.
+    pub pools: Option<Vec<String>>,
+    pub state: Option<String>,
+    pub health: Option<Health>,
+    /// Substring of the VM id or of its current job (run id, repository, job name).
+    pub text: Option<String>,
+    pub after: Option<String>,
+    pub limit: u32,
+}
+
+/// Which events a page lists: newest first below `before_seq`, or oldest first above
+/// `after_seq` (for following a live stream).
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub types: Vec<String>,
+    pub vm_id: Option<String>,
+    pub pool_id: Option<String>,
+    /// Received at or after (Unix ms).
+    pub since: Option<Millis>,
+    /// Received before (Unix ms).
+    pub until: Option<Millis>,
+    /// Substring of the event's data.
+    pub text: Option<String>,
+    pub before_seq: Option<i64>,
+    pub after_seq: Option<i64>,
+    pub limit: u32,
+}
+
+/// Which commands a page lists, newest first below `before_seq`.
+#[derive(Debug, Clone, Default)]
+pub struct CommandFilter {
+    pub vm_id: Option<String>,
+    pub state: Option<CommandState>,
+    pub command_type: Option<String>,
+    pub before_seq: Option<i64>,
+    pub limit: u32,
+}
+
+/// How many VMs of a pool are in one state and health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolCount {
+    pub pool_id: String,
+    pub state: String,
+    pub health: Health,
+    pub count: i64,
+    pub connected: i64,
+}
+
 /// One write. A [`Store::write`] call applies a list of them atomically.
 #[derive(Debug, Clone)]
 pub enum Mutation {
@@ -520,6 +571,35 @@ impl Store {
 
     pub async fn vm_log_for_vm(&self, vm_id: &str) -> Result<Vec<VmLogRow>, StoreError> {
         self.backend.vm_log_for_vm(vm_id).await
+    }
+
+    pub async fn vms_page(&self, f: &VmFilter) -> Result<Vec<VmRecord>, StoreError> {
+        self.backend.vms_page(f).await
+    }
+
+    pub async fn events_page(&self, f: &EventFilter) -> Result<Vec<EventRow>, StoreError> {
+        self.backend.events_page(f).await
+    }
+
+    /// A VM's heartbeats, newest first.
+    pub async fn heartbeats_page(
+        &self,
+        vm_id: &str,
+        since: Option<Millis>,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<HeartbeatRow>, StoreError> {
+        self.backend
+            .heartbeats_page(vm_id, since, before_seq, limit)
+            .await
+    }
+
+    pub async fn pool_counts(&self) -> Result<Vec<PoolCount>, StoreError> {
+        self.backend.pool_counts().await
+    }
+
+    pub async fn commands_page(&self, f: &CommandFilter) -> Result<Vec<CommandRecord>, StoreError> {
+        self.backend.commands_page(f).await
     }
 
     pub async fn operator_token_get(

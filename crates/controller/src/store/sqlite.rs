@@ -5,7 +5,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Connection, Row};
+use sqlx::{ConnectOptions, Connection, QueryBuilder, Row, Sqlite};
 use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -143,20 +143,7 @@ impl SqliteStore {
             .fetch_all(&self.reads)
             .await?
             .iter()
-            .map(|r| {
-                Ok(EventRow {
-                    seq: r.try_get("seq")?,
-                    vm_id: r.try_get("vm_id")?,
-                    event_id: r.try_get("event_id")?,
-                    event_type: r.try_get("event_type")?,
-                    boot_id: r.try_get("boot_id")?,
-                    transport: r.try_get("transport")?,
-                    occurred_at: r.try_get("occurred_at")?,
-                    received_at: r.try_get("received_at")?,
-                    data: r.try_get("data")?,
-                    raw: r.try_get("raw")?,
-                })
-            })
+            .map(event_from_row)
             .collect()
     }
 
@@ -166,23 +153,163 @@ impl SqliteStore {
             .fetch_all(&self.reads)
             .await?
             .iter()
-            .map(|r| {
-                Ok(HeartbeatRow {
-                    seq: r.try_get("seq")?,
-                    vm_id: r.try_get("vm_id")?,
-                    transport: r.try_get("transport")?,
-                    occurred_at: r.try_get("occurred_at")?,
-                    received_at: r.try_get("received_at")?,
-                    miglet_state: r.try_get("miglet_state")?,
-                    runner_state: r.try_get("runner_state")?,
-                    cpu_percent: r.try_get("cpu_percent")?,
-                    memory_used_bytes: r.try_get("memory_used_bytes")?,
-                    memory_total_bytes: r.try_get("memory_total_bytes")?,
-                    disk_used_bytes: r.try_get("disk_used_bytes")?,
-                    disk_total_bytes: r.try_get("disk_total_bytes")?,
-                    report: r.try_get("report")?,
-                })
+            .map(heartbeat_from_row)
+            .collect()
+    }
+
+    pub async fn vms_page(&self, f: &VmFilter) -> Result<Vec<VmRecord>, StoreError> {
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM vms WHERE 1 = 1");
+        if let Some(pools) = &f.pools {
+            if pools.is_empty() {
+                return Ok(Vec::new());
+            }
+            q.push(" AND pool_id IN (");
+            let mut sep = q.separated(", ");
+            for p in pools {
+                sep.push_bind(p.clone());
+            }
+            q.push(")");
+        }
+        if let Some(state) = &f.state {
+            q.push(" AND state = ").push_bind(state.clone());
+        }
+        if let Some(health) = f.health {
+            q.push(" AND health = ").push_bind(health.as_str());
+        }
+        if let Some(text) = &f.text {
+            let pattern = like_pattern(text);
+            q.push(" AND (vm_id LIKE ")
+                .push_bind(pattern.clone())
+                .push(" ESCAPE '\\' OR current_job LIKE ")
+                .push_bind(pattern)
+                .push(" ESCAPE '\\')");
+        }
+        if let Some(after) = &f.after {
+            q.push(" AND vm_id > ").push_bind(after.clone());
+        }
+        q.push(" ORDER BY vm_id LIMIT ")
+            .push_bind(i64::from(f.limit));
+        q.build()
+            .fetch_all(&self.reads)
+            .await?
+            .iter()
+            .map(vm_from_row)
+            .collect()
+    }
+
+    pub async fn events_page(&self, f: &EventFilter) -> Result<Vec<EventRow>, StoreError> {
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT e.* FROM events e");
+        if f.pool_id.is_some() {
+            q.push(" JOIN vms v ON v.vm_id = e.vm_id");
+        }
+        q.push(" WHERE 1 = 1");
+        if let Some(pool) = &f.pool_id {
+            q.push(" AND v.pool_id = ").push_bind(pool.clone());
+        }
+        if let Some(vm) = &f.vm_id {
+            q.push(" AND e.vm_id = ").push_bind(vm.clone());
+        }
+        if !f.types.is_empty() {
+            q.push(" AND e.event_type IN (");
+            let mut sep = q.separated(", ");
+            for t in &f.types {
+                sep.push_bind(t.clone());
+            }
+            q.push(")");
+        }
+        if let Some(since) = f.since {
+            q.push(" AND e.received_at >= ").push_bind(since);
+        }
+        if let Some(until) = f.until {
+            q.push(" AND e.received_at < ").push_bind(until);
+        }
+        if let Some(text) = &f.text {
+            q.push(" AND e.data LIKE ")
+                .push_bind(like_pattern(text))
+                .push(" ESCAPE '\\'");
+        }
+        if let Some(before) = f.before_seq {
+            q.push(" AND e.seq < ").push_bind(before);
+        }
+        if let Some(after) = f.after_seq {
+            q.push(" AND e.seq > ").push_bind(after);
+            q.push(" ORDER BY e.seq ASC LIMIT ");
+        } else {
+            q.push(" ORDER BY e.seq DESC LIMIT ");
+        }
+        q.push_bind(i64::from(f.limit));
+        q.build()
+            .fetch_all(&self.reads)
+            .await?
+            .iter()
+            .map(event_from_row)
+            .collect()
+    }
+
+    pub async fn heartbeats_page(
+        &self,
+        vm_id: &str,
+        since: Option<Millis>,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<HeartbeatRow>, StoreError> {
+        sqlx::query(
+            "SELECT * FROM heartbeats WHERE vm_id = ? AND received_at >= ? AND seq < ? \
+             ORDER BY seq DESC LIMIT ?",
+        )
+        .bind(vm_id)
+        .bind(since.unwrap_or(0))
+        .bind(before_seq.unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reads)
+        .await?
+        .iter()
+        .map(heartbeat_from_row)
+        .collect()
+    }
+
+    pub async fn pool_counts(&self) -> Result<Vec<PoolCount>, StoreError> {
+        sqlx::query(
+            "SELECT pool_id, state, health, COUNT(*) AS n, SUM(connected) AS connected \
+             FROM vms GROUP BY pool_id, state, health ORDER BY pool_id, state, health",
+        )
+        .fetch_all(&self.reads)
+        .await?
+        .iter()
+        .map(|r| {
+            let health: String = r.try_get("health")?;
+            Ok(PoolCount {
+                pool_id: r.try_get("pool_id")?,
+                state: r.try_get("state")?,
+                health: health.parse()?,
+                count: r.try_get("n")?,
+                connected: r.try_get::<Option<i64>, _>("connected")?.unwrap_or(0),
             })
+        })
+        .collect()
+    }
+
+    pub async fn commands_page(&self, f: &CommandFilter) -> Result<Vec<CommandRecord>, StoreError> {
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM commands WHERE 1 = 1");
+        if let Some(vm) = &f.vm_id {
+            q.push(" AND vm_id = ").push_bind(vm.clone());
+        }
+        if let Some(state) = f.state {
+            q.push(" AND state = ").push_bind(state.as_str());
+        }
+        if let Some(t) = &f.command_type {
+            q.push(" AND command_type = ").push_bind(t.clone());
+        }
+        if let Some(before) = f.before_seq {
+            q.push(" AND seq < ").push_bind(before);
+        }
+        q.push(" ORDER BY seq DESC LIMIT ")
+            .push_bind(i64::from(f.limit));
+        q.build()
+            .fetch_all(&self.reads)
+            .await?
+            .iter()
+            .map(command_from_row)
             .collect()
     }
 
@@ -930,6 +1057,53 @@ fn operator_token_from_row(r: &SqliteRow) -> Result<OperatorTokenRecord, StoreEr
         created_by: r.try_get("created_by")?,
         expires_at: r.try_get("expires_at")?,
         revoked_at: r.try_get("revoked_at")?,
+    })
+}
+
+/// `%text%` for LIKE, with `%`, `_` and `\` escaped.
+fn like_pattern(text: &str) -> String {
+    let mut p = String::with_capacity(text.len() + 2);
+    p.push('%');
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
+}
+
+fn heartbeat_from_row(r: &SqliteRow) -> Result<HeartbeatRow, StoreError> {
+    Ok(HeartbeatRow {
+        seq: r.try_get("seq")?,
+        vm_id: r.try_get("vm_id")?,
+        transport: r.try_get("transport")?,
+        occurred_at: r.try_get("occurred_at")?,
+        received_at: r.try_get("received_at")?,
+        miglet_state: r.try_get("miglet_state")?,
+        runner_state: r.try_get("runner_state")?,
+        cpu_percent: r.try_get("cpu_percent")?,
+        memory_used_bytes: r.try_get("memory_used_bytes")?,
+        memory_total_bytes: r.try_get("memory_total_bytes")?,
+        disk_used_bytes: r.try_get("disk_used_bytes")?,
+        disk_total_bytes: r.try_get("disk_total_bytes")?,
+        report: r.try_get("report")?,
+    })
+}
+
+fn event_from_row(r: &SqliteRow) -> Result<EventRow, StoreError> {
+    Ok(EventRow {
+        seq: r.try_get("seq")?,
+        vm_id: r.try_get("vm_id")?,
+        event_id: r.try_get("event_id")?,
+        event_type: r.try_get("event_type")?,
+        boot_id: r.try_get("boot_id")?,
+        transport: r.try_get("transport")?,
+        occurred_at: r.try_get("occurred_at")?,
+        received_at: r.try_get("received_at")?,
+        data: r.try_get("data")?,
+        raw: r.try_get("raw")?,
     })
 }
 

@@ -503,7 +503,7 @@ async fn operator_roles_and_the_audit_log() -> TestResult {
     // Read-only reads, but cannot enqueue.
     let (status, list, _) = request(&s, "GET", "/api/v1/admin/vms", Some(&ro.token), None).await;
     assert_eq!(status, 200, "{list}");
-    assert_eq!(list["count"], 1);
+    assert_eq!(list["vms"].as_array().map(Vec::len), Some(1));
     let (status, body, _) = request(&s, "POST", path, Some(&ro.token), Some(drain.clone())).await;
     assert_eq!(status, 403, "{body}");
     assert!(
