@@ -79,6 +79,7 @@ fn router_and_doc() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(enqueue))
         .routes(routes!(enqueue_pool))
         .routes(routes!(search_events))
+        .routes(routes!(event_stream))
         .routes(routes!(list_commands))
         .routes(routes!(get_command))
         .routes(routes!(list_pools))
@@ -979,6 +980,105 @@ async fn search_events(
         events: rows.iter().map(EventView::from).collect(),
         next_before,
     }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct EventStreamQuery {
+    /// Event types, comma-separated.
+    #[serde(rename = "type")]
+    #[param(rename = "type")]
+    event_type: Option<String>,
+    /// Only this VM's events.
+    vm: Option<String>,
+    /// Only events of this pool's VMs.
+    pool: Option<String>,
+    /// Text inside the event's data.
+    q: Option<String>,
+    /// Start after this event `seq` (default: only new events). The `Last-Event-ID` header
+    /// of a reconnecting client wins.
+    after: Option<i64>,
+}
+
+/// Live events as Server-Sent Events: `id` is the event's `seq`, `event` its type, `data` the
+/// event as JSON. Reconnecting with `Last-Event-ID` resumes without a gap; a comment every
+/// 15 s keeps idle connections open.
+#[utoipa::path(get, path = "/api/v1/admin/events/stream", tag = "events", params(EventStreamQuery),
+    responses((status = 200, description = "an endless `text/event-stream` of EventView", content_type = "text/event-stream"),
+        (status = 400, description = "bad filter")))]
+async fn event_stream(
+    State(app): State<AppState>,
+    headers: axum::http::HeaderMap,
+    q: Result<Query<EventStreamQuery>, QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    let q = query(q)?;
+    let mut filter = event_filter(EventQuery {
+        event_type: q.event_type,
+        vm: q.vm,
+        pool: q.pool,
+        since: None,
+        until: None,
+        q: q.q,
+        before: None,
+        limit: Some(MAX_PAGE),
+    })?;
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok());
+    let mut last = match resume.or(q.after) {
+        Some(seq) => seq,
+        None => app
+            .store()
+            .events_page(&EventFilter {
+                limit: 1,
+                ..EventFilter::default()
+            })
+            .await?
+            .first()
+            .map_or(0, |e| e.seq),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, std::convert::Infallible>>(64);
+    let mut wake = app.events_stored();
+    let stop = app.shutdown_token().clone();
+    tokio::spawn(async move {
+        loop {
+            filter.after_seq = Some(last);
+            let rows = match app.store().events_page(&filter).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(error = %crate::error::chain(&e), "Event stream read failed; retrying");
+                    Vec::new()
+                }
+            };
+            let full = rows.len() == MAX_PAGE as usize;
+            for r in &rows {
+                last = r.seq;
+                let ev = SseEvent::default()
+                    .id(r.seq.to_string())
+                    .event(r.event_type.clone())
+                    .json_data(EventView::from(r))
+                    .unwrap_or_default();
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            if full {
+                continue;
+            }
+            tokio::select! {
+                changed = wake.changed() => if changed.is_err() { return },
+                () = stop.cancelled() => return,
+                () = tx.closed() => return,
+                // A store error above is retried at this pace at the latest.
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    });
+    Ok(Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -69,6 +69,8 @@ pub struct Controller {
     locks: VmLocks,
     shutdown: CancellationToken,
     gate: crate::auth::Gatekeeper,
+    /// Bumped after every stored event, so live views wake up at once.
+    events_stored: tokio::sync::watch::Sender<u64>,
 }
 
 /// Why a registration token is refused once a job ran on the VM's current boot.
@@ -112,7 +114,13 @@ impl Controller {
             locks: VmLocks::default(),
             shutdown,
             gate,
+            events_stored: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Changes after every stored event (for live event streams).
+    pub fn events_stored(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.events_stored.subscribe()
     }
 
     /// Authentication, authorization and rate limits.
@@ -222,6 +230,7 @@ impl Controller {
         vm.connected = self.streams.is_connected(vm_id);
         batch.push(Mutation::PutVm(vm.clone()));
         self.store.write(batch).await?;
+        self.events_stored.send_modify(|n| *n = n.wrapping_add(1));
         if new_boot {
             info!(vm_id, pool_id = %vm.pool_id, boot_id = %vm.boot_id, transport = transport.as_str(), "VM started a new boot");
         }
