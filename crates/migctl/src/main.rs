@@ -1,0 +1,701 @@
+//! `migctl`: list and inspect VMs, search events, drain / shut down / change log levels, and
+//! watch the fleet live, over the MIG controller's admin API.
+//!
+//! Endpoint and token come from flags, then `MIGCTL_*` variables, then the config file
+//! (`$XDG_CONFIG_HOME/migctl/config.toml` or `~/.config/migctl/config.toml`, or `--config`).
+
+mod client;
+mod table;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use client::{Client, Target};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "migctl",
+    version,
+    about = "Operate a fleet of MIGlet VMs through the MIG controller"
+)]
+struct Cli {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct ConnArgs {
+    /// Controller URL [default: http://localhost:8080].
+    #[arg(long, env = "MIGCTL_ENDPOINT", global = true)]
+    endpoint: Option<String>,
+    /// Operator token (prefer --token-file or the config file).
+    #[arg(long, env = "MIGCTL_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// File holding the operator token.
+    #[arg(long, env = "MIGCTL_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// CA bundle to trust for the controller's certificate.
+    #[arg(long, env = "MIGCTL_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
+    /// Client certificate for mutual TLS (with --client-key).
+    #[arg(long, env = "MIGCTL_CLIENT_CERT", global = true)]
+    client_cert: Option<PathBuf>,
+    #[arg(long, env = "MIGCTL_CLIENT_KEY", global = true)]
+    client_key: Option<PathBuf>,
+    /// Config file [default: $XDG_CONFIG_HOME/migctl/config.toml].
+    #[arg(long, env = "MIGCTL_CONFIG", global = true)]
+    config: Option<PathBuf>,
+}
+
+/// The config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    endpoint: Option<String>,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// VMs: list, show.
+    #[command(subcommand)]
+    Vms(VmsCmd),
+    /// Events: search.
+    #[command(subcommand)]
+    Events(EventsCmd),
+    /// Pools with counts by state and health.
+    Pools,
+    /// Drain a VM (or every VM of a pool): finish the running job, take no new one.
+    Drain {
+        #[command(flatten)]
+        target: CommandTarget,
+        #[arg(long, default_value = "requested with migctl")]
+        reason: String,
+        /// Give up on the job after this many seconds.
+        #[arg(long)]
+        timeout_seconds: Option<i64>,
+    },
+    /// Shut a VM (or a pool's VMs) down.
+    Shutdown {
+        #[command(flatten)]
+        target: CommandTarget,
+        #[arg(long, default_value = "requested with migctl")]
+        reason: String,
+        /// Stop the runner at once, cancelling a running job.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Change an agent's log level.
+    LogLevel {
+        /// trace, debug, info, warn or error.
+        level: String,
+        #[command(flatten)]
+        target: CommandTarget,
+    },
+    /// Follow events live (Ctrl-C to stop).
+    Watch {
+        #[command(flatten)]
+        filter: EventFilterArgs,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CommandTarget {
+    /// The VM.
+    #[arg(required_unless_present = "pool", conflicts_with = "pool")]
+    vm: Option<String>,
+    /// Every live VM of this pool instead.
+    #[arg(long)]
+    pool: Option<String>,
+    /// Wait until each command is acknowledged (or failed, or expired).
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits, seconds.
+    #[arg(long, default_value_t = 120)]
+    wait_timeout: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum VmsCmd {
+    /// List VMs.
+    List {
+        #[arg(long)]
+        pool: Option<String>,
+        #[arg(long)]
+        state: Option<String>,
+        /// healthy, unhealthy or lost.
+        #[arg(long)]
+        health: Option<String>,
+        /// Runner label of the VM's pool.
+        #[arg(long)]
+        label: Option<String>,
+        /// Text in the VM id or its current job.
+        #[arg(long, short = 'q')]
+        query: Option<String>,
+        /// Page size.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Follow pages to the end.
+        #[arg(long)]
+        all: bool,
+    },
+    /// One VM with its timeline.
+    Show {
+        vm: String,
+        /// Timeline entries to show (most recent).
+        #[arg(long, default_value_t = 50)]
+        timeline: u32,
+    },
+}
+
+#[derive(Debug, Args)]
+struct EventFilterArgs {
+    /// Event types, comma-separated.
+    #[arg(long = "type")]
+    event_type: Option<String>,
+    #[arg(long)]
+    vm: Option<String>,
+    #[arg(long)]
+    pool: Option<String>,
+    /// Text inside the event's data.
+    #[arg(long, short = 'q')]
+    query: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCmd {
+    /// Search events, newest first.
+    Search {
+        #[command(flatten)]
+        filter: EventFilterArgs,
+        /// Received at or after (RFC 3339 or Unix ms).
+        #[arg(long)]
+        since: Option<String>,
+        /// Received before (RFC 3339 or Unix ms).
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+fn config_path(explicit: &Option<PathBuf>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.clone());
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("migctl/config.toml"))
+}
+
+fn target(c: &ConnArgs) -> anyhow::Result<Target> {
+    let file: FileConfig = match config_path(&c.config) {
+        Some(p) if p.exists() || c.config.is_some() => {
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("cannot read config file {}", p.display()))?;
+            toml::from_str(&text).map_err(|e| {
+                anyhow::anyhow!("config file {} is not valid: {}", p.display(), e.message())
+            })?
+        }
+        _ => FileConfig::default(),
+    };
+    let token = match (&c.token, &c.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(f)) => Some(read_token(f)?),
+        (None, None) => match (&file.token, &file.token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(f)) => Some(read_token(f)?),
+            (None, None) => None,
+        },
+    };
+    let client_cert = match (
+        c.client_cert.clone().or(file.client_cert),
+        c.client_key.clone().or(file.client_key),
+    ) {
+        (Some(a), Some(b)) => Some((a, b)),
+        (None, None) => None,
+        _ => anyhow::bail!("--client-cert and --client-key go together"),
+    };
+    Ok(Target {
+        endpoint: c
+            .endpoint
+            .clone()
+            .or(file.endpoint)
+            .unwrap_or_else(|| "http://localhost:8080".into()),
+        token,
+        ca_file: c.ca_file.clone().or(file.ca_file),
+        client_cert,
+    })
+}
+
+fn read_token(path: &PathBuf) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read token file {}", path.display()))?
+        .trim()
+        .to_owned())
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// "2026-11-23T00:01:02.345Z" -> "2026-11-23 00:01:02".
+fn when(v: &Value) -> String {
+    v.as_str()
+        .map(|t| t.replace('T', " ").chars().take(19).collect())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn ago(v: &Value) -> String {
+    let Some(t) = v
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    else {
+        return "-".into();
+    };
+    let secs = (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
+        .num_seconds()
+        .max(0);
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m ago", secs / 60),
+        _ => format!("{}h ago", secs / 3600),
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn emit(output: Output, json: &Value, table: impl FnOnce() -> String) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(json).unwrap_or_default()),
+        Output::Table => print!("{}", table()),
+    }
+}
+
+fn vm_rows(vms: &[Value]) -> Vec<Vec<String>> {
+    vms.iter()
+        .map(|v| {
+            vec![
+                s(&v["vm_id"]),
+                s(&v["pool_id"]),
+                s(&v["state"]),
+                s(&v["health"]),
+                if v["connected"] == true {
+                    "stream"
+                } else {
+                    "-"
+                }
+                .into(),
+                v["current_job"]["run_id"]
+                    .as_str()
+                    .map(|r| {
+                        format!(
+                            "{} {}",
+                            r,
+                            v["current_job"]["repository"].as_str().unwrap_or("")
+                        )
+                    })
+                    .unwrap_or_else(|| "-".into()),
+                ago(&v["last_heartbeat_at"]),
+            ]
+        })
+        .collect()
+}
+
+const VM_HEADER: [&str; 7] = ["VM", "POOL", "STATE", "HEALTH", "LINK", "JOB", "HEARTBEAT"];
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::new(&target(&cli.conn)?)?;
+    let out = cli.output;
+    match cli.command {
+        Cmd::Vms(VmsCmd::List {
+            pool,
+            state,
+            health,
+            label,
+            query,
+            limit,
+            all,
+        }) => {
+            let mut vms = Vec::new();
+            let mut cursor = String::new();
+            loop {
+                let page = client
+                    .get(
+                        "/api/v1/admin/vms",
+                        &[
+                            ("pool", pool.clone().unwrap_or_default()),
+                            ("state", state.clone().unwrap_or_default()),
+                            ("health", health.clone().unwrap_or_default()),
+                            ("label", label.clone().unwrap_or_default()),
+                            ("q", query.clone().unwrap_or_default()),
+                            ("limit", limit.to_string()),
+                            ("cursor", cursor.clone()),
+                        ],
+                    )
+                    .await?;
+                vms.extend(page["vms"].as_array().cloned().unwrap_or_default());
+                match page["next_cursor"].as_str() {
+                    Some(c) if all => cursor = c.to_owned(),
+                    _ => break,
+                }
+            }
+            let json = json!({ "vms": vms });
+            emit(out, &json, || table::render(&VM_HEADER, &vm_rows(&vms)));
+        }
+        Cmd::Vms(VmsCmd::Show { vm, timeline }) => {
+            let detail = client.get(&format!("/api/v1/admin/vms/{vm}"), &[]).await?;
+            let tl = client
+                .get(
+                    &format!("/api/v1/admin/vms/{vm}/timeline"),
+                    &[("limit", timeline.to_string())],
+                )
+                .await?;
+            let json = json!({ "vm": detail["vm"], "commands": detail["commands"], "timeline": tl["entries"] });
+            emit(out, &json, || {
+                let v = &detail["vm"];
+                let mut t = table::render(&VM_HEADER, &vm_rows(std::slice::from_ref(v)));
+                t.push_str(&format!(
+                    "\nboot {} (#{}) since {}; runner {}; agent {}\n",
+                    s(&v["boot_id"]),
+                    s(&v["boot_seq"]),
+                    when(&v["booted_at"]),
+                    s(&v["runner_state"]),
+                    s(&v["agent_version"])
+                ));
+                if let Some(h) = v["latest_health"].as_object() {
+                    t.push_str(&format!(
+                        "health: cpu {}%, memory {} / {} bytes, disk {} / {} bytes\n",
+                        s(&h["cpu_percent"].clone()),
+                        s(&h["memory_used_bytes"].clone()),
+                        s(&h["memory_total_bytes"].clone()),
+                        s(&h["disk_used_bytes"].clone()),
+                        s(&h["disk_total_bytes"].clone()),
+                    ));
+                }
+                t.push_str("\nTIMELINE\n");
+                let rows: Vec<Vec<String>> = tl["entries"]
+                    .as_array()
+                    .map(|e| {
+                        e.iter()
+                            .map(|e| {
+                                vec![
+                                    when(&e["at"]),
+                                    s(&e["source"]),
+                                    s(&e["what"]),
+                                    e["detail"].as_str().unwrap_or("").to_owned(),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                t.push_str(&table::render(
+                    &["WHEN (UTC)", "SOURCE", "WHAT", "DETAIL"],
+                    &rows,
+                ));
+                t
+            });
+        }
+        Cmd::Events(EventsCmd::Search {
+            filter,
+            since,
+            until,
+            limit,
+        }) => {
+            let page = client
+                .get(
+                    "/api/v1/admin/events",
+                    &[
+                        ("type", filter.event_type.unwrap_or_default()),
+                        ("vm", filter.vm.unwrap_or_default()),
+                        ("pool", filter.pool.unwrap_or_default()),
+                        ("q", filter.query.unwrap_or_default()),
+                        ("since", since.unwrap_or_default()),
+                        ("until", until.unwrap_or_default()),
+                        ("limit", limit.to_string()),
+                    ],
+                )
+                .await?;
+            emit(out, &page, || {
+                event_table(page["events"].as_array().map(Vec::as_slice).unwrap_or(&[]))
+            });
+        }
+        Cmd::Pools => {
+            let pools = client.get("/api/v1/admin/pools", &[]).await?;
+            emit(out, &pools, || {
+                let rows: Vec<Vec<String>> = pools["pools"]
+                    .as_array()
+                    .map(|p| {
+                        p.iter()
+                            .map(|p| {
+                                let counts = |k: &str| {
+                                    p[k].as_object()
+                                        .map(|m| {
+                                            m.iter()
+                                                .map(|(k, v)| format!("{k}={v}"))
+                                                .collect::<Vec<_>>()
+                                                .join(" ")
+                                        })
+                                        .unwrap_or_default()
+                                };
+                                vec![
+                                    s(&p["pool_id"]),
+                                    s(&p["total"]),
+                                    s(&p["connected"]),
+                                    counts("by_state"),
+                                    counts("by_health"),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                table::render(&["POOL", "VMS", "STREAMS", "STATES", "HEALTH"], &rows)
+            });
+        }
+        Cmd::Drain {
+            target,
+            reason,
+            timeout_seconds,
+        } => {
+            let mut params = json!({ "reason": reason });
+            if let Some(t) = timeout_seconds {
+                params["timeout_seconds"] = json!(t);
+            }
+            send(&client, out, &target, "drain", params).await?;
+        }
+        Cmd::Shutdown {
+            target,
+            reason,
+            force,
+        } => {
+            send(
+                &client,
+                out,
+                &target,
+                "shutdown",
+                json!({ "reason": reason, "force": force }),
+            )
+            .await?;
+        }
+        Cmd::LogLevel { level, target } => {
+            send(
+                &client,
+                out,
+                &target,
+                "set_log_level",
+                json!({ "level": level }),
+            )
+            .await?;
+        }
+        Cmd::Watch { filter, count } => {
+            let mut seen = 0usize;
+            client
+                .watch(
+                    &[
+                        ("type", filter.event_type.unwrap_or_default()),
+                        ("vm", filter.vm.unwrap_or_default()),
+                        ("pool", filter.pool.unwrap_or_default()),
+                        ("q", filter.query.unwrap_or_default()),
+                    ],
+                    |ev| {
+                        print_event(out, &ev);
+                        seen += 1;
+                        count.is_none_or(|c| seen < c)
+                    },
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn print_event(out: Output, ev: &Value) {
+    match out {
+        Output::Json => println!("{ev}"),
+        Output::Table => println!(
+            "{}  {:<20}  {:<18}  {}",
+            when(&ev["received_at"]),
+            s(&ev["vm_id"]),
+            s(&ev["type"]),
+            compact(&ev["data"])
+        ),
+    }
+}
+
+fn compact(v: &Value) -> String {
+    let text = match v {
+        Value::Object(m) => m
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "vm_id" | "pool_id" | "org_id"))
+            .map(|(k, v)| format!("{k}={}", s(v)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => s(other),
+    };
+    text.chars().take(120).collect()
+}
+
+fn event_table(events: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                s(&e["seq"]),
+                when(&e["received_at"]),
+                s(&e["vm_id"]),
+                s(&e["type"]),
+                compact(&e["data"]),
+            ]
+        })
+        .collect();
+    table::render(&["SEQ", "RECEIVED (UTC)", "VM", "TYPE", "DATA"], &rows)
+}
+
+/// Queues `command_type` for the target and, with `--wait`, follows each command until it
+/// is acknowledged, failed or expired.
+async fn send(
+    client: &Client,
+    out: Output,
+    target: &CommandTarget,
+    command_type: &str,
+    parameters: Value,
+) -> anyhow::Result<()> {
+    let body = json!({ "type": command_type, "parameters": parameters });
+    let mut commands: Vec<Value> = match (&target.vm, &target.pool) {
+        (Some(vm), _) => {
+            let r = client
+                .post(&format!("/api/v1/admin/vms/{vm}/commands"), &body)
+                .await?;
+            vec![r["command"].clone()]
+        }
+        (None, Some(pool)) => {
+            let r = client
+                .post(&format!("/api/v1/admin/pools/{pool}/commands"), &body)
+                .await?;
+            r["commands"].as_array().cloned().unwrap_or_default()
+        }
+        (None, None) => anyhow::bail!("name a VM or --pool"),
+    };
+    if target.wait {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(target.wait_timeout);
+        for c in &mut commands {
+            let id = s(&c["id"]);
+            loop {
+                let d = client
+                    .get(&format!("/api/v1/admin/commands/{id}"), &[])
+                    .await?;
+                *c = d["command"].clone();
+                if matches!(
+                    c["state"].as_str(),
+                    Some("acknowledged" | "failed" | "expired")
+                ) {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "command {id} is still {} after {} s",
+                        s(&c["state"]),
+                        target.wait_timeout
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    let failed = commands
+        .iter()
+        .filter(|c| matches!(c["state"].as_str(), Some("failed" | "expired")))
+        .count();
+    let json = json!({ "commands": commands });
+    emit(out, &json, || {
+        let rows: Vec<Vec<String>> = commands
+            .iter()
+            .map(|c| {
+                vec![
+                    s(&c["id"]),
+                    s(&c["vm_id"]),
+                    s(&c["type"]),
+                    s(&c["state"]),
+                    c["result_message"].as_str().unwrap_or("").to_owned(),
+                ]
+            })
+            .collect();
+        table::render(&["COMMAND", "VM", "TYPE", "STATE", "RESULT"], &rows)
+    });
+    if failed > 0 {
+        anyhow::bail!("{failed} command(s) failed or expired");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("migctl: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("migctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn values_render_compactly() {
+        assert_eq!(s(&Value::Null), "-");
+        assert_eq!(
+            when(&json!("2026-11-23T00:01:02.345Z")),
+            "2026-11-23 00:01:02"
+        );
+        assert_eq!(
+            compact(&json!({"vm_id":"x","run_id":"7","result":"Succeeded"})),
+            "result=Succeeded run_id=7"
+        );
+    }
+}
