@@ -69,6 +69,7 @@ pub struct Controller {
     locks: VmLocks,
     shutdown: CancellationToken,
     gate: crate::auth::Gatekeeper,
+    metrics: crate::metrics::Metrics,
     /// Bumped after every stored event, so live views wake up at once.
     events_stored: tokio::sync::watch::Sender<u64>,
 }
@@ -108,6 +109,7 @@ impl Controller {
         gate: crate::auth::Gatekeeper,
     ) -> Arc<Controller> {
         Arc::new(Controller {
+            metrics: crate::metrics::Metrics::new(&store),
             store,
             settings,
             streams: Streams::default(),
@@ -116,6 +118,17 @@ impl Controller {
             gate,
             events_stored: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// The metrics in the Prometheus text format, fleet gauges read now.
+    pub async fn render_metrics(&self) -> String {
+        self.metrics
+            .render(&self.store, self.streams.count(), now_ms())
+            .await
     }
 
     /// Changes after every stored event (for live event streams).
@@ -229,7 +242,9 @@ impl Controller {
         }));
         vm.connected = self.streams.is_connected(vm_id);
         batch.push(Mutation::PutVm(vm.clone()));
+        let event_type = report.event_type.clone();
         self.store.write(batch).await?;
+        self.metrics.event(&event_type);
         self.events_stored.send_modify(|n| *n = n.wrapping_add(1));
         if new_boot {
             info!(vm_id, pool_id = %vm.pool_id, boot_id = %vm.boot_id, transport = transport.as_str(), "VM started a new boot");
@@ -346,6 +361,12 @@ impl Controller {
             },
         });
         self.store.write(batch).await?;
+        self.metrics
+            .heartbeats
+            .get_or_create(&crate::metrics::TransportLabel {
+                transport: transport.as_str().into(),
+            })
+            .inc();
         Ok(())
     }
 
@@ -408,6 +429,17 @@ impl Controller {
         self.store.write(batch).await?;
         for env in &out {
             info!(vm_id = %vm.vm_id, command_id = %env.id, command_type = env.command.type_name(), via, "Command delivered");
+        }
+        // The first delivery of a boot's registration ends the vm_started-to-registration wait.
+        for c in &open {
+            if c.command_type == "register_runner"
+                && c.delivery_count == 0
+                && out.iter().any(|e| e.id == c.id)
+            {
+                self.metrics
+                    .registration_latency
+                    .observe((now - vm.booted_at).max(0) as f64 / 1000.0);
+            }
         }
         Ok((out, open.len()))
     }
@@ -561,6 +593,8 @@ impl Controller {
         }
         let outcomes = self.store.write(batch).await?;
         if outcomes.first() == Some(&Outcome::Applied(true)) {
+            self.metrics
+                .command_acked(&cmd.command_type, now - cmd.created_at);
             info!(vm_id, command_id, success, message = %msg, via, "Command acknowledged");
             Ok(to)
         } else {

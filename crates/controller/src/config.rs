@@ -87,6 +87,9 @@ pub struct ServeArgs {
     /// tests that start the controller on port 0).
     #[arg(long, env = "MIG_CONTROLLER_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
+    /// Prometheus metrics listener, e.g. 127.0.0.1:9090 [default: off].
+    #[arg(long, env = "MIG_CONTROLLER_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// `authenticated` (default): VMs enroll and carry credentials, operators use API tokens.
     /// `open`: no authentication at all, for development only.
     #[arg(long, env = "MIG_CONTROLLER_AUTH_MODE", value_enum)]
@@ -147,6 +150,7 @@ pub struct FileConfig {
     pub redelivery_timeout_secs: Option<u64>,
     pub command_ttl_secs: Option<u64>,
     pub reconcile_interval_secs: Option<u64>,
+    pub metrics_addr: Option<SocketAddr>,
     pub auth_mode: Option<AuthMode>,
     #[serde(default)]
     pub auth: AuthFileConfig,
@@ -272,6 +276,8 @@ pub struct Settings {
     pub per_vm_limit: Limit,
     pub per_addr_limit: Limit,
     pub header_timeout: Duration,
+    /// Prometheus listener; off when `None`.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// TLS files of both listeners.
@@ -498,6 +504,7 @@ impl Settings {
                 burst: l.per_addr_burst.unwrap_or(per_addr_rate.saturating_mul(5)),
             },
             header_timeout: secs("header_timeout_secs", l.header_timeout_secs.unwrap_or(10))?,
+            metrics_addr: args.metrics_addr.or(file.metrics_addr),
         })
     }
 }

@@ -98,6 +98,7 @@ pub fn router(app: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), gate))
+        .layer(middleware::from_fn_with_state(app.clone(), count_requests))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -117,6 +118,31 @@ async fn method_not_allowed() -> Response {
         code: "method_not_allowed".into(),
     };
     (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
+}
+
+/// Counts every request by route template (never the concrete path), method and status.
+async fn count_requests(
+    State(app): State<AppState>,
+    matched: Option<axum::extract::MatchedPath>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let route = matched.map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let method = match req.method().as_str() {
+        m @ ("GET" | "POST" | "PUT" | "DELETE" | "PATCH" | "HEAD" | "OPTIONS") => m,
+        _ => "other",
+    }
+    .to_owned();
+    let response = next.run(req).await;
+    app.metrics()
+        .http_requests
+        .get_or_create(&crate::metrics::HttpLabels {
+            route,
+            method,
+            status: response.status().as_u16().to_string(),
+        })
+        .inc();
+    response
 }
 
 /// Rate limits, then authentication and authorization, for every request (see

@@ -9,6 +9,7 @@ pub mod export;
 pub mod grpc;
 pub mod http;
 pub mod lifecycle;
+pub mod metrics;
 pub mod net;
 pub mod pki;
 pub mod server;

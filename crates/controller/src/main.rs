@@ -229,6 +229,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         let doc = serde_json::json!({
             "http_addr": running.http_addr.to_string(),
             "grpc_addr": running.grpc_addr.to_string(),
+            "metrics_addr": running.metrics_addr.map(|a| a.to_string()),
         });
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, doc.to_string())

@@ -80,6 +80,8 @@ pub async fn bind(settings: &Settings) -> Result<(TcpListener, TcpListener), Ser
 pub struct RunningServer {
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
+    /// Where `/metrics` is served, if enabled.
+    pub metrics_addr: Option<SocketAddr>,
     pub app: Arc<Controller>,
     shutdown: CancellationToken,
     http_task: JoinHandle<()>,
@@ -166,15 +168,54 @@ pub async fn start(
             .await;
     });
 
+    let metrics_addr = match settings.metrics_addr {
+        None => None,
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    what: "metrics",
+                    addr,
+                    source,
+                })?;
+            let bound = listener.local_addr().map_err(ServeError::LocalAddr)?;
+            let app = app.clone();
+            let router = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let app = app.clone();
+                    async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            app.render_metrics().await,
+                        )
+                    }
+                }),
+            );
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let serve =
+                    axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned());
+                if let Err(e) = serve.await {
+                    warn!(error = %e, "Metrics server stopped with an error");
+                }
+            });
+            Some(bound)
+        }
+    };
     let reconciler = tokio::spawn(reconcile_loop(
         app.clone(),
         settings.reconcile_interval,
         shutdown.clone(),
     ));
-    info!(%http_addr, %grpc_addr, data_dir = %settings.data_dir.display(), auth_mode = settings.auth_mode.as_str(), tls = tls.is_some(), mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()), "MIG controller listening");
+    info!(%http_addr, %grpc_addr, data_dir = %settings.data_dir.display(), auth_mode = settings.auth_mode.as_str(), tls = tls.is_some(), mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()), metrics_addr = ?metrics_addr, "MIG controller listening");
     Ok(RunningServer {
         http_addr,
         grpc_addr,
+        metrics_addr,
         app,
         shutdown,
         http_task,

@@ -59,6 +59,11 @@ impl Streams {
         }
     }
 
+    /// How many streams are open.
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
     pub fn is_connected(&self, vm_id: &str) -> bool {
         self.lock().contains_key(vm_id)
     }

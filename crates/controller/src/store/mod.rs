@@ -397,6 +397,16 @@ pub struct CommandFilter {
     pub limit: u32,
 }
 
+/// What the metrics read from the store at each scrape.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetGauges {
+    /// Per pool: the oldest last heartbeat (or boot, if none yet) of a live VM.
+    pub oldest_heartbeat_by_pool: Vec<(String, Millis)>,
+    /// Per state: when the VM that has been in it longest entered it.
+    pub oldest_by_state: Vec<(String, Millis)>,
+    pub commands_by_state: Vec<(String, i64)>,
+}
+
 /// How many VMs of a pool are in one state and health.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PoolCount {
@@ -492,6 +502,8 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct Store {
     backend: SqliteStore,
+    /// Seconds each [`Store::write`] took, queueing and commit included.
+    write_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Store {
@@ -500,12 +512,23 @@ impl Store {
     pub async fn open_sqlite(data_dir: &Path) -> Result<Store, StoreError> {
         Ok(Store {
             backend: SqliteStore::open(data_dir).await?,
+            write_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14),
+            ),
         })
     }
 
     /// Applies `batch` atomically; returns once it is durable.
     pub async fn write(&self, batch: Vec<Mutation>) -> Result<Vec<Outcome>, StoreError> {
-        self.backend.write(batch).await
+        let started = std::time::Instant::now();
+        let out = self.backend.write(batch).await;
+        self.write_seconds.observe(started.elapsed().as_secs_f64());
+        out
+    }
+
+    /// The write latency histogram (for the metrics registry).
+    pub fn write_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.write_seconds.clone()
     }
 
     /// Commits everything queued, then stops the writer. Later writes fail with `Closed`.
@@ -596,6 +619,10 @@ impl Store {
 
     pub async fn pool_counts(&self) -> Result<Vec<PoolCount>, StoreError> {
         self.backend.pool_counts().await
+    }
+
+    pub async fn fleet_gauges(&self) -> Result<FleetGauges, StoreError> {
+        self.backend.fleet_gauges().await
     }
 
     pub async fn commands_page(&self, f: &CommandFilter) -> Result<Vec<CommandRecord>, StoreError> {

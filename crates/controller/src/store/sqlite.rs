@@ -16,6 +16,11 @@ use tokio::task::JoinHandle;
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/0001_init.sql")),
     (2, "auth", include_str!("../../migrations/0002_auth.sql")),
+    (
+        3,
+        "state_since",
+        include_str!("../../migrations/0003_state_since.sql"),
+    ),
 ];
 
 /// How many [`Store::write`] calls share one transaction at most.
@@ -266,6 +271,38 @@ impl SqliteStore {
         .iter()
         .map(heartbeat_from_row)
         .collect()
+    }
+
+    pub async fn fleet_gauges(&self) -> Result<FleetGauges, StoreError> {
+        let heartbeats = sqlx::query(
+            "SELECT pool_id, MIN(COALESCE(last_heartbeat_at, booted_at)) AS oldest FROM vms \
+             WHERE health != 'lost' AND state != 'terminated' GROUP BY pool_id",
+        )
+        .fetch_all(&self.reads)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("pool_id")?, r.try_get("oldest")?)))
+        .collect::<Result<Vec<(String, Millis)>, StoreError>>()?;
+        let states = sqlx::query(
+            "SELECT state, MIN(COALESCE(state_since, updated_at)) AS oldest FROM vms \
+             WHERE health != 'lost' GROUP BY state",
+        )
+        .fetch_all(&self.reads)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("state")?, r.try_get("oldest")?)))
+        .collect::<Result<Vec<(String, Millis)>, StoreError>>()?;
+        let commands = sqlx::query("SELECT state, COUNT(*) AS n FROM commands GROUP BY state")
+            .fetch_all(&self.reads)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("state")?, r.try_get("n")?)))
+            .collect::<Result<Vec<(String, i64)>, StoreError>>()?;
+        Ok(FleetGauges {
+            oldest_heartbeat_by_pool: heartbeats,
+            oldest_by_state: states,
+            commands_by_state: commands,
+        })
     }
 
     pub async fn pool_counts(&self) -> Result<Vec<PoolCount>, StoreError> {
@@ -607,11 +644,26 @@ async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Outcome, Stor
     match m {
         Mutation::PutVm(vm) => {
             sqlx::query(
-                "INSERT OR REPLACE INTO vms (vm_id, pool_id, org_id, boot_id, boot_seq, booted_at, \
+                // An upsert, so `state_since` moves only when the state changes.
+                "INSERT INTO vms (vm_id, pool_id, org_id, boot_id, boot_seq, booted_at, \
                  state, health, connected, last_seen_at, last_heartbeat_at, runner_state, current_job, \
                  latest_health, registration_command_id, runner_registered, acks_commands, \
-                 agent_version, created_at, updated_at, job_started_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 agent_version, created_at, updated_at, job_started_at, state_since) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
+                 ?18, ?19, ?20, ?21, ?20) \
+                 ON CONFLICT(vm_id) DO UPDATE SET pool_id = excluded.pool_id, \
+                 org_id = excluded.org_id, boot_id = excluded.boot_id, boot_seq = excluded.boot_seq, \
+                 booted_at = excluded.booted_at, state = excluded.state, health = excluded.health, \
+                 connected = excluded.connected, last_seen_at = excluded.last_seen_at, \
+                 last_heartbeat_at = excluded.last_heartbeat_at, runner_state = excluded.runner_state, \
+                 current_job = excluded.current_job, latest_health = excluded.latest_health, \
+                 registration_command_id = excluded.registration_command_id, \
+                 runner_registered = excluded.runner_registered, \
+                 acks_commands = excluded.acks_commands, agent_version = excluded.agent_version, \
+                 created_at = excluded.created_at, updated_at = excluded.updated_at, \
+                 job_started_at = excluded.job_started_at, \
+                 state_since = CASE WHEN vms.state = excluded.state THEN vms.state_since \
+                 ELSE excluded.updated_at END",
             )
             .bind(&vm.vm_id)
             .bind(&vm.pool_id)
@@ -931,7 +983,7 @@ async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Outcome, Stor
             let mut changes = Vec::new();
             // Shutting-down VMs that went quiet are done, not sick.
             let ended = sqlx::query(
-                "UPDATE vms SET state = 'terminated', connected = 0, updated_at = ?1 \
+                "UPDATE vms SET state = 'terminated', connected = 0, updated_at = ?1, state_since = ?1 \
                  WHERE state = 'shutting_down' AND last_seen_at < ?2 AND connected = 0 RETURNING vm_id",
             )
             .bind(now)

@@ -5,6 +5,7 @@ mod binary;
 mod common;
 mod grpc_flow;
 mod http_flow;
+mod metrics;
 mod queue;
 mod reconciler;
 mod tls;
