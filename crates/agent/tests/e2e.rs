@@ -105,6 +105,8 @@ struct CtlConfig {
     secret_file: PathBuf,
     jwks_url: String,
     credential_ttl: Duration,
+    /// No TLS (for the browser test, whose browser has no client certificate).
+    plain_http: bool,
 }
 
 /// The audience agents and the controller agree on for GCE identity tokens.
@@ -148,7 +150,7 @@ fn controller_settings(
     s.enroll.audience = Some(AUDIENCE.into());
     s.enroll.credential_ttl = cfg.credential_ttl;
     s.enroll.google_jwks_url = cfg.jwks_url.clone();
-    s.tls = Some(TlsSettings {
+    s.tls = (!cfg.plain_http).then(|| TlsSettings {
         cert_file: cfg.tls_dir.join("server.pem"),
         key_file: cfg.tls_dir.join("server-key.pem"),
         client_ca_file: Some(cfg.tls_dir.join("ca.pem")),
@@ -243,6 +245,7 @@ impl Env {
             secret_file: self.dir.path().join("pool.secret"),
             jwks_url: self.jwks_url.clone(),
             credential_ttl: Duration::from_secs(3600),
+            plain_http: false,
         }
     }
 
@@ -1434,6 +1437,223 @@ async fn wrong_bootstrap_secret_is_refused_and_reported() -> R {
     std::fs::write(&wrong, &env.secret)?;
     wait_event(ctl.app(), "vm-wrong", "vm_started").await;
     agent.child.kill().await?;
+    ctl.stop().await;
+    Ok(())
+}
+
+/// A free loopback port (for chromedriver, which takes a port number).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// Debian's chromedriver and chromium, if installed.
+fn chromedriver() -> Option<(PathBuf, PathBuf)> {
+    let driver = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())?;
+    let browser = ["/usr/bin/chromium", "/usr/lib/chromium/chromium"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())?;
+    Some((driver, browser))
+}
+
+/// The dashboard in headless Chromium (Debian's package, driven over WebDriver by
+/// fantoccini) against a controller with live agents: they are listed with their states, a
+/// VM's timeline opens, and Drain is acknowledged. Screenshots go to target/screenshots/.
+#[tokio::test]
+async fn dashboard_in_a_real_browser() -> R {
+    use fantoccini::Locator;
+    let Some((driver, browser)) = chromedriver() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium and chromium-driver (see .ci/run)"
+        );
+        eprintln!(
+            "SKIPPED: chromium / chromedriver not installed (apt-get install chromium chromium-driver)"
+        );
+        return Ok(());
+    };
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/screenshots");
+    std::fs::create_dir_all(&shots)?;
+    let env = env().await;
+    let cfg = CtlConfig {
+        plain_http: true,
+        ..env.ctl()
+    };
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &cfg).await;
+    env.github
+        .enqueue_job(job("dashboard demo", "Succeeded", 60_000));
+    let secret = env.dir.path().join("pool.secret").display().to_string();
+    let extra = [("MIGLET_BOOTSTRAP_SECRET_FILE", secret.as_str())];
+    let mut busy = Agent::spawn_with(
+        &env,
+        "vm-dash-busy",
+        "http",
+        ctl.http,
+        Some(ctl.grpc),
+        &extra,
+    );
+    wait_event(ctl.app(), "vm-dash-busy", "job_started").await;
+    let mut idle = Agent::spawn_with(
+        &env,
+        "vm-dash-idle",
+        "http",
+        ctl.http,
+        Some(ctl.grpc),
+        &extra,
+    );
+    wait_event(ctl.app(), "vm-dash-idle", "runner_registered").await;
+    let token = std::fs::read_to_string(env.dir.path().join("ctl/initial-admin-token"))?;
+
+    let port = free_port();
+    let mut chromedriver = tokio::process::Command::new(&driver)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": browser,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900"],
+        }),
+    );
+    let webdriver = format!("http://127.0.0.1:{port}");
+    let mut session = None;
+    for _ in 0..50 {
+        let mut b = fantoccini::ClientBuilder::new(
+            hyper_util::client::legacy::connect::HttpConnector::new(),
+        );
+        match b.capabilities(caps.clone()).connect(&webdriver).await {
+            Ok(c) => {
+                session = Some(c);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let c = session.ok_or("chromedriver did not start")?;
+    let result = async {
+        let base = format!("http://{}", ctl.http);
+        c.goto(&format!("{base}/dashboard/")).await?;
+        c.wait()
+            .at_most(Duration::from_secs(20))
+            .for_element(Locator::Css("#token"))
+            .await?
+            .send_keys(token.trim())
+            .await?;
+        c.find(Locator::Css("#login button[type=submit]"))
+            .await?
+            .click()
+            .await?;
+        // Both VMs listed with their states.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = match c.find(Locator::Css("#vms")).await {
+                Ok(t) => t.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            if text.contains("vm-dash-busy")
+                && text.contains("job_running")
+                && text.contains("vm-dash-idle")
+                && text.contains("idle")
+            {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("VM table never showed both VMs: {text}").into());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        std::fs::write(shots.join("dashboard-fleet.png"), c.screenshot().await?)?;
+        // A VM's page with its timeline.
+        c.find(Locator::LinkText("vm-dash-idle"))
+            .await?
+            .click()
+            .await?;
+        let timeline = c
+            .wait()
+            .at_most(Duration::from_secs(20))
+            .for_element(Locator::Css("#timeline"))
+            .await?
+            .text()
+            .await?;
+        if !(timeline.contains("vm_started")
+            && timeline.contains("runner_registered")
+            && timeline.contains("enrolled"))
+        {
+            return Err(format!("timeline incomplete: {timeline}").into());
+        }
+        let shown_state = c
+            .find(Locator::Css("dd[data-field=state]"))
+            .await?
+            .text()
+            .await?;
+        if shown_state != "idle" {
+            return Err(format!("VM page shows state {shown_state:?}").into());
+        }
+        std::fs::write(shots.join("dashboard-vm.png"), c.screenshot().await?)?;
+        // Drain, confirm, and see it acknowledged.
+        c.find(Locator::Css("#drain")).await?.click().await?;
+        c.accept_alert().await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = c
+                .find(Locator::Css("#command-result"))
+                .await?
+                .text()
+                .await
+                .unwrap_or_default();
+            if text.contains("drain acknowledged") {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("drain not acknowledged in the page: {text:?}").into());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        std::fs::write(shots.join("dashboard-drained.png"), c.screenshot().await?)?;
+        // Event search.
+        c.goto(&format!("{base}/dashboard/#/events?type=job_started"))
+            .await?;
+        let events = c
+            .wait()
+            .at_most(Duration::from_secs(20))
+            .for_element(Locator::Css("#events"))
+            .await?
+            .text()
+            .await?;
+        if !events.contains("vm-dash-busy") {
+            return Err(format!("event search: {events}").into());
+        }
+        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    }
+    .await;
+    let _ = c.close().await;
+    let _ = chromedriver.kill().await;
+    result?;
+    let drains: Vec<_> = ctl
+        .app()
+        .store()
+        .commands_for_vm("vm-dash-idle")
+        .await?
+        .into_iter()
+        .filter(|c| c.command_type == "drain")
+        .collect();
+    assert!(
+        drains
+            .iter()
+            .any(|d| d.state.as_str() == "acknowledged" && d.source.starts_with("operator:"))
+    );
+    let _ = busy.child.kill().await;
+    let _ = idle.child.kill().await;
     ctl.stop().await;
     Ok(())
 }

@@ -84,6 +84,7 @@ pub fn router(app: AppState) -> Router {
         .route("/api/v1/enroll", post(post_enroll))
         .route("/api/v1/vms/{vm_id}/credential", post(post_refresh))
         .merge(crate::admin::routes())
+        .merge(crate::dashboard::routes())
         .route("/api/v1/vms/{vm_id}/events", post(post_event))
         .route("/api/v1/vms/{vm_id}/heartbeat", post(post_heartbeat))
         .route(

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod export;
 pub mod grpc;

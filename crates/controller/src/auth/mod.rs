@@ -125,7 +125,12 @@ pub enum Route {
 
 /// Classifies `path` (and whether `method` changes state).
 pub fn route(method: &http::Method, path: &str) -> Route {
-    if path == "/health" || path == "/api/v1/enroll" {
+    if path == "/health"
+        || path == "/api/v1/enroll"
+        || path == "/"
+        || path == "/dashboard"
+        || path.starts_with("/dashboard/")
+    {
         return Route::Public;
     }
     if let Some(rest) = path.strip_prefix("/api/v1/vms/") {
@@ -291,6 +296,7 @@ mod tests {
     fn routes_are_classified() {
         assert_eq!(route(&Method::GET, "/health"), Route::Public);
         assert_eq!(route(&Method::POST, "/api/v1/enroll"), Route::Public);
+        assert_eq!(route(&Method::GET, "/dashboard/app.js"), Route::Public);
         assert_eq!(
             route(&Method::GET, "/api/v1/vms/a-1/commands"),
             Route::Vm("a-1".into())
