@@ -359,6 +359,35 @@ async fn write_audit(app: &Controller, row: AuditRow) {
     }
 }
 
+/// Records an admin action and how it ended (`Ok(detail)` or the error).
+async fn audit_action(
+    app: &Controller,
+    actor: String,
+    action: &str,
+    target: String,
+    peer: SocketAddr,
+    result: Result<String, &ApiError>,
+) {
+    let (outcome, detail) = match result {
+        Ok(d) => ("ok".to_owned(), d),
+        Err(e) => (format!("error: {}", e.code()), e.to_string()),
+    };
+    write_audit(
+        app,
+        AuditRow {
+            seq: 0,
+            at: chrono::Utc::now().timestamp_millis(),
+            actor,
+            action: action.into(),
+            target: Some(target),
+            remote_addr: Some(peer.ip().to_string()),
+            outcome,
+            detail: Some(detail),
+        },
+    )
+    .await;
+}
+
 /// Records a refused admin action.
 pub async fn audit_denied(
     app: &Controller,
@@ -386,6 +415,13 @@ pub async fn audit_denied(
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     q.map(|Query(v)| v)
         .map_err(|e| ApiError::BadRequest(e.body_text()))
+}
+
+/// The key of the last row when the page is full (there may be more), else `None`.
+fn next_page<T, K>(rows: &[T], limit: u32, key: impl Fn(&T) -> K) -> Option<K> {
+    (rows.len() == limit as usize)
+        .then(|| rows.last().map(key))
+        .flatten()
 }
 
 fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
@@ -525,9 +561,7 @@ async fn list_vms(
         limit,
     };
     let vms = app.store().vms_page(&filter).await?;
-    let next_cursor = (vms.len() == limit as usize)
-        .then(|| vms.last().map(|v| v.vm_id.clone()))
-        .flatten();
+    let next_cursor = next_page(&vms, limit, |v| v.vm_id.clone());
     Ok(Json(VmPage {
         vms: vms.iter().map(VmView::from).collect(),
         next_cursor,
@@ -701,9 +735,7 @@ async fn vm_heartbeats(
         .store()
         .heartbeats_page(&vm_id, since, q.before, limit)
         .await?;
-    let next_before = (rows.len() == limit as usize)
-        .then(|| rows.last().map(|r| r.seq))
-        .flatten();
+    let next_before = next_page(&rows, limit, |r| r.seq);
     Ok(Json(HeartbeatPage {
         heartbeats: rows.iter().map(HeartbeatView::from).collect(),
         next_before,
@@ -766,25 +798,16 @@ async fn enqueue(
         app.enqueue(&vm_id, command, &who, ttl).await
     }
     .await;
-    let (outcome, detail) = match &result {
-        Ok(r) => (
-            "ok".to_owned(),
-            format!("command_id={} type={}", r.id, r.command_type),
-        ),
-        Err(e) => (format!("error: {}", e.code()), e.to_string()),
-    };
-    write_audit(
+    let summary = result
+        .as_ref()
+        .map(|r| format!("command_id={} type={}", r.id, r.command_type));
+    audit_action(
         &app,
-        AuditRow {
-            seq: 0,
-            at: chrono::Utc::now().timestamp_millis(),
-            actor: who,
-            action: "command.enqueue".into(),
-            target: Some(format!("vm:{vm_id}")),
-            remote_addr: Some(peer.ip().to_string()),
-            outcome,
-            detail: Some(detail),
-        },
+        who,
+        "command.enqueue",
+        format!("vm:{vm_id}"),
+        peer,
+        summary,
     )
     .await;
     let record = result?;
@@ -860,34 +883,25 @@ async fn enqueue_pool(
         Ok(out)
     }
     .await;
-    let (outcome, detail) = match &result {
-        Ok(r) => (
-            "ok".to_owned(),
-            format!(
-                "queued={} skipped={} ids={}",
-                r.commands.len(),
-                r.skipped.len(),
-                r.commands
-                    .iter()
-                    .map(|c| c.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
-        ),
-        Err(e) => (format!("error: {}", e.code()), e.to_string()),
-    };
-    write_audit(
+    let summary = result.as_ref().map(|r| {
+        format!(
+            "queued={} skipped={} ids={}",
+            r.commands.len(),
+            r.skipped.len(),
+            r.commands
+                .iter()
+                .map(|c| c.id.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    });
+    audit_action(
         &app,
-        AuditRow {
-            seq: 0,
-            at: chrono::Utc::now().timestamp_millis(),
-            actor: who,
-            action: "command.enqueue_pool".into(),
-            target: Some(format!("pool:{pool_id}")),
-            remote_addr: Some(peer.ip().to_string()),
-            outcome,
-            detail: Some(detail),
-        },
+        who,
+        "command.enqueue_pool",
+        format!("pool:{pool_id}"),
+        peer,
+        summary,
     )
     .await;
     Ok((StatusCode::CREATED, Json(result?)))
@@ -973,9 +987,7 @@ async fn search_events(
 ) -> Result<Json<EventPage>, ApiError> {
     let filter = event_filter(query(q)?)?;
     let rows = app.store().events_page(&filter).await?;
-    let next_before = (rows.len() == filter.limit as usize)
-        .then(|| rows.last().map(|r| r.seq))
-        .flatten();
+    let next_before = next_page(&rows, filter.limit, |r| r.seq);
     Ok(Json(EventPage {
         events: rows.iter().map(EventView::from).collect(),
         next_before,
@@ -1132,9 +1144,7 @@ async fn list_commands(
         limit: page_limit(q.limit)?,
     };
     let rows = app.store().commands_page(&filter).await?;
-    let next_before = (rows.len() == filter.limit as usize)
-        .then(|| rows.last().map(|r| r.seq))
-        .flatten();
+    let next_before = next_page(&rows, filter.limit, |r| r.seq);
     Ok(Json(CommandPage {
         commands: rows.iter().map(CommandView::from).collect(),
         next_before,
@@ -1264,9 +1274,7 @@ async fn audit(
     let q = query(q)?;
     let limit = page_limit(q.limit)?;
     let rows = app.store().audit_list(q.before, limit).await?;
-    let next_before = (rows.len() == limit as usize)
-        .then(|| rows.last().map(|r| r.seq))
-        .flatten();
+    let next_before = next_page(&rows, limit, |r| r.seq);
     Ok(Json(AuditPage {
         entries: rows.iter().map(AuditView::from).collect(),
         next_before,

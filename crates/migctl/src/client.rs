@@ -43,16 +43,7 @@ pub struct Client {
     token: String,
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+use miglet_proto::error_chain;
 
 fn builder(t: &Target) -> Result<reqwest::ClientBuilder, ClientError> {
     let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
