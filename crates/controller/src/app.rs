@@ -59,6 +59,8 @@ pub struct ReconcileReport {
     pub expired_commands: usize,
     pub health_changes: usize,
     pub registrations_issued: usize,
+    pub heartbeats_pruned: u64,
+    pub events_pruned: u64,
 }
 
 #[derive(Debug)]
@@ -70,6 +72,8 @@ pub struct Controller {
     shutdown: CancellationToken,
     gate: crate::auth::Gatekeeper,
     metrics: crate::metrics::Metrics,
+    /// When the last retention pass ran (Unix ms).
+    last_prune: std::sync::atomic::AtomicI64,
     /// Bumped after every stored event, so live views wake up at once.
     events_stored: tokio::sync::watch::Sender<u64>,
 }
@@ -110,6 +114,7 @@ impl Controller {
     ) -> Arc<Controller> {
         Arc::new(Controller {
             metrics: crate::metrics::Metrics::new(&store),
+            last_prune: std::sync::atomic::AtomicI64::new(0),
             store,
             settings,
             streams: Streams::default(),
@@ -830,6 +835,27 @@ impl Controller {
             ])
             .await?;
         let mut report = ReconcileReport::default();
+        let r = &self.settings.retention;
+        let last = self.last_prune.load(std::sync::atomic::Ordering::Relaxed);
+        if now - last >= r.interval.as_millis() as Millis {
+            self.last_prune
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+            let ms = |d: Duration| d.as_millis() as Millis;
+            let pruned = self
+                .store
+                .write(vec![Mutation::PruneHistory(crate::store::Prune {
+                    heartbeats_full_after: now - ms(r.heartbeat_full),
+                    heartbeat_bucket_ms: ms(r.heartbeat_bucket),
+                    heartbeats_drop_before: now - ms(r.heartbeat_max_age),
+                    events_drop_before: r.event_max_age.map(|a| now - ms(a)),
+                    limit: 50_000,
+                })])
+                .await?;
+            if let Some(Outcome::Pruned { heartbeats, events }) = pruned.first() {
+                report.heartbeats_pruned = *heartbeats;
+                report.events_pruned = *events;
+            }
+        }
         for o in outcomes {
             match o {
                 Outcome::Expired(list) => {

@@ -157,6 +157,8 @@ pub struct FileConfig {
     pub tls: Option<TlsFileConfig>,
     #[serde(default)]
     pub limits: LimitsFileConfig,
+    #[serde(default)]
+    pub retention: RetentionFileConfig,
     /// Registration config per pool id; the key `"*"` serves every pool not listed.
     #[serde(default)]
     pub pools: HashMap<String, PoolConfig>,
@@ -197,6 +199,31 @@ pub struct LimitsFileConfig {
     pub per_addr_burst: Option<u32>,
     /// A client must send a request's headers within this many seconds [default: 10].
     pub header_timeout_secs: Option<u64>,
+}
+
+/// `[retention]` of the config file: how long history is kept.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionFileConfig {
+    /// Every heartbeat is kept this long [default: 86400, one day].
+    pub heartbeat_full_secs: Option<u64>,
+    /// After that, one heartbeat per VM per this many seconds [default: 300].
+    pub heartbeat_bucket_secs: Option<u64>,
+    /// Heartbeats older than this are deleted [default: 1209600, 14 days].
+    pub heartbeat_max_age_secs: Option<u64>,
+    /// Events older than this are deleted; 0 keeps them forever [default: 7776000, 90 days].
+    pub event_max_age_secs: Option<u64>,
+}
+
+/// Effective retention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionSettings {
+    pub heartbeat_full: Duration,
+    pub heartbeat_bucket: Duration,
+    pub heartbeat_max_age: Duration,
+    pub event_max_age: Option<Duration>,
+    /// How often a retention pass runs.
+    pub interval: Duration,
 }
 
 /// `[pools.<id>.enrollment]`: how the pool's VMs prove who they are.
@@ -278,6 +305,7 @@ pub struct Settings {
     pub header_timeout: Duration,
     /// Prometheus listener; off when `None`.
     pub metrics_addr: Option<SocketAddr>,
+    pub retention: RetentionSettings,
 }
 
 /// TLS files of both listeners.
@@ -437,6 +465,32 @@ impl Settings {
                 });
             }
         };
+        let r = &file.retention;
+        let retention = RetentionSettings {
+            heartbeat_full: secs(
+                "retention.heartbeat_full_secs",
+                r.heartbeat_full_secs.unwrap_or(86_400),
+            )?,
+            heartbeat_bucket: secs(
+                "retention.heartbeat_bucket_secs",
+                r.heartbeat_bucket_secs.unwrap_or(300),
+            )?,
+            heartbeat_max_age: secs(
+                "retention.heartbeat_max_age_secs",
+                r.heartbeat_max_age_secs.unwrap_or(14 * 86_400),
+            )?,
+            event_max_age: match r.event_max_age_secs.unwrap_or(90 * 86_400) {
+                0 => None,
+                s => Some(Duration::from_secs(s)),
+            },
+            interval: Duration::from_secs(600),
+        };
+        if retention.heartbeat_max_age < retention.heartbeat_full {
+            return Err(ConfigError::Invalid {
+                name: "retention.heartbeat_max_age_secs".into(),
+                reason: "must be at least heartbeat_full_secs".into(),
+            });
+        }
         let l = &file.limits;
         let per_vm_rate = args.rate_limit_per_vm.or(l.per_vm_per_second).unwrap_or(20);
         let per_addr_rate = args
@@ -505,6 +559,7 @@ impl Settings {
             },
             header_timeout: secs("header_timeout_secs", l.header_timeout_secs.unwrap_or(10))?,
             metrics_addr: args.metrics_addr.or(file.metrics_addr),
+            retention,
         })
     }
 }
@@ -654,6 +709,27 @@ mod tests {
         assert_eq!(s.pools.get("other")?.labels, vec!["self-hosted"]);
         assert_eq!(s.auth_mode, AuthMode::Authenticated);
         assert!(s.pools.get("linux-x64")?.enrollment.gce.is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn retention_defaults_and_checks() -> Result<(), Box<dyn std::error::Error>> {
+        let open = || ServeArgs {
+            auth_mode: Some(AuthMode::Open),
+            ..ServeArgs::default()
+        };
+        let d = Settings::resolve(open(), FileConfig::default())?.retention;
+        assert_eq!(d.heartbeat_full, Duration::from_secs(86_400));
+        assert_eq!(d.event_max_age, Some(Duration::from_secs(90 * 86_400)));
+        let forever: FileConfig = toml::from_str("[retention]\nevent_max_age_secs = 0")?;
+        assert_eq!(
+            Settings::resolve(open(), forever)?.retention.event_max_age,
+            None
+        );
+        let bad: FileConfig =
+            toml::from_str("[retention]\nheartbeat_full_secs = 100\nheartbeat_max_age_secs = 50")?;
+        assert!(Settings::resolve(open(), bad).is_err());
+        assert!(toml::from_str::<FileConfig>("[retention]\nkeep = 1").is_err());
         Ok(())
     }
 

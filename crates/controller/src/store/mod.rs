@@ -356,6 +356,21 @@ pub struct AuditRow {
     pub detail: Option<String>,
 }
 
+/// One retention pass (times in Unix ms).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prune {
+    /// Heartbeats received at or after this are all kept.
+    pub heartbeats_full_after: Millis,
+    /// Older ones keep one per VM per bucket of this many ms ...
+    pub heartbeat_bucket_ms: Millis,
+    /// ... and those received before this are deleted.
+    pub heartbeats_drop_before: Millis,
+    /// Events received before this are deleted; `None` keeps them all.
+    pub events_drop_before: Option<Millis>,
+    /// Rows of each kind deleted at most per pass.
+    pub limit: i64,
+}
+
 /// Which VMs a page lists, in `vm_id` order after `after`.
 #[derive(Debug, Clone, Default)]
 pub struct VmFilter {
@@ -473,6 +488,8 @@ pub enum Mutation {
         now: Millis,
         expires_at: Millis,
     },
+    /// Thin and drop old history: [`Outcome::Pruned`] says how many rows went.
+    PruneHistory(Prune),
     /// Expire every open command whose `expires_at` is at or before `now`:
     /// [`Outcome::Expired`].
     ExpireCommands {
@@ -495,6 +512,7 @@ pub enum Outcome {
     Inserted(bool),
     Applied(bool),
     Expired(Vec<ExpiredCommand>),
+    Pruned { heartbeats: u64, events: u64 },
     HealthChanged(Vec<HealthChange>),
 }
 

@@ -21,6 +21,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "state_since",
         include_str!("../../migrations/0003_state_since.sql"),
     ),
+    (
+        4,
+        "retention",
+        include_str!("../../migrations/0004_retention.sql"),
+    ),
 ];
 
 /// How many [`Store::write`] calls share one transaction at most.
@@ -937,6 +942,49 @@ async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Outcome, Stor
             .await?;
             Ok(Outcome::Inserted(done.rows_affected() > 0))
         }
+        Mutation::PruneHistory(p) => {
+            // Heartbeats past the maximum age go; between that and the full-detail window
+            // one per VM per bucket stays (the first); events past their maximum age go.
+            // Each kind is bounded by `limit` rows per pass.
+            let dropped = sqlx::query(
+                "DELETE FROM heartbeats WHERE seq IN \
+                 (SELECT seq FROM heartbeats WHERE received_at < ? LIMIT ?)",
+            )
+            .bind(p.heartbeats_drop_before)
+            .bind(p.limit)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            let thinned = sqlx::query(
+                "DELETE FROM heartbeats WHERE seq IN (SELECT seq FROM \
+                 (SELECT seq, ROW_NUMBER() OVER (PARTITION BY vm_id, received_at / ?1 ORDER BY seq) AS rn \
+                  FROM heartbeats WHERE received_at >= ?2 AND received_at < ?3) \
+                 WHERE rn > 1 LIMIT ?4)",
+            )
+            .bind(p.heartbeat_bucket_ms.max(1))
+            .bind(p.heartbeats_drop_before)
+            .bind(p.heartbeats_full_after)
+            .bind(p.limit)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            let events = match p.events_drop_before {
+                None => 0,
+                Some(before) => sqlx::query(
+                    "DELETE FROM events WHERE seq IN \
+                     (SELECT seq FROM events WHERE received_at < ? LIMIT ?)",
+                )
+                .bind(before)
+                .bind(p.limit)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected(),
+            };
+            Ok(Outcome::Pruned {
+                heartbeats: dropped + thinned,
+                events,
+            })
+        }
         Mutation::ExpireCommands { now } => {
             let rows = sqlx::query(
                 "UPDATE commands SET state = 'expired', finished_at = ?1, \
@@ -1250,6 +1298,120 @@ mod tests {
             data: "{}".into(),
             raw: "{}".into(),
         }
+    }
+
+    fn heartbeat(vm: &str, at: Millis) -> Mutation {
+        Mutation::Heartbeat {
+            row: HeartbeatRow {
+                seq: 0,
+                vm_id: vm.into(),
+                transport: "http".into(),
+                occurred_at: None,
+                received_at: at,
+                miglet_state: None,
+                runner_state: None,
+                cpu_percent: None,
+                memory_used_bytes: None,
+                memory_total_bytes: None,
+                disk_used_bytes: None,
+                disk_total_bytes: None,
+                report: "{}".into(),
+            },
+            vm: HeartbeatVmUpdate {
+                vm_id: vm.into(),
+                at,
+                state: None,
+                runner_state: None,
+                current_job: None,
+                latest_health: HealthFigures::default(),
+            },
+        }
+    }
+
+    /// Heartbeats: all kept in the full window, one per VM per bucket before it, none past
+    /// the maximum age; events past their age deleted; the per-pass limit holds.
+    #[tokio::test]
+    async fn retention_thins_and_drops_old_history() -> R {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open_sqlite(dir.path()).await?;
+        let mut batch = Vec::new();
+        for vm in ["a", "b"] {
+            // Ages in ms below `now` = 1_000_000: 10 per bucket of 10_000 in [100_000, 200_000)
+            // (to be thinned), 5 older than 500_000 (dropped), 20 recent (kept).
+            for i in 0..100 {
+                batch.push(heartbeat(vm, 1_000_000 - 100_000 - i * 1_000));
+            }
+            for i in 0..5 {
+                batch.push(heartbeat(vm, 1_000_000 - 600_000 - i));
+            }
+            for i in 0..20 {
+                batch.push(heartbeat(vm, 1_000_000 - i * 100));
+            }
+        }
+        for (i, at) in [10, 20, 990_000].into_iter().enumerate() {
+            batch.push(Mutation::InsertEvent(EventRow {
+                received_at: at,
+                ..event(Some(&format!("e{i}")))
+            }));
+        }
+        store.write(batch).await?;
+        let prune = Prune {
+            heartbeats_full_after: 1_000_000 - 50_000,
+            heartbeat_bucket_ms: 10_000,
+            heartbeats_drop_before: 1_000_000 - 500_000,
+            events_drop_before: Some(500_000),
+            limit: 1_000,
+        };
+        let out = store
+            .write(vec![Mutation::PruneHistory(prune.clone())])
+            .await?;
+        // Per VM: 5 dropped, 100 in 10(+1 partial) buckets thinned to one each, 20 kept.
+        let left_a = store.heartbeats_for_vm("a").await?;
+        let recent = left_a.iter().filter(|h| h.received_at >= 950_000).count();
+        let thinned = left_a.iter().filter(|h| h.received_at < 950_000).count();
+        assert_eq!(recent, 20);
+        assert!((10..=11).contains(&thinned), "{thinned}");
+        assert!(left_a.iter().all(|h| h.received_at >= 500_000));
+        let events: Vec<Millis> = store
+            .events_for_vm("vm")
+            .await?
+            .iter()
+            .map(|e| e.received_at)
+            .collect();
+        assert_eq!(events, [990_000]);
+        let Some(Outcome::Pruned { heartbeats, events }) = out.first() else {
+            return Err("no prune outcome".into());
+        };
+        assert_eq!(
+            (*heartbeats as usize, *events),
+            (2 * (5 + 100 - thinned), 2)
+        );
+        // Idempotent: a second pass finds nothing.
+        let again = store
+            .write(vec![Mutation::PruneHistory(prune.clone())])
+            .await?;
+        assert_eq!(
+            again.first(),
+            Some(&Outcome::Pruned {
+                heartbeats: 0,
+                events: 0
+            })
+        );
+        // The limit bounds one pass.
+        store
+            .write((0..30).map(|i| heartbeat("c", 10 + i)).collect())
+            .await?;
+        let limited = Prune { limit: 7, ..prune };
+        let out = store.write(vec![Mutation::PruneHistory(limited)]).await?;
+        assert_eq!(
+            out.first(),
+            Some(&Outcome::Pruned {
+                heartbeats: 7,
+                events: 0
+            })
+        );
+        store.close().await;
+        Ok(())
     }
 
     #[tokio::test]
