@@ -96,30 +96,6 @@ impl TestServer {
         self.client = b.build().unwrap_or_else(|e| panic!("client: {e}"));
     }
 
-    /// Enrolls `vm` into `pool` over `client` (which may speak TLS).
-    pub async fn credential_over(
-        &self,
-        client: &reqwest::Client,
-        vm: &str,
-        pool: &str,
-    ) -> Result<String, String> {
-        let base = self.base.replace("http://", "https://");
-        let r = client
-            .post(format!("{base}/api/v1/enroll"))
-            .json(&serde_json::json!({
-                "vm_id": vm, "pool_id": pool, "method": "bootstrap",
-                "bootstrap_secret": self.dev_secret(),
-            }))
-            .send()
-            .await
-            .map_err(|e| format!("enroll: {e:?}"))?;
-        let body: Value = r.json().await.unwrap_or(Value::Null);
-        body["credential"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| format!("no credential: {body}"))
-    }
-
     /// A controller in `open` mode (the base contract with no authentication).
     pub async fn start_open() -> TestServer {
         Self::start_with(|s| s.auth_mode = mig_controller::auth::AuthMode::Open).await
@@ -139,8 +115,9 @@ impl TestServer {
             .unwrap_or_else(|e| panic!("initial admin token: {e}"))
     }
 
-    /// Enrolls `vm` into `pool` with the development bootstrap secret.
-    pub async fn enroll(&self, vm: &str, pool: &str) -> String {
+    /// Enrolls `vm` into `pool` with the development bootstrap secret, over the server's
+    /// current client (plain or TLS, see [`TestServer::use_https`]).
+    pub async fn try_enroll(&self, vm: &str, pool: &str) -> Result<String, String> {
         let r = self
             .client
             .post(format!("{}/api/v1/enroll", self.base))
@@ -150,14 +127,23 @@ impl TestServer {
             }))
             .send()
             .await
-            .unwrap_or_else(|e| panic!("enroll: {e}"));
+            .map_err(|e| format!("enroll: {e:?}"))?;
         let status = r.status().as_u16();
         let body: Value = r.json().await.unwrap_or(Value::Null);
-        assert_eq!(status, 200, "enroll {vm}: {body}");
+        if status != 200 {
+            return Err(format!("enroll {vm}: {status} {body}"));
+        }
         body["credential"]
             .as_str()
-            .unwrap_or_else(|| panic!("no credential: {body}"))
-            .to_owned()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("no credential: {body}"))
+    }
+
+    /// [`TestServer::try_enroll`] that must succeed.
+    pub async fn enroll(&self, vm: &str, pool: &str) -> String {
+        self.try_enroll(vm, pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The credential of `vm` for `pool` (or its last pool), enrolling when needed. None in

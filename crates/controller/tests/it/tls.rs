@@ -81,7 +81,7 @@ async fn grpc_over_tls(s: &TestServer, ca: &str, identity: Option<&Pem>) -> Resu
         .map_err(|e| format!("{e:?}"))?;
     // The credential comes over the HTTPS listener with the test's own (good) client, so
     // only the gRPC listener's TLS decides the outcome.
-    let cred = s.credential_over(&s.client, "vm-tls", "p").await?;
+    let cred = s.try_enroll("vm-tls", "p").await?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(connect_msg("vm-tls", "p", ""))
         .await
