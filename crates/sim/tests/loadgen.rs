@@ -37,6 +37,10 @@ async fn small_load_run_reports_every_figure()
                 "0.25",
                 "--heartbeat-secs",
                 "1",
+                "--poll-secs",
+                "1",
+                "--joins-per-sec",
+                "2",
             ])
             .args([
                 "--events-per-sec",
@@ -45,6 +49,8 @@ async fn small_load_run_reports_every_figure()
                 "5",
                 "--duration-secs",
                 "3",
+                "--baseline-secs",
+                "2",
             ])
             .arg("--controller-bin")
             .arg(controller_binary())
@@ -60,31 +66,74 @@ async fn small_load_run_reports_every_figure()
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("command enqueue-to-receipt"), "{stdout}");
+    assert!(stdout.contains("command to agent, stream"), "{stdout}");
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
-    assert_eq!(r["agents_connected"], 20, "{r}");
+    let c = &r["controller"];
+    assert_eq!(c["agents_connected"], 20, "{r}");
     assert_eq!(
-        (r["streams"].as_u64(), r["http_agents"].as_u64()),
-        (Some(15), Some(5))
+        (c["streams"].as_u64(), c["http_agents"].as_u64()),
+        (Some(15 + c["joined"].as_u64().unwrap_or(0)), Some(5)),
+        "{r}"
     );
-    assert_eq!(r["registration_latency_ms"]["n"], 20, "{r}");
-    assert!(r["events_per_sec"].as_f64().is_some_and(|e| e > 0.0), "{r}");
+    // Every agent got its registration: the ramp's over either transport, the joiners'
+    // over their streams.
+    assert_eq!(c["registration_ramp_ms"]["n"], 20, "{r}");
+    assert!(c["joined"].as_u64().is_some_and(|j| j > 0), "{r}");
+    assert_eq!(c["registration_steady_ms"]["n"], c["joined"], "{r}");
+    assert!(c["events_per_sec"].as_f64().is_some_and(|e| e > 0.0), "{r}");
     assert!(
-        r["heartbeats_per_sec"].as_f64().is_some_and(|h| h > 0.0),
+        c["heartbeats_per_sec"].as_f64().is_some_and(|h| h > 0.0),
         "{r}"
     );
     assert!(
-        r["commands_enqueued"].as_u64().is_some_and(|c| c > 0),
+        c["commands_enqueued"].as_u64().is_some_and(|n| n > 0),
         "{r}"
     );
-    assert!(r["command_latency_ms"]["p50"].as_f64().is_some(), "{r}");
-    for k in ["agents", "heartbeats", "events", "enqueue"] {
-        assert_eq!(r["errors"][k], 0, "{k}: {r}");
+    assert_eq!(c["commands_not_received"], 0, "{r}");
+    assert!(
+        c["command_latency_stream_ms"]["p50"].as_f64().is_some(),
+        "{r}"
+    );
+    for k in [
+        "agents",
+        "heartbeats",
+        "events",
+        "enqueue",
+        "refused_on_stream",
+    ] {
+        assert_eq!(c["errors"][k], 0, "{k}: {r}");
     }
+    // Nothing lost: the controller's own counters saw every heartbeat and event sent.
+    assert_eq!(
+        r["stored"]["heartbeats"].as_f64(),
+        c["heartbeats_sent"].as_f64(),
+        "{r}"
+    );
+    let started = 20 + c["joined"].as_u64().unwrap_or(0);
+    assert_eq!(
+        r["stored"]["events"].as_f64(),
+        c["events_sent"].as_u64().map(|e| (e + started) as f64),
+        "{r}"
+    );
     assert!(
-        r["controller"]["peak_rss_mib"]
+        c["server"]["peak_rss_mib"]
             .as_f64()
             .is_some_and(|m| m > 0.0),
+        "{r}"
+    );
+    // The baseline ran the same stream fleet against the echo server.
+    assert_eq!(r["baseline"]["agents_connected"], 15, "{r}");
+    assert!(
+        r["baseline"]["command_latency_stream_ms"]["n"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{r}"
+    );
+    assert!(r["loopback_rtt_ms"]["p99"].as_f64().is_some(), "{r}");
+    assert!(
+        r["storage"]["db_bytes_after"]
+            .as_u64()
+            .is_some_and(|b| b > 0),
         "{r}"
     );
     Ok(())

@@ -1,0 +1,556 @@
+//! The simulated agents and the traffic they make.
+//!
+//! Against a controller each agent does what the real MIGlet does: enroll with the pool's
+//! bootstrap secret, announce `vm_started` over HTTP, open its gRPC stream (or poll over HTTP),
+//! acknowledge every command, heartbeat every interval, and send job events over its stream
+//! (HTTP for pollers). Against the echo baseline it skips what needs the controller (enrolling,
+//! HTTP) and drives the stream the same way.
+
+use anyhow::{Context, bail};
+use miglet_proto::pb::command_service_client::CommandServiceClient;
+use miglet_proto::pb::{self, MiGletMessage, controller_message, mi_glet_message};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{OnceCell, Semaphore, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+/// What the fleet talks to.
+pub enum Target {
+    Controller {
+        http: reqwest::Client,
+        base: String,
+        secret: String,
+        admin_token: String,
+        /// Bounds concurrent HTTP requests, and so the connections they hold.
+        http_permits: Semaphore,
+    },
+    Echo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Via {
+    Stream,
+    Http,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub heartbeats_sent: AtomicU64,
+    pub heartbeat_errors: AtomicU64,
+    pub events_sent: AtomicU64,
+    pub events_accepted: AtomicU64,
+    pub event_errors: AtomicU64,
+    pub commands_received: AtomicU64,
+    pub enqueue_errors: AtomicU64,
+    pub agent_errors: AtomicU64,
+    /// Error notices the server sent on a stream (refused messages).
+    pub stream_errors: AtomicU64,
+    pub streams_up: AtomicU64,
+    pub http_agents_up: AtomicU64,
+}
+
+#[derive(Default)]
+pub struct Timings {
+    /// Command id -> when the enqueue call was made.
+    pub enqueued: HashMap<String, Instant>,
+    /// Command id -> when an agent received it, and how.
+    pub received: HashMap<String, (Instant, Via)>,
+    /// `vm_started` sent -> `register_runner` received, ms, agents started in the ramp.
+    pub registration_ramp_ms: Vec<f64>,
+    /// The same for agents that joined the loaded fleet during the measured window.
+    pub registration_steady_ms: Vec<f64>,
+    /// Agents that received their `register_runner`.
+    pub registered: std::collections::HashSet<String>,
+}
+
+/// An agent the event and command generators can pick.
+#[derive(Clone)]
+pub struct Member {
+    pub vm: String,
+    pub cred: String,
+    /// The agent's stream, or `None` for a poller.
+    pub stream: Option<mpsc::Sender<MiGletMessage>>,
+}
+
+pub struct Fleet {
+    pub target: Target,
+    pub grpc: String,
+    pub pool: String,
+    pub heartbeat: Duration,
+    pub poll: Duration,
+    /// Agents sharing one HTTP/2 connection (1 = one connection each, like real VMs).
+    pub per_connection: usize,
+    pub channels: Vec<OnceCell<Channel>>,
+    pub counters: Counters,
+    pub timings: Mutex<Timings>,
+    pub members: Mutex<Vec<Member>>,
+    /// Agent-seconds connected, summed when agents stop (for VM-hours).
+    pub agent_millis: AtomicU64,
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How an agent reaches the gRPC server.
+#[derive(Debug, Clone, Copy)]
+pub enum Conn {
+    /// Slot in [`Fleet::channels`], shared with `per_connection - 1` other agents.
+    Shared(usize),
+    /// A connection of its own.
+    Own,
+}
+
+/// Which agent this is and how it behaves.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub vm: String,
+    pub over_http: bool,
+    pub conn: Conn,
+    /// Joined during the measured window (its registration counts as steady state).
+    pub joiner: bool,
+}
+
+impl Fleet {
+    async fn http_json(
+        &self,
+        req: impl FnOnce(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    ) -> anyhow::Result<Value> {
+        let Target::Controller {
+            http,
+            base,
+            http_permits,
+            ..
+        } = &self.target
+        else {
+            bail!("no HTTP against the echo server");
+        };
+        let _permit = http_permits.acquire().await?;
+        Ok(req(http, base)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
+    async fn enroll(&self, vm: &str) -> anyhow::Result<String> {
+        let Target::Controller { secret, .. } = &self.target else {
+            return Ok(String::new());
+        };
+        let body = json!({"vm_id": vm, "pool_id": self.pool, "method": "bootstrap", "bootstrap_secret": secret});
+        let r = self
+            .http_json(|c, base| c.post(format!("{base}/api/v1/enroll")).json(&body))
+            .await?;
+        r["credential"]
+            .as_str()
+            .map(str::to_owned)
+            .context("no credential in the enrollment answer")
+    }
+
+    async fn post(&self, cred: &str, vm: &str, what: &str, body: Value) -> anyhow::Result<Value> {
+        self.http_json(|c, base| {
+            c.post(format!("{base}/api/v1/vms/{vm}/{what}"))
+                .bearer_auth(cred)
+                .json(&body)
+        })
+        .await
+    }
+
+    /// Records a received command; true for the agent's first `register_runner`.
+    fn note_command(&self, vm: &str, id: &str, via: Via, started: Instant, joiner: bool) -> bool {
+        self.counters
+            .commands_received
+            .fetch_add(1, Ordering::Relaxed);
+        let mut t = lock(&self.timings);
+        if id.starts_with("register-") {
+            if !t.registered.insert(vm.to_owned()) {
+                // A redelivery: the first receipt counted.
+                return false;
+            }
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            if joiner {
+                t.registration_steady_ms.push(ms);
+            } else {
+                t.registration_ramp_ms.push(ms);
+            }
+            true
+        } else {
+            t.received
+                .entry(id.to_owned())
+                .or_insert_with(|| (Instant::now(), via));
+            false
+        }
+    }
+
+    /// Makes the agent one the generators pick: after its runner is registered (jobs and
+    /// their events come only then), or at once against the echo server.
+    fn join(&self, vm: &str, cred: &str, stream: Option<&mpsc::Sender<MiGletMessage>>) {
+        lock(&self.members).push(Member {
+            vm: vm.to_owned(),
+            cred: cred.to_owned(),
+            stream: stream.cloned(),
+        });
+    }
+
+    async fn channel(&self, conn: Conn) -> anyhow::Result<Channel> {
+        let connect = || async {
+            tonic::transport::Endpoint::from_shared(self.grpc.clone())?
+                .connect_timeout(Duration::from_secs(10))
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .context("gRPC connect")
+        };
+        match conn {
+            Conn::Own => connect().await,
+            Conn::Shared(i) => {
+                let cell = self.channels.get(i).context("connection slot")?;
+                Ok(cell.get_or_try_init(connect).await?.clone())
+            }
+        }
+    }
+
+    /// One simulated agent, until `stop`.
+    pub async fn agent(
+        self: Arc<Fleet>,
+        spec: AgentSpec,
+        mut stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let vm = spec.vm.clone();
+        let controller = matches!(self.target, Target::Controller { .. });
+        let cred = self.enroll(&vm).await?;
+        let started = Instant::now();
+        if controller {
+            self.post(&cred, &vm, "events", json!({"type":"vm_started","vm_id":vm,"pool_id":self.pool,"event_id":format!("{vm}-start")}))
+                .await?;
+        }
+        let offset = Duration::from_millis(spread_ms(&vm, self.heartbeat.as_millis() as u64));
+        let up_at = Instant::now();
+        let result = if spec.over_http {
+            self.counters.http_agents_up.fetch_add(1, Ordering::Relaxed);
+            self.poll_loop(&vm, &cred, offset, started, spec.joiner, &mut stop)
+                .await
+        } else {
+            self.stream_loop(&spec, &cred, offset, started, &mut stop)
+                .await
+        };
+        self.agent_millis
+            .fetch_add(up_at.elapsed().as_millis() as u64, Ordering::Relaxed);
+        result
+    }
+
+    async fn poll_loop(
+        &self,
+        vm: &str,
+        cred: &str,
+        offset: Duration,
+        started: Instant,
+        joiner: bool,
+        stop: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let mut next_beat = tokio::time::Instant::now() + offset;
+        let mut poll = tokio::time::interval_at(
+            tokio::time::Instant::now() + offset.min(self.poll),
+            self.poll,
+        );
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return Ok(()),
+                _ = poll.tick() => {
+                    let body = self.http_json(|c, base| c.get(format!("{base}/api/v1/vms/{vm}/commands")).bearer_auth(cred)).await;
+                    let body = match body {
+                        Ok(b) => b,
+                        Err(e) => {
+                            self.counters.agent_errors.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("poll {vm}: {e:#}");
+                            continue;
+                        }
+                    };
+                    for c in body["commands"].as_array().cloned().unwrap_or_default() {
+                        let id = c["id"].as_str().unwrap_or_default().to_owned();
+                        if self.note_command(vm, &id, Via::Http, started, joiner) {
+                            self.join(vm, cred, None);
+                        }
+                        if let Err(e) = self.post(cred, vm, &format!("commands/{id}/ack"), json!({"success": true})).await {
+                            self.counters.agent_errors.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("ack {vm}: {e:#}");
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(next_beat) => {
+                    next_beat += self.heartbeat;
+                    self.counters.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
+                    if self.post(cred, vm, "heartbeat", json!({"type":"job_heartbeat","vm_id":vm,"miglet_state":"idle"})).await.is_err() {
+                        self.counters.heartbeat_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn stream_loop(
+        &self,
+        spec: &AgentSpec,
+        cred: &str,
+        offset: Duration,
+        started: Instant,
+        stop: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let vm = &spec.vm;
+        let controller = matches!(self.target, Target::Controller { .. });
+        let channel = self.channel(spec.conn).await?;
+        let (tx, rx) = mpsc::channel::<MiGletMessage>(32);
+        tx.send(wrap(mi_glet_message::Message::Connect(
+            pb::ConnectRequest {
+                vm_id: vm.clone(),
+                pool_id: self.pool.clone(),
+                version: "loadgen".into(),
+                ..Default::default()
+            },
+        )))
+        .await?;
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        if controller {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {cred}").parse()?);
+        }
+        let mut inbound = CommandServiceClient::new(channel)
+            .max_decoding_message_size(1 << 20)
+            .stream_commands(req)
+            .await?
+            .into_inner();
+        match inbound.message().await? {
+            Some(pb::ControllerMessage {
+                message: Some(controller_message::Message::ConnectAck(a)),
+            }) if a.accepted => {}
+            other => bail!("expected an accepted connect_ack, got {other:?}"),
+        }
+        self.counters.streams_up.fetch_add(1, Ordering::Relaxed);
+        if !controller {
+            self.join(vm, cred, Some(&tx));
+        }
+        let mut next_beat = tokio::time::Instant::now() + offset;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return Ok(()),
+                () = tokio::time::sleep_until(next_beat) => {
+                    next_beat += self.heartbeat;
+                    self.counters.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
+                    if tx.send(heartbeat(vm)).await.is_err() {
+                        self.counters.heartbeat_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                m = inbound.message() => match m {
+                    Ok(Some(pb::ControllerMessage { message: Some(m) })) => match m {
+                        controller_message::Message::Command(c) => {
+                            if self.note_command(vm, &c.id, Via::Stream, started, spec.joiner) {
+                                self.join(vm, cred, Some(&tx));
+                            }
+                            // The echo server would answer an ack with another command.
+                            if controller {
+                                let ack = wrap(mi_glet_message::Message::CommandAck(pb::CommandAck {
+                                    command_id: c.id, success: true, message: "ok".into(), result: Default::default() }));
+                                let _ = tx.send(ack).await;
+                            }
+                        }
+                        controller_message::Message::EventAck(a) => {
+                            self.counters.events_accepted.fetch_add(a.event_ids.len() as u64, Ordering::Relaxed);
+                        }
+                        controller_message::Message::Error(e) => {
+                            if self.counters.stream_errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                                eprintln!("{vm}: the server refused a message: {} {}", e.code, e.message);
+                            }
+                        }
+                        controller_message::Message::ConnectAck(_) => {}
+                    },
+                    Ok(Some(_)) => {}
+                    Ok(None) => bail!("stream closed by the server"),
+                    Err(st) => bail!("stream failed: {st}"),
+                },
+            }
+        }
+    }
+
+    /// Sends job events at `per_sec` across the fleet, round-robin, until `stop`: over the
+    /// agent's stream, or over HTTP for pollers.
+    pub async fn events(self: Arc<Fleet>, per_sec: f64, stop: watch::Receiver<bool>) {
+        if per_sec <= 0.0 {
+            return;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sec));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut n = 0usize;
+        let mut inflight = tokio::task::JoinSet::new();
+        while !*stop.borrow() {
+            tick.tick().await;
+            let Some(m) = pick(&self.members, n) else {
+                continue;
+            };
+            n += 1;
+            let ty = if n.is_multiple_of(2) {
+                "job_completed"
+            } else {
+                "job_started"
+            };
+            let event_id = format!("{}-ev-{n}", m.vm);
+            self.counters.events_sent.fetch_add(1, Ordering::Relaxed);
+            match m.stream {
+                Some(tx) => {
+                    let ev = pb::EventNotification {
+                        r#type: ty.into(),
+                        vm_id: m.vm.clone(),
+                        pool_id: self.pool.clone(),
+                        data: [
+                            ("event_id".to_owned(), event_id),
+                            ("run_id".to_owned(), n.to_string()),
+                            ("job_id".to_owned(), n.to_string()),
+                        ]
+                        .into(),
+                        timestamp: chrono::Utc::now().timestamp(),
+                        ..Default::default()
+                    };
+                    if tx
+                        .try_send(wrap(mi_glet_message::Message::Event(ev)))
+                        .is_err()
+                    {
+                        self.counters.event_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                None => {
+                    let f = self.clone();
+                    inflight.spawn(async move {
+                        let body = json!({"type": ty, "vm_id": m.vm, "run_id": n.to_string(), "job_id": n.to_string(), "event_id": event_id});
+                        match f.post(&m.cred, &m.vm, "events", body).await {
+                            Ok(_) => f.counters.events_accepted.fetch_add(1, Ordering::Relaxed),
+                            Err(_) => f.counters.event_errors.fetch_add(1, Ordering::Relaxed),
+                        };
+                    });
+                    while inflight.len() > 256 {
+                        let _ = inflight.join_next().await;
+                    }
+                }
+            }
+        }
+        while inflight.join_next().await.is_some() {}
+    }
+
+    /// Queues a command for a random agent at `per_sec` until `stop`, recording when each was
+    /// queued: `set_log_level` through the admin API, or an echo probe on the agent's stream.
+    pub async fn commands(self: Arc<Fleet>, per_sec: f64, stop: watch::Receiver<bool>) {
+        if per_sec <= 0.0 {
+            return;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sec));
+        let mut n = 0usize;
+        let mut inflight = tokio::task::JoinSet::new();
+        while !*stop.borrow() {
+            tick.tick().await;
+            let Some(m) = pick(&self.members, n.wrapping_mul(7919)) else {
+                continue;
+            };
+            n += 1;
+            let f = self.clone();
+            inflight.spawn(async move {
+                let t0 = Instant::now();
+                let id = match &f.target {
+                    Target::Controller { admin_token, .. } => {
+                        let body = json!({"type":"set_log_level","parameters":{"level":"info"}});
+                        f.http_json(|c, base| {
+                            c.post(format!("{base}/api/v1/admin/vms/{}/commands", m.vm))
+                                .bearer_auth(admin_token)
+                                .json(&body)
+                        })
+                        .await
+                        .ok()
+                        .and_then(|v| v["command"]["id"].as_str().map(str::to_owned))
+                    }
+                    Target::Echo => {
+                        let id = format!("probe-{n}");
+                        lock(&f.timings).enqueued.insert(id.clone(), t0);
+                        let probe = wrap(mi_glet_message::Message::CommandAck(pb::CommandAck {
+                            command_id: id.clone(),
+                            ..Default::default()
+                        }));
+                        match &m.stream {
+                            Some(tx) if tx.send(probe).await.is_ok() => Some(id),
+                            _ => None,
+                        }
+                    }
+                };
+                match id {
+                    Some(id) => {
+                        lock(&f.timings).enqueued.entry(id).or_insert(t0);
+                    }
+                    None => {
+                        f.counters.enqueue_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+            while inflight.len() > 64 {
+                let _ = inflight.join_next().await;
+            }
+        }
+        while inflight.join_next().await.is_some() {}
+    }
+
+    /// The state the controller holds for a command (for the ones never received).
+    pub async fn command_state(&self, id: &str) -> String {
+        let Target::Controller { admin_token, .. } = &self.target else {
+            return "n/a".into();
+        };
+        match self
+            .http_json(|c, base| {
+                c.get(format!("{base}/api/v1/admin/commands/{id}"))
+                    .bearer_auth(admin_token)
+            })
+            .await
+        {
+            Ok(v) => v["command"]["state"]
+                .as_str()
+                .or(v["state"].as_str())
+                .unwrap_or("unknown")
+                .to_owned(),
+            Err(e) => format!("lookup failed: {e}"),
+        }
+    }
+}
+
+fn pick(members: &Mutex<Vec<Member>>, n: usize) -> Option<Member> {
+    let m = lock(members);
+    (!m.is_empty()).then(|| m[n % m.len()].clone())
+}
+
+fn wrap(m: mi_glet_message::Message) -> MiGletMessage {
+    MiGletMessage { message: Some(m) }
+}
+
+fn heartbeat(vm: &str) -> MiGletMessage {
+    wrap(mi_glet_message::Message::Heartbeat(pb::Heartbeat {
+        vm_id: vm.into(),
+        miglet_state: "idle".into(),
+        timestamp: chrono::Utc::now().timestamp(),
+        health: Some(pb::VmHealth {
+            cpu_usage_percent: 3.5,
+            memory_usage_percent: 21.0,
+            disk_usage_percent: 40.0,
+            memory_total_bytes: 8 << 30,
+            memory_used_bytes: 1 << 30,
+            disk_total_bytes: 100 << 30,
+            disk_used_bytes: 40 << 30,
+        }),
+        ..Default::default()
+    }))
+}
+
+/// A stable offset in `0..max` ms for `vm`, so heartbeats spread over the interval.
+fn spread_ms(vm: &str, max: u64) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(vm);
+    if max == 0 { 0 } else { h % max }
+}
