@@ -9,8 +9,8 @@ use crate::config::Settings;
 use crate::error::ApiError;
 use crate::lifecycle::{self, Channel, Contact, ContactKind};
 use crate::store::{
-    CommandRecord, CommandState, EventRow, HeartbeatRow, HeartbeatVmUpdate, Millis, Mutation,
-    Outcome, RegistrationRow, Store, VmLogRow, VmRecord, millis,
+    CommandRecord, CommandState, EventRow, HeartbeatInput, Millis, Mutation, Outcome,
+    RegistrationRow, Store, VmLogRow, VmRecord, millis,
 };
 use crate::streams::{StreamHandle, Streams, VmLocks};
 use chrono::Utc;
@@ -51,6 +51,25 @@ pub struct EventAccepted {
     pub vm: VmRecord,
     /// The event id was stored before; nothing changed.
     pub duplicate: bool,
+}
+
+/// A new stream session: its handle and what to send right after the `connect_ack`.
+#[derive(Debug)]
+pub struct StreamOpened {
+    pub handle: StreamHandle,
+    /// Commands already marked delivered on this stream.
+    pub commands: Vec<pb::Command>,
+    /// Commands still open for the VM (for redelivery timing).
+    pub open: usize,
+    /// The session should look for deliverable commands at once.
+    pub deliver_now: bool,
+}
+
+/// Commands picked for delivery and the write that marks them delivered.
+struct DeliveryPlan {
+    open: Vec<CommandRecord>,
+    envelopes: Vec<CommandEnvelope>,
+    mutation: Option<Mutation>,
 }
 
 /// What one reconciler pass did.
@@ -246,7 +265,18 @@ impl Controller {
             raw,
         }));
         vm.connected = self.streams.is_connected(vm_id);
+        // The registration a new boot needs goes in the same atomic write as its vm_started.
+        let registration = if lifecycle::needs_registration(&vm) {
+            self.prepare_registration(&mut vm, now).await
+        } else {
+            None
+        };
         batch.push(Mutation::PutVm(vm.clone()));
+        batch.extend(
+            registration
+                .iter()
+                .map(|r| Mutation::InsertCommand(r.clone())),
+        );
         let event_type = report.event_type.clone();
         self.store.write(batch).await?;
         self.metrics.event(&event_type);
@@ -254,8 +284,8 @@ impl Controller {
         if new_boot {
             info!(vm_id, pool_id = %vm.pool_id, boot_id = %vm.boot_id, transport = transport.as_str(), "VM started a new boot");
         }
-        if lifecycle::needs_registration(&vm) {
-            self.issue_registration_locked(&mut vm).await?;
+        if let Some(r) = &registration {
+            self.registration_queued(&vm, r);
         }
         Ok(EventAccepted {
             vm,
@@ -305,66 +335,19 @@ impl Controller {
         check_optional_id("pool_id", report.pool_id.as_deref())?;
         check_optional_id("boot_id", report.boot_id.as_deref())?;
         let now = now_ms();
+        let report_json = serde_json::to_string(&report).map_err(bad)?;
+        // Held until the write is durable, so no read-decide-write of this VM interleaves.
         let _guard = self.locks.lock(vm_id).await;
-        let mut batch = Vec::with_capacity(3);
-        let vm = match self.store.vm_get(vm_id).await? {
-            Some(v) => v,
-            None => {
-                let mut v = lifecycle::adopt(
-                    vm_id,
-                    report.pool_id.as_deref(),
-                    report.org_id.as_deref(),
-                    report.boot_id.as_deref(),
-                    lifecycle::heartbeat_state(&report).as_deref(),
-                    now,
-                );
-                v.connected = self.streams.is_connected(vm_id);
-                batch.push(Mutation::PutVm(v.clone()));
-                v
-            }
-        };
-        let current = lifecycle::is_current_boot(&vm, report.boot_id.as_deref());
-        let state = current
-            .then(|| lifecycle::heartbeat_state(&report))
-            .flatten();
-        let current_job = match (&report.current_job, &vm.current_job) {
-            _ if !current => vm.current_job.clone(),
-            // The job event knew more (name, branch, ...) than a heartbeat carries.
-            (Some(_), Some(known)) => Some(known.clone()),
-            (Some(hb), None) => Some(hb.clone()),
-            (None, known) if state.as_deref() == Some("job_running") => known.clone(),
-            (None, _) => None,
-        };
-        let h = &report.health;
-        batch.push(Mutation::Heartbeat {
-            row: HeartbeatRow {
-                seq: 0,
-                vm_id: vm_id.to_owned(),
-                transport: transport.as_str().to_owned(),
-                occurred_at: report.timestamp.map(millis),
-                received_at: now,
-                miglet_state: report.miglet_state.clone(),
-                runner_state: report.runner_state.clone(),
-                cpu_percent: h.cpu_percent,
-                memory_used_bytes: h.memory_used_bytes,
-                memory_total_bytes: h.memory_total_bytes,
-                disk_used_bytes: h.disk_used_bytes,
-                disk_total_bytes: h.disk_total_bytes,
-                report: serde_json::to_string(&report).map_err(bad)?,
-            },
-            vm: HeartbeatVmUpdate {
-                vm_id: vm_id.to_owned(),
-                at: now,
-                state,
-                runner_state: if current {
-                    report.runner_state.clone()
-                } else {
-                    None
-                },
-                current_job,
-                latest_health: report.health.clone(),
-            },
-        });
+        // The writer applies the heartbeat to the VM as stored (lifecycle::heartbeat_effect):
+        // no read here, and heartbeats of many VMs share statements.
+        let batch = vec![Mutation::IngestHeartbeat(Box::new(HeartbeatInput {
+            vm_id: vm_id.to_owned(),
+            report,
+            report_json,
+            transport: transport.as_str().to_owned(),
+            now,
+            connected: self.streams.is_connected(vm_id),
+        }))];
         self.store.write(batch).await?;
         self.metrics
             .heartbeats
@@ -409,44 +392,65 @@ impl Controller {
         via: &str,
         now: Millis,
     ) -> Result<(Vec<CommandEnvelope>, usize), ApiError> {
+        let plan = self.plan_delivery(vm, channel, via, now).await?;
+        let mut batch = vec![Mutation::TouchVm {
+            vm_id: vm.vm_id.clone(),
+            at: now,
+        }];
+        batch.extend(plan.mutation.clone());
+        self.store.write(batch).await?;
+        self.delivered(vm, &plan, via, now);
+        Ok((plan.envelopes, plan.open.len()))
+    }
+
+    /// Picks and fills in the commands to hand out on `channel` now, and the write that marks
+    /// them delivered (for the caller's batch).
+    async fn plan_delivery(
+        &self,
+        vm: &VmRecord,
+        channel: Channel<'_>,
+        via: &str,
+        now: Millis,
+    ) -> Result<DeliveryPlan, ApiError> {
         let open = self.store.commands_open_for_vm(&vm.vm_id).await?;
         let chosen = lifecycle::select_deliverable(&open, channel, now, self.redeliver_after());
-        let mut out = Vec::with_capacity(chosen.len());
+        let mut envelopes = Vec::with_capacity(chosen.len());
         for c in chosen {
             match self.materialize(vm, c).await {
-                Ok(env) => out.push(env),
+                Ok(env) => envelopes.push(env),
                 Err(reason) => {
                     warn!(vm_id = %vm.vm_id, command_id = %c.id, %reason, "Command held back: it could not be prepared for delivery");
                 }
             }
         }
-        let mut batch = vec![Mutation::TouchVm {
-            vm_id: vm.vm_id.clone(),
+        let mutation = (!envelopes.is_empty()).then(|| Mutation::MarkDelivered {
+            ids: envelopes.iter().map(|e| e.id.clone()).collect(),
             at: now,
-        }];
-        if !out.is_empty() {
-            batch.push(Mutation::MarkDelivered {
-                ids: out.iter().map(|e| e.id.clone()).collect(),
-                at: now,
-                via: via.to_owned(),
-            });
-        }
-        self.store.write(batch).await?;
-        for env in &out {
+            via: via.to_owned(),
+        });
+        Ok(DeliveryPlan {
+            open,
+            envelopes,
+            mutation,
+        })
+    }
+
+    /// After a planned delivery is stored: logs it and ends the vm_started-to-registration
+    /// wait if a boot's registration went out for the first time.
+    fn delivered(&self, vm: &VmRecord, plan: &DeliveryPlan, via: &str, now: Millis) {
+        for env in &plan.envelopes {
             info!(vm_id = %vm.vm_id, command_id = %env.id, command_type = env.command.type_name(), via, "Command delivered");
         }
-        // The first delivery of a boot's registration ends the vm_started-to-registration wait.
-        for c in &open {
-            if c.command_type == "register_runner"
+        for c in &plan.open {
+            if c.command_type == REGISTER_RUNNER
                 && c.delivery_count == 0
-                && out.iter().any(|e| e.id == c.id)
+                && plan.envelopes.iter().any(|e| e.id == c.id)
             {
                 self.metrics
                     .registration_latency
                     .observe((now - vm.booted_at).max(0) as f64 / 1000.0);
             }
         }
-        Ok((out, open.len()))
     }
 
     /// Turns a stored command back into the typed command, filling in secrets that are never
@@ -488,21 +492,43 @@ impl Controller {
     /// Queues a `register_runner` for the VM's current boot. Failures to get a token are
     /// logged and retried by the reconciler; they do not fail the caller's request.
     async fn issue_registration_locked(&self, vm: &mut VmRecord) -> Result<(), ApiError> {
+        let Some(record) = self.prepare_registration(vm, now_ms()).await else {
+            return Ok(());
+        };
+        self.store
+            .write(vec![
+                Mutation::InsertCommand(record.clone()),
+                Mutation::PutVm(vm.clone()),
+            ])
+            .await?;
+        self.registration_queued(vm, &record);
+        Ok(())
+    }
+
+    /// After a registration is stored: log it and wake the VM's stream.
+    fn registration_queued(&self, vm: &VmRecord, record: &CommandRecord) {
+        info!(vm_id = %vm.vm_id, command_id = %record.id, boot_id = %vm.boot_id, "Queued register_runner");
+        self.streams.nudge(&vm.vm_id);
+    }
+
+    /// Builds the `register_runner` for the VM's current boot and points the VM at it (the
+    /// caller stores both, in one write). `None` (logged) when the pool has no registration
+    /// set up or no token can be had now; the reconciler tries again.
+    async fn prepare_registration(&self, vm: &mut VmRecord, now: Millis) -> Option<CommandRecord> {
         let reg = match self.settings.pools.get(&vm.pool_id) {
             Ok(r) => r.clone(),
             Err(e) => {
                 warn!(vm_id = %vm.vm_id, pool_id = %vm.pool_id, error = %e, "Cannot register the VM's runner");
-                return Ok(());
+                return None;
             }
         };
         let token = match reg.token.registration_token().await {
             Ok(t) => t,
             Err(e) => {
                 warn!(vm_id = %vm.vm_id, pool_id = %vm.pool_id, error = %crate::error::chain(&e), "Registration token unavailable; will retry");
-                return Ok(());
+                return None;
             }
         };
-        let now = now_ms();
         let id = format!(
             "register-{}-{}-{}",
             vm.vm_id,
@@ -527,17 +553,9 @@ impl Controller {
             now,
             millis(token.expires_at),
         );
-        vm.registration_command_id = Some(id.clone());
+        vm.registration_command_id = Some(id);
         vm.updated_at = now;
-        self.store
-            .write(vec![
-                Mutation::InsertCommand(record),
-                Mutation::PutVm(vm.clone()),
-            ])
-            .await?;
-        info!(vm_id = %vm.vm_id, command_id = %id, boot_id = %vm.boot_id, "Queued register_runner");
-        self.streams.nudge(&vm.vm_id);
-        Ok(())
+        Some(record)
     }
 
     /// Records an agent's acknowledgment. Idempotent: acknowledging a finished command again
@@ -668,7 +686,7 @@ impl Controller {
         &self,
         c: &pb::ConnectRequest,
         remote: Option<SocketAddr>,
-    ) -> Result<StreamHandle, ApiError> {
+    ) -> Result<StreamOpened, ApiError> {
         validate_vm_id(&c.vm_id).map_err(bad)?;
         check_optional_id("pool_id", Some(&c.pool_id))?;
         check_optional_id("org_id", Some(&c.org_id))?;
@@ -692,11 +710,40 @@ impl Controller {
         let (mut vm, new_boot) = lifecycle::on_contact(existing.as_ref(), vm_id, &contact, now);
         vm.connected = true;
         let handle = self.streams.register(vm_id);
-        let mut batch = Vec::with_capacity(4);
+        let mut batch = Vec::with_capacity(6);
         if new_boot {
             self.push_new_boot(&mut batch, existing.as_ref(), &vm, now, "connect");
         }
+        // What is already waiting (a registration queued at vm_started, commands queued
+        // while the VM was away) goes out with the connect_ack, marked in the same write.
+        let via = lifecycle::stream_via(&handle.stream_id);
+        let plan = if new_boot {
+            // A new boot's old commands were just superseded; nothing to hand out yet.
+            None
+        } else {
+            let channel = Channel::Stream {
+                stream_id: &handle.stream_id,
+            };
+            match self.plan_delivery(&vm, channel, &via, now).await {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    self.streams.unregister(vm_id, handle.generation);
+                    return Err(e);
+                }
+            }
+        };
+        let registration = if lifecycle::needs_registration(&vm) {
+            self.prepare_registration(&mut vm, now).await
+        } else {
+            None
+        };
         batch.push(Mutation::PutVm(vm.clone()));
+        batch.extend(
+            registration
+                .iter()
+                .map(|r| Mutation::InsertCommand(r.clone())),
+        );
+        batch.extend(plan.as_ref().and_then(|p| p.mutation.clone()));
         batch.push(Mutation::VmLog(VmLogRow {
             vm_id: vm_id.to_owned(),
             at: now,
@@ -711,10 +758,26 @@ impl Controller {
             return Err(e.into());
         }
         info!(vm_id, stream_id = %handle.stream_id, new_boot, remote = ?remote, "Stream connected");
-        if lifecycle::needs_registration(&vm) {
-            self.issue_registration_locked(&mut vm).await?;
+        if let Some(r) = &registration {
+            info!(vm_id = %vm.vm_id, command_id = %r.id, boot_id = %vm.boot_id, "Queued register_runner");
         }
-        Ok(handle)
+        let (commands, open) = match &plan {
+            Some(p) => {
+                self.delivered(&vm, p, &via, now);
+                (
+                    p.envelopes.iter().map(CommandEnvelope::to_pb).collect(),
+                    p.open.len(),
+                )
+            }
+            None => (Vec::new(), 0),
+        };
+        Ok(StreamOpened {
+            handle,
+            commands,
+            open,
+            // A registration queued just now is handed out by the session's first pass.
+            deliver_now: registration.is_some() || plan.is_none(),
+        })
     }
 
     /// Ends a stream session. The VM is marked disconnected only if no newer stream took over.

@@ -6,11 +6,10 @@
 //! redelivery timer, replacement by a newer stream, and server shutdown. A failed send or
 //! the end of the inbound stream means the peer is gone.
 
-use crate::app::{Controller, Transport};
+use crate::app::{Controller, StreamOpened, Transport};
 use crate::auth::AuthMode;
 use crate::auth::credential::VmClaims;
 use crate::error::ApiError;
-use crate::streams::StreamHandle;
 use miglet_proto::event::{EventReport, HeartbeatReport};
 use miglet_proto::pb::command_service_server::CommandService;
 use miglet_proto::pb::{
@@ -122,7 +121,7 @@ impl CommandService for GrpcService {
             return Err(ApiError::TooManyRequests(wait).into());
         }
 
-        let handle = self
+        let opened = self
             .app
             .stream_open(&connect, remote)
             .await
@@ -138,7 +137,8 @@ impl CommandService for GrpcService {
         let app = self.app.clone();
         let vm_id = connect.vm_id.clone();
         self.sessions.spawn(async move {
-            let reason = run_session(&app, &vm_id, &handle, inbound, &tx, claims.as_ref()).await;
+            let handle = opened.handle.clone();
+            let reason = run_session(&app, &vm_id, opened, inbound, &tx, claims.as_ref()).await;
             app.stream_closed(&vm_id, &handle, reason).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -149,11 +149,22 @@ impl CommandService for GrpcService {
 async fn run_session(
     app: &Controller,
     vm_id: &str,
-    handle: &StreamHandle,
+    opened: StreamOpened,
     mut inbound: Streaming<MiGletMessage>,
     tx: &Outbound,
     claims: Option<&VmClaims>,
 ) -> &'static str {
+    let handle = &opened.handle;
+    // What was waiting when the stream opened (already marked delivered on it).
+    for c in opened.commands {
+        if tx
+            .send(Ok(msg(controller_message::Message::Command(c))))
+            .await
+            .is_err()
+        {
+            return "peer gone";
+        }
+    }
     let credential_expires = claims.map(|c| c.expires_at);
     let pool = claims.map(|c| c.pool_id.as_str());
     // A stream lives no longer than the credential it was opened with; the agent reconnects
@@ -172,8 +183,8 @@ async fn run_session(
     let redelivery = app.settings().redelivery_timeout;
     let mut tick = tokio::time::interval(redelivery.max(Duration::from_secs(1)) / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut deliver = true;
-    let mut open = 0usize;
+    let mut deliver = opened.deliver_now;
+    let mut open = opened.open;
     loop {
         if deliver {
             deliver = false;

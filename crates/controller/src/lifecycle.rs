@@ -2,7 +2,10 @@
 //! (current record, observation, now) that return the new record and what to do. No I/O;
 //! the [`crate::app`] layer reads the store, calls these, and writes the result.
 
-use crate::store::{CommandRecord, CommandState, Health, Millis, VmRecord};
+use crate::store::{
+    CommandRecord, CommandState, Health, HeartbeatInput, HeartbeatRow, HeartbeatVmUpdate, Millis,
+    VmRecord,
+};
 use miglet_proto::event::{CurrentJob, EventKind, HeartbeatReport, JobDetails};
 use miglet_proto::state::MigletState;
 
@@ -222,6 +225,69 @@ pub fn on_event(vm: &VmRecord, kind: &EventKind, now: Millis) -> VmRecord {
 }
 
 /// The state a heartbeat reports, if it is one of the contract's states.
+/// The VM a heartbeat from an unknown VM creates (before the heartbeat is applied to it).
+pub fn adopt_for_heartbeat(input: &HeartbeatInput) -> VmRecord {
+    let r = &input.report;
+    let mut v = adopt(
+        &input.vm_id,
+        r.pool_id.as_deref(),
+        r.org_id.as_deref(),
+        r.boot_id.as_deref(),
+        heartbeat_state(r).as_deref(),
+        input.now,
+    );
+    v.connected = input.connected;
+    v
+}
+
+/// What a heartbeat does to a known VM: the row stored and the VM's update. A heartbeat of an
+/// earlier boot is stored but changes only the VM's contact time and health figures.
+pub fn heartbeat_effect(
+    vm: &VmRecord,
+    input: &HeartbeatInput,
+) -> (HeartbeatRow, HeartbeatVmUpdate) {
+    let report = &input.report;
+    let current = is_current_boot(vm, report.boot_id.as_deref());
+    let state = current.then(|| heartbeat_state(report)).flatten();
+    let current_job = match (&report.current_job, &vm.current_job) {
+        _ if !current => vm.current_job.clone(),
+        // The job event knew more (name, branch, ...) than a heartbeat carries.
+        (Some(_), Some(known)) => Some(known.clone()),
+        (Some(hb), None) => Some(hb.clone()),
+        (None, known) if state.as_deref() == Some("job_running") => known.clone(),
+        (None, _) => None,
+    };
+    let h = &report.health;
+    let row = HeartbeatRow {
+        seq: 0,
+        vm_id: input.vm_id.clone(),
+        transport: input.transport.clone(),
+        occurred_at: report.timestamp.map(|t| t.timestamp_millis()),
+        received_at: input.now,
+        miglet_state: report.miglet_state.clone(),
+        runner_state: report.runner_state.clone(),
+        cpu_percent: h.cpu_percent,
+        memory_used_bytes: h.memory_used_bytes,
+        memory_total_bytes: h.memory_total_bytes,
+        disk_used_bytes: h.disk_used_bytes,
+        disk_total_bytes: h.disk_total_bytes,
+        report: input.report_json.clone(),
+    };
+    let update = HeartbeatVmUpdate {
+        vm_id: input.vm_id.clone(),
+        at: input.now,
+        state,
+        runner_state: if current {
+            report.runner_state.clone()
+        } else {
+            None
+        },
+        current_job,
+        latest_health: report.health.clone(),
+    };
+    (row, update)
+}
+
 pub fn heartbeat_state(report: &HeartbeatReport) -> Option<String> {
     report
         .miglet_state

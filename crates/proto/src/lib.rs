@@ -8,9 +8,11 @@
 //! * [`event`]: typed events and heartbeats, transport-neutral, with conversion from both
 //!   wire forms.
 //! * [`ids`]: validation of identifiers that arrive from outside.
+//! * [`codec`]: the gRPC codec (prost with small per-stream buffers).
 //!
 //! Encode and decode of each type sit next to each other so the two sides cannot drift.
 
+pub mod codec;
 pub mod command;
 pub mod event;
 pub mod ids;

@@ -229,6 +229,20 @@ pub struct HeartbeatVmUpdate {
     pub latest_health: HealthFigures,
 }
 
+/// A heartbeat as received, for the writer to apply to the VM's stored record
+/// ([`Mutation::IngestHeartbeat`]); the decision is [`crate::lifecycle::heartbeat_effect`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeartbeatInput {
+    pub vm_id: String,
+    pub report: miglet_proto::event::HeartbeatReport,
+    /// The report as stored (JSON).
+    pub report_json: String,
+    pub transport: String,
+    pub now: Millis,
+    /// Whether the VM has a stream open here (used only if the VM is new).
+    pub connected: bool,
+}
+
 /// A registration config request and its (redacted) answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RegistrationRow {
@@ -454,6 +468,9 @@ pub enum Mutation {
         row: HeartbeatRow,
         vm: HeartbeatVmUpdate,
     },
+    /// Apply a heartbeat to the VM as stored when the write runs (adopting an unknown VM):
+    /// no read before the write, and consecutive heartbeats share statements.
+    IngestHeartbeat(Box<HeartbeatInput>),
     InsertRegistration(RegistrationRow),
     InsertCommand(CommandRecord),
     /// Move a command to `to` if it is in one of `from`: [`Outcome::Applied`] says whether.
