@@ -71,10 +71,6 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .pragma("temp_store", "memory")
-            // Readers map the file instead of copying pages through read(2): every commit
-            // invalidates a reader's page cache, and the fleet commits hundreds of times a
-            // second.
-            .pragma("mmap_size", "1073741824")
             .log_statements(tracing::log::LevelFilter::Trace);
         let mut writer = opts.connect().await.map_err(open_err)?;
         migrate(&mut writer).await?;

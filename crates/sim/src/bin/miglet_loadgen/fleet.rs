@@ -63,6 +63,9 @@ pub struct Timings {
     pub registration_ramp_ms: Vec<f64>,
     /// The same for agents that joined the loaded fleet during the measured window.
     pub registration_steady_ms: Vec<f64>,
+    /// Joiners' registration in three parts, ms: the `vm_started` request, opening the
+    /// stream (connect to `connect_ack`), and `connect_ack` to `register_runner`.
+    pub join_phases: Vec<[f64; 3]>,
     /// Agents that received their `register_runner`.
     pub registered: std::collections::HashSet<String>,
 }
@@ -229,6 +232,7 @@ impl Fleet {
             self.post(&cred, &vm, "events", json!({"type":"vm_started","vm_id":vm,"pool_id":self.pool,"event_id":format!("{vm}-start")}))
                 .await?;
         }
+        let posted = Instant::now();
         let offset = Duration::from_millis(spread_ms(&vm, self.heartbeat.as_millis() as u64));
         let up_at = Instant::now();
         let result = if spec.over_http {
@@ -236,7 +240,7 @@ impl Fleet {
             self.poll_loop(&vm, &cred, offset, started, spec.joiner, &mut stop)
                 .await
         } else {
-            self.stream_loop(&spec, &cred, offset, started, &mut stop)
+            self.stream_loop(&spec, &cred, offset, [started, posted], &mut stop)
                 .await
         };
         self.agent_millis
@@ -299,7 +303,7 @@ impl Fleet {
         spec: &AgentSpec,
         cred: &str,
         offset: Duration,
-        started: Instant,
+        [started, posted]: [Instant; 2],
         stop: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let vm = &spec.vm;
@@ -331,6 +335,7 @@ impl Fleet {
             }) if a.accepted => {}
             other => bail!("expected an accepted connect_ack, got {other:?}"),
         }
+        let acked = Instant::now();
         self.counters.streams_up.fetch_add(1, Ordering::Relaxed);
         if !controller {
             self.join(vm, cred, Some(&tx));
@@ -350,6 +355,10 @@ impl Fleet {
                     Ok(Some(pb::ControllerMessage { message: Some(m) })) => match m {
                         controller_message::Message::Command(c) => {
                             if self.note_command(vm, &c.id, Via::Stream, started, spec.joiner) {
+                                if spec.joiner {
+                                    let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
+                                    lock(&self.timings).join_phases.push([ms(started, posted), ms(posted, acked), ms(acked, Instant::now())]);
+                                }
                                 self.join(vm, cred, Some(&tx));
                             }
                             // The echo server would answer an ack with another command.

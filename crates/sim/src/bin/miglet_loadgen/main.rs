@@ -467,6 +467,11 @@ async fn run_phase(f: Arc<Fleet>, p: &Phase, label: &str) -> anyhow::Result<Valu
             t.enqueued.len(),
         )
     };
+    let phases = {
+        let t = lock(&f.timings);
+        let part = |k: usize| lat(t.join_phases.iter().map(|p| p[k]).collect());
+        json!({"vm_started_request": part(0), "stream_open": part(1), "connect_ack_to_register": part(2)})
+    };
     let tck = clock_ticks();
     let cpu = |a: Option<(u64, u64)>, b: Option<(u64, u64)>| match (a, b) {
         (Some((a, _)), Some((b, _))) => Some((b.saturating_sub(a)) as f64 / tck / window * 100.0),
@@ -494,6 +499,7 @@ async fn run_phase(f: Arc<Fleet>, p: &Phase, label: &str) -> anyhow::Result<Valu
         "command_latency_http_ms": lat(http),
         "registration_ramp_ms": lat(reg_ramp),
         "registration_steady_ms": lat(reg_steady),
+        "registration_steady_parts_ms": phases,
         "agents_without_registration": if label == "baseline" { json!(null) } else { json!(unregistered.len()) },
         "agents_without_registration_sample": unregistered.iter().take(10).collect::<Vec<_>>(),
         "errors": {
@@ -638,6 +644,21 @@ fn print_report(r: &Value) {
         format!("{} VMs joined", c["registration_steady_ms"]["n"]),
         &Value::Null,
     );
+    for (label, key) in [
+        ("  vm_started request", "vm_started_request"),
+        ("  stream open (connect to connect_ack)", "stream_open"),
+        (
+            "  connect_ack to register_runner",
+            "connect_ack_to_register",
+        ),
+    ] {
+        row(
+            label,
+            lat_cell(&c["registration_steady_parts_ms"][key]),
+            String::new(),
+            &Value::Null,
+        );
+    }
     row(
         "vm_started-to-register_runner, ramp",
         lat_cell(&c["registration_ramp_ms"]),
