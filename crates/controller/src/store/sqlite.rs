@@ -30,8 +30,14 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 
 /// How many [`Store::write`] calls share one transaction at most.
 const MAX_GROUP: usize = 1024;
-/// Most heartbeats written by one multi-row statement.
-const MAX_HEARTBEAT_RUN: usize = 256;
+/// The writer connection's page cache: 64 MiB (negative = KiB, SQLite's convention).
+const WRITER_CACHE: &str = "-65536";
+/// WAL pages before an automatic checkpoint (SQLite's default is 1,000). Fleet writes dirty
+/// many index pages per commit; a longer WAL copies a hot page back once per checkpoint
+/// instead of once per commit.
+const WAL_CHECKPOINT_PAGES: &str = "16384";
+/// Most rows written by one multi-row statement (and most batches coalesced into a run).
+const MAX_RUN: usize = 256;
 /// A group commit slower than this is logged as a warning.
 const SLOW_COMMIT: Duration = Duration::from_millis(100);
 /// Queue depth in front of the writer; callers wait (backpressure) when it is full.
@@ -72,7 +78,16 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             .pragma("temp_store", "memory")
             .log_statements(tracing::log::LevelFilter::Trace);
-        let mut writer = opts.connect().await.map_err(open_err)?;
+        // The writer's page cache stays valid (nothing else writes), so a large one keeps the
+        // index pages that inserts land on in memory; readers' caches are reset by every
+        // commit, so they keep SQLite's default.
+        let mut writer = opts
+            .clone()
+            .pragma("cache_size", WRITER_CACHE)
+            .pragma("wal_autocheckpoint", WAL_CHECKPOINT_PAGES)
+            .connect()
+            .await
+            .map_err(open_err)?;
         migrate(&mut writer).await?;
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
@@ -600,35 +615,34 @@ async fn commit_group(conn: &mut SqliteConnection, group: Vec<(Vec<Mutation>, Re
             results.push((reply, Err(StoreError::Closed)));
             continue;
         }
-        // Consecutive lone heartbeats of distinct VMs (the bulk of the fleet's writes) are
-        // written together with multi-row statements.
-        if let Some(first_vm) = lone_heartbeat_vm(&batch) {
+        // Consecutive heartbeats and job events of distinct VMs (the bulk of the fleet's
+        // writes) are written together with multi-row statements.
+        if let Some(first_vm) = coalescible_vm(&batch) {
             let mut seen = std::collections::HashSet::from([first_vm.to_owned()]);
             let mut run = vec![(batch, reply)];
-            while run.len() < MAX_HEARTBEAT_RUN
-                && let Some(next) = items
-                    .next_if(|(b, _)| lone_heartbeat_vm(b).is_some_and(|vm| !seen.contains(vm)))
+            while run.len() < MAX_RUN
+                && let Some(next) =
+                    items.next_if(|(b, _)| coalescible_vm(b).is_some_and(|vm| !seen.contains(vm)))
             {
-                if let Some(vm) = lone_heartbeat_vm(&next.0) {
+                if let Some(vm) = coalescible_vm(&next.0) {
                     seen.insert(vm.to_owned());
                 }
                 run.push(next);
             }
             if run.len() > 1 {
                 let at = results.len();
-                let outcome = apply_heartbeats(conn, &run).await;
-                let ok = outcome.is_ok();
-                for (_, reply) in run {
-                    results.push((
-                        reply,
-                        match &outcome {
-                            Ok(()) => Ok(vec![Outcome::Done]),
-                            Err(_) => Err(StoreError::Closed),
-                        },
-                    ));
-                }
-                if !ok {
-                    failed = Some(at);
+                match apply_run(conn, &run).await {
+                    Ok(outcomes) => {
+                        for ((_, reply), o) in run.into_iter().zip(outcomes) {
+                            results.push((reply, Ok(o)));
+                        }
+                    }
+                    Err(_) => {
+                        for (_, reply) in run {
+                            results.push((reply, Err(StoreError::Closed)));
+                        }
+                        failed = Some(at);
+                    }
                 }
                 continue;
             }
@@ -730,13 +744,167 @@ async fn finish(
     }
 }
 
-/// The VM of a batch that is exactly one heartbeat.
-fn lone_heartbeat_vm(batch: &[Mutation]) -> Option<&str> {
+/// The VM of a batch that can share statements with its neighbours: a heartbeat, an event,
+/// or an event with the VM's new record (what a job event stores), all about one VM.
+fn coalescible_vm(batch: &[Mutation]) -> Option<&str> {
     match batch {
         [Mutation::Heartbeat { row, vm }] if row.vm_id == vm.vm_id => Some(&vm.vm_id),
         [Mutation::IngestHeartbeat(input)] => Some(&input.vm_id),
+        [Mutation::InsertEvent(e)] => Some(&e.vm_id),
+        [Mutation::InsertEvent(e), Mutation::PutVm(v)] if e.vm_id == v.vm_id => Some(&v.vm_id),
         _ => None,
     }
+}
+
+/// `(k placeholders), ...` for `n` rows.
+fn value_rows(n: usize, k: usize) -> String {
+    vec![format!("({})", vec!["?"; k].join(", ")); n].join(", ")
+}
+
+/// Power-of-two chunks up to [`MAX_RUN`] rows keep the set of distinct statements (and so
+/// the prepared-statement cache) small.
+fn chunk_len(left: usize) -> usize {
+    1usize << left.clamp(1, MAX_RUN).ilog2()
+}
+
+/// Inserts events (duplicates of a stored `(vm_id, event_id)` are skipped); answers, in
+/// order, whether each was inserted.
+async fn insert_events(
+    conn: &mut SqliteConnection,
+    events: &[&EventRow],
+) -> Result<Vec<bool>, StoreError> {
+    let mut inserted = Vec::with_capacity(events.len());
+    let mut rest = events;
+    while !rest.is_empty() {
+        let (chunk, tail) = rest.split_at(chunk_len(rest.len()));
+        rest = tail;
+        let sql = format!(
+            "INSERT INTO events (vm_id, event_id, event_type, boot_id, transport, occurred_at, \
+             received_at, data, raw) VALUES {} \
+             ON CONFLICT (vm_id, event_id) WHERE event_id IS NOT NULL DO NOTHING \
+             RETURNING vm_id, event_id",
+            value_rows(chunk.len(), 9)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for e in chunk {
+            q = q
+                .bind(&e.vm_id)
+                .bind(&e.event_id)
+                .bind(&e.event_type)
+                .bind(&e.boot_id)
+                .bind(&e.transport)
+                .bind(e.occurred_at)
+                .bind(e.received_at)
+                .bind(&e.data)
+                .bind(&e.raw);
+        }
+        let mut stored = std::collections::HashSet::new();
+        for r in q.fetch_all(&mut *conn).await? {
+            if let Some(id) = r.try_get::<Option<String>, _>("event_id")? {
+                stored.insert((r.try_get::<String, _>("vm_id")?, id));
+            }
+        }
+        for e in chunk {
+            inserted.push(match &e.event_id {
+                // Events without an id are never deduplicated.
+                None => true,
+                Some(id) => stored.remove(&(e.vm_id.clone(), id.clone())),
+            });
+        }
+    }
+    Ok(inserted)
+}
+
+/// Inserts or replaces whole VM records (`state_since` moves only when the state changes).
+/// The VMs must be distinct.
+async fn put_vms(conn: &mut SqliteConnection, vms: &[&VmRecord]) -> Result<(), StoreError> {
+    let mut rest = vms;
+    while !rest.is_empty() {
+        let (chunk, tail) = rest.split_at(chunk_len(rest.len()));
+        rest = tail;
+        let sql = format!(
+            "INSERT INTO vms (vm_id, pool_id, org_id, boot_id, boot_seq, booted_at, \
+             state, health, connected, last_seen_at, last_heartbeat_at, runner_state, current_job, \
+             latest_health, registration_command_id, runner_registered, acks_commands, \
+             agent_version, created_at, updated_at, job_started_at, state_since) VALUES {} \
+             ON CONFLICT(vm_id) DO UPDATE SET pool_id = excluded.pool_id, \
+             org_id = excluded.org_id, boot_id = excluded.boot_id, boot_seq = excluded.boot_seq, \
+             booted_at = excluded.booted_at, state = excluded.state, health = excluded.health, \
+             connected = excluded.connected, last_seen_at = excluded.last_seen_at, \
+             last_heartbeat_at = excluded.last_heartbeat_at, runner_state = excluded.runner_state, \
+             current_job = excluded.current_job, latest_health = excluded.latest_health, \
+             registration_command_id = excluded.registration_command_id, \
+             runner_registered = excluded.runner_registered, \
+             acks_commands = excluded.acks_commands, agent_version = excluded.agent_version, \
+             created_at = excluded.created_at, updated_at = excluded.updated_at, \
+             job_started_at = excluded.job_started_at, \
+             state_since = CASE WHEN vms.state = excluded.state THEN vms.state_since \
+             ELSE excluded.updated_at END",
+            value_rows(chunk.len(), 22)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for vm in chunk {
+            q = q
+                .bind(&vm.vm_id)
+                .bind(&vm.pool_id)
+                .bind(&vm.org_id)
+                .bind(&vm.boot_id)
+                .bind(vm.boot_seq)
+                .bind(vm.booted_at)
+                .bind(&vm.state)
+                .bind(vm.health.as_str())
+                .bind(vm.connected)
+                .bind(vm.last_seen_at)
+                .bind(vm.last_heartbeat_at)
+                .bind(&vm.runner_state)
+                .bind(opt_json(&vm.current_job)?)
+                .bind(opt_json(&vm.latest_health)?)
+                .bind(&vm.registration_command_id)
+                .bind(vm.runner_registered)
+                .bind(vm.acks_commands)
+                .bind(&vm.agent_version)
+                .bind(vm.created_at)
+                .bind(vm.updated_at)
+                .bind(vm.job_started_at)
+                .bind(vm.updated_at);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Applies a run of coalescible batches (see [`coalescible_vm`]; distinct VMs, so their
+/// order does not matter) with a few multi-row statements; answers each batch's outcomes.
+async fn apply_run(
+    conn: &mut SqliteConnection,
+    run: &[(Vec<Mutation>, Reply)],
+) -> Result<Vec<Vec<Outcome>>, StoreError> {
+    let mut events = Vec::new();
+    let mut vms = Vec::new();
+    for (batch, _) in run {
+        for m in batch {
+            match m {
+                Mutation::InsertEvent(e) => events.push(e),
+                Mutation::PutVm(v) => vms.push(v),
+                _ => {}
+            }
+        }
+    }
+    let mut inserted = insert_events(conn, &events).await?.into_iter();
+    put_vms(conn, &vms).await?;
+    apply_heartbeats(conn, run).await?;
+    Ok(run
+        .iter()
+        .map(|(batch, _)| {
+            batch
+                .iter()
+                .map(|m| match m {
+                    Mutation::InsertEvent(_) => Outcome::Inserted(inserted.next().unwrap_or(false)),
+                    _ => Outcome::Done,
+                })
+                .collect()
+        })
+        .collect())
 }
 
 /// The heartbeats of a run as rows and VM updates: those given as such, and those to apply
@@ -793,12 +961,10 @@ async fn apply_heartbeats(
     let beats = resolve_heartbeats(conn, run).await?;
     let mut rest = beats.as_slice();
     while !rest.is_empty() {
-        // Power-of-two chunks keep the set of distinct statements (and so SQLite's prepared
-        // statement cache) small.
-        let n = 1usize << rest.len().min(MAX_HEARTBEAT_RUN).ilog2();
+        let n = chunk_len(rest.len());
         let (chunk, tail) = rest.split_at(n);
         rest = tail;
-        let rows = |k: usize| vec![format!("({})", vec!["?"; k].join(", ")); n].join(", ");
+        let rows = |k: usize| value_rows(n, k);
         let sql = format!(
             "INSERT INTO heartbeats (vm_id, transport, occurred_at, received_at, miglet_state, \
              runner_state, cpu_percent, memory_used_bytes, memory_total_bytes, disk_used_bytes, \
@@ -863,7 +1029,25 @@ async fn apply_batch(
     batch: Vec<Mutation>,
 ) -> Result<Vec<Outcome>, StoreError> {
     let mut outcomes = Vec::with_capacity(batch.len());
-    for m in batch {
+    let mut items = batch.into_iter().peekable();
+    while let Some(m) = items.next() {
+        // Consecutive events share multi-row statements.
+        if let Mutation::InsertEvent(first) = m {
+            let mut events = vec![first];
+            while let Some(Mutation::InsertEvent(e)) =
+                items.next_if(|n| matches!(n, Mutation::InsertEvent(_)))
+            {
+                events.push(e);
+            }
+            let refs: Vec<&EventRow> = events.iter().collect();
+            outcomes.extend(
+                insert_events(conn, &refs)
+                    .await?
+                    .into_iter()
+                    .map(Outcome::Inserted),
+            );
+            continue;
+        }
         outcomes.push(apply(conn, m).await?);
     }
     Ok(outcomes)
@@ -910,51 +1094,7 @@ fn opt_json<T: Serialize>(v: &Option<T>) -> Result<Option<String>, StoreError> {
 async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Outcome, StoreError> {
     match m {
         Mutation::PutVm(vm) => {
-            sqlx::query(
-                // An upsert, so `state_since` moves only when the state changes.
-                "INSERT INTO vms (vm_id, pool_id, org_id, boot_id, boot_seq, booted_at, \
-                 state, health, connected, last_seen_at, last_heartbeat_at, runner_state, current_job, \
-                 latest_health, registration_command_id, runner_registered, acks_commands, \
-                 agent_version, created_at, updated_at, job_started_at, state_since) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-                 ?18, ?19, ?20, ?21, ?20) \
-                 ON CONFLICT(vm_id) DO UPDATE SET pool_id = excluded.pool_id, \
-                 org_id = excluded.org_id, boot_id = excluded.boot_id, boot_seq = excluded.boot_seq, \
-                 booted_at = excluded.booted_at, state = excluded.state, health = excluded.health, \
-                 connected = excluded.connected, last_seen_at = excluded.last_seen_at, \
-                 last_heartbeat_at = excluded.last_heartbeat_at, runner_state = excluded.runner_state, \
-                 current_job = excluded.current_job, latest_health = excluded.latest_health, \
-                 registration_command_id = excluded.registration_command_id, \
-                 runner_registered = excluded.runner_registered, \
-                 acks_commands = excluded.acks_commands, agent_version = excluded.agent_version, \
-                 created_at = excluded.created_at, updated_at = excluded.updated_at, \
-                 job_started_at = excluded.job_started_at, \
-                 state_since = CASE WHEN vms.state = excluded.state THEN vms.state_since \
-                 ELSE excluded.updated_at END",
-            )
-            .bind(&vm.vm_id)
-            .bind(&vm.pool_id)
-            .bind(&vm.org_id)
-            .bind(&vm.boot_id)
-            .bind(vm.boot_seq)
-            .bind(vm.booted_at)
-            .bind(&vm.state)
-            .bind(vm.health.as_str())
-            .bind(vm.connected)
-            .bind(vm.last_seen_at)
-            .bind(vm.last_heartbeat_at)
-            .bind(&vm.runner_state)
-            .bind(opt_json(&vm.current_job)?)
-            .bind(opt_json(&vm.latest_health)?)
-            .bind(&vm.registration_command_id)
-            .bind(vm.runner_registered)
-            .bind(vm.acks_commands)
-            .bind(&vm.agent_version)
-            .bind(vm.created_at)
-            .bind(vm.updated_at)
-            .bind(vm.job_started_at)
-            .execute(&mut *conn)
-            .await?;
+            put_vms(conn, &[&vm]).await?;
             Ok(Outcome::Done)
         }
         Mutation::TouchVm { vm_id, at } => {
@@ -984,23 +1124,10 @@ async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Outcome, Stor
             Ok(Outcome::Done)
         }
         Mutation::InsertEvent(e) => {
-            let res = sqlx::query(
-                "INSERT INTO events (vm_id, event_id, event_type, boot_id, transport, occurred_at, \
-                 received_at, data, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (vm_id, event_id) WHERE event_id IS NOT NULL DO NOTHING",
-            )
-            .bind(&e.vm_id)
-            .bind(&e.event_id)
-            .bind(&e.event_type)
-            .bind(&e.boot_id)
-            .bind(&e.transport)
-            .bind(e.occurred_at)
-            .bind(e.received_at)
-            .bind(&e.data)
-            .bind(&e.raw)
-            .execute(&mut *conn)
-            .await?;
-            Ok(Outcome::Inserted(res.rows_affected() == 1))
+            let inserted = insert_events(conn, &[&e]).await?;
+            Ok(Outcome::Inserted(
+                inserted.first().copied().unwrap_or(false),
+            ))
         }
         Mutation::Heartbeat { row, vm } => {
             sqlx::query(
@@ -1741,8 +1868,11 @@ mod tests {
         Ok(conn)
     }
 
-    /// Applies batches as one group; answers each batch's success.
-    async fn group(conn: &mut SqliteConnection, batches: Vec<Vec<Mutation>>) -> Vec<bool> {
+    /// Applies batches as one group; answers each batch's outcomes (`None`: it failed).
+    async fn group(
+        conn: &mut SqliteConnection,
+        batches: Vec<Vec<Mutation>>,
+    ) -> Vec<Option<Vec<Outcome>>> {
         let mut replies = Vec::new();
         let mut items = Vec::new();
         for b in batches {
@@ -1753,20 +1883,24 @@ mod tests {
         commit_group(conn, items).await;
         let mut out = Vec::new();
         for r in replies {
-            out.push(matches!(r.await, Ok(Ok(_))));
+            out.push(r.await.ok().and_then(Result::ok));
         }
         out
     }
 
+    /// Every table the writes touch. Rows of one VM keep their order; `seq` values are not
+    /// compared (rows of different VMs in one group may be numbered in another order).
     async fn dump(conn: &mut SqliteConnection) -> Result<String, sqlx::Error> {
         let q = "SELECT (SELECT json_group_array(json_array(vm_id, health, last_seen_at, \
                  last_heartbeat_at, state, runner_state, current_job, latest_health, updated_at)) \
                  FROM (SELECT * FROM vms ORDER BY vm_id)) || \
-                 (SELECT json_group_array(json_array(seq, vm_id, received_at, transport, report)) \
-                 FROM (SELECT * FROM heartbeats ORDER BY seq)) || \
+                 (SELECT json_group_array(json_array(vm_id, received_at, transport, report)) \
+                 FROM (SELECT * FROM heartbeats ORDER BY vm_id, received_at, seq)) || \
                  (SELECT json_group_array(json_array(vm_id, at, kind, detail)) \
                  FROM (SELECT * FROM vm_log ORDER BY vm_id, at, kind)) || \
-                 (SELECT json_group_array(json_array(id, state)) FROM (SELECT * FROM commands ORDER BY id))";
+                 (SELECT json_group_array(json_array(id, state)) FROM (SELECT * FROM commands ORDER BY id)) || \
+                 (SELECT json_group_array(json_array(vm_id, event_id, event_type, received_at, data)) \
+                 FROM (SELECT * FROM events ORDER BY vm_id, received_at, event_id))";
         sqlx::query_scalar(q).fetch_one(conn).await
     }
 
@@ -1806,31 +1940,56 @@ mod tests {
             // never seen, which it adopts.
             b.extend((20..40).map(|i| vec![ingest(&format!("vm-{i:02}"), at)]));
             b.push(vec![ingest(&format!("vm-new-{at}"), at)]);
+            // Job events with the VM's record, as ingest_event writes them; one repeats an
+            // event id (not inserted again); one batch of several events.
+            for i in 0..5 {
+                let mut e = event(Some(&format!("job-{}", i % 4)));
+                e.vm_id = format!("ev-vm-{}", i % 4);
+                e.received_at = at;
+                let mut v = crate::lifecycle::adopt(&e.vm_id, Some("p"), None, None, None, at);
+                v.state = format!("s{at}");
+                b.push(vec![Mutation::InsertEvent(e), Mutation::PutVm(v)]);
+            }
+            b.push(vec![
+                Mutation::InsertEvent(event(Some(&format!("m{at}")))),
+                Mutation::InsertEvent(event(None)),
+                Mutation::InsertEvent(event(Some(&format!("m{at}")))),
+            ]);
             b
         };
         for conn in [&mut grouped, &mut single] {
             for b in &vms {
-                assert_eq!(group(conn, vec![b.clone()]).await, [true]);
+                assert!(group(conn, vec![b.clone()]).await[0].is_some());
             }
-            assert_eq!(
-                group(conn, vec![vec![Mutation::InsertCommand(command("dup"))]]).await,
-                [true]
-            );
+            let dup = vec![Mutation::InsertCommand(command("dup"))];
+            assert!(group(conn, vec![dup]).await[0].is_some());
         }
-        let mut batches = round(10, false);
-        batches.push(vec![with_state.clone()]);
-        batches.extend(round(20, true));
-        let oks = group(&mut grouped, batches.clone()).await;
+        // Two groups: the first takes the multi-row path, the second (with a failing write)
+        // is rolled back and applied again with a savepoint per write.
+        let mut first = round(10, false);
+        first.push(vec![with_state.clone()]);
+        let second = round(20, true);
+        let mut oks = group(&mut grouped, first.clone()).await;
+        oks.extend(group(&mut grouped, second.clone()).await);
         let mut one_by_one = Vec::new();
-        for b in batches {
+        for b in first.into_iter().chain(second) {
             one_by_one.extend(group(&mut single, vec![b]).await);
         }
         assert_eq!(oks, one_by_one);
         assert_eq!(
-            oks.iter().filter(|ok| !**ok).count(),
+            oks.iter().filter(|o| o.is_none()).count(),
             1,
             "only the duplicate fails"
         );
+        // Repeated ids: the fifth job event each round (same VM and id as the first), the
+        // batch's repeat each round, and round two's job events (all stored in round one).
+        let not_inserted = oks
+            .iter()
+            .flatten()
+            .flatten()
+            .filter(|o| **o == Outcome::Inserted(false))
+            .count();
+        assert_eq!(not_inserted, 2 + 2 + 4);
         let (a, b) = (dump(&mut grouped).await?, dump(&mut single).await?);
         assert_eq!(a, b);
         // The unhealthy third recovered once each, and was logged once each.
