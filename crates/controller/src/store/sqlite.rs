@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 /// Numbered migrations, applied in order, each once. Never edit a released one: add a new one.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -32,10 +33,12 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 const MAX_GROUP: usize = 1024;
 /// The writer connection's page cache: 64 MiB (negative = KiB, SQLite's convention).
 const WRITER_CACHE: &str = "-65536";
-/// WAL pages before an automatic checkpoint (SQLite's default is 1,000). Fleet writes dirty
-/// many index pages per commit; a longer WAL copies a hot page back once per checkpoint
-/// instead of once per commit.
-const WAL_CHECKPOINT_PAGES: &str = "16384";
+/// WAL pages before the writer checkpoints by itself (SQLite's default is 1,000): only if the
+/// background checkpointer (every [`CHECKPOINT_EVERY`]) falls far behind.
+const WAL_CHECKPOINT_PAGES: &str = "65536";
+/// How often the background checkpointer copies the WAL back. Fleet writes dirty many index
+/// pages per commit; copying once a second writes a hot page back once, not once per commit.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Most rows written by one multi-row statement (and most batches coalesced into a run).
 const MAX_RUN: usize = 256;
 /// A group commit slower than this is logged as a warning.
@@ -55,6 +58,7 @@ pub struct SqliteStore {
     reads: SqlitePool,
     writes: mpsc::Sender<Msg>,
     writer: Arc<Mutex<Option<JoinHandle<()>>>>,
+    checkpointer: Arc<Mutex<Option<(CancellationToken, JoinHandle<()>)>>>,
 }
 
 impl SqliteStore {
@@ -95,12 +99,16 @@ impl SqliteStore {
             .connect_with(opts.clone().read_only(true))
             .await
             .map_err(open_err)?;
+        let checkpoints = opts.connect().await.map_err(open_err)?;
+        let stop = CancellationToken::new();
+        let checkpointer = tokio::spawn(checkpoint_loop(checkpoints, stop.clone()));
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let handle = tokio::spawn(writer_loop(writer, rx));
         Ok(SqliteStore {
             reads,
             writes: tx,
             writer: Arc::new(Mutex::new(Some(handle))),
+            checkpointer: Arc::new(Mutex::new(Some((stop, checkpointer)))),
         })
     }
 
@@ -114,6 +122,10 @@ impl SqliteStore {
     }
 
     pub async fn close(&self) {
+        if let Some((stop, handle)) = self.checkpointer.lock().await.take() {
+            stop.cancel();
+            let _ = handle.await;
+        }
         let (done, rx) = oneshot::channel();
         if self.writes.send(Msg::Close(done)).await.is_ok() {
             let _ = rx.await;
@@ -543,6 +555,25 @@ async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
         tracing::info!(version, name, "Applied store migration");
     }
     Ok(())
+}
+
+/// Copies the WAL back into the database from a connection of its own, so the writer never
+/// pays for a checkpoint inside a commit (its own automatic checkpoint is only a safety net).
+/// PASSIVE: never waits for, nor blocks, readers or the writer.
+async fn checkpoint_loop(mut conn: SqliteConnection, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {
+                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut conn).await {
+                    tracing::debug!(error = %e, "Background WAL checkpoint failed; will retry");
+                }
+            }
+        }
+    }
+    let _ = conn.close().await;
 }
 
 /// The single writer: takes every queued write, applies each in its own savepoint inside one

@@ -580,11 +580,12 @@ fn print_report(r: &Value) {
         &json!("ratio"),
     );
     row(
-        "agents connected (streams + HTTP)",
+        "agents connected",
         format!(
-            "{} of {} ({} + {}), {} per conn",
+            "{} of {} (+{} joined; {} streams, {} HTTP), {} per conn",
             c["agents_connected"],
             c["agents"],
+            c["joined"],
             c["streams"],
             c["http_agents"],
             c["agents_per_connection"]
