@@ -58,8 +58,11 @@ pub struct SqliteStore {
     reads: SqlitePool,
     writes: mpsc::Sender<Msg>,
     writer: Arc<Mutex<Option<JoinHandle<()>>>>,
-    checkpointer: Arc<Mutex<Option<(CancellationToken, JoinHandle<()>)>>>,
+    checkpointer: Arc<Mutex<Option<Background>>>,
 }
+
+/// A background task and the token that stops it.
+type Background = (CancellationToken, JoinHandle<()>);
 
 impl SqliteStore {
     pub async fn open(data_dir: &Path) -> Result<SqliteStore, StoreError> {
