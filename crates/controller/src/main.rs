@@ -204,8 +204,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// Every VM holds a connection open, and the usual soft limit (1,024 open files) would cap the
+/// fleet long before anything else does: raise it to the hard limit, as far as allowed.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "Raised the open-file limit"),
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "Cannot raise the open-file limit; each connected VM needs one")
+            }
+        },
+        Ok((soft, _)) => tracing::info!(limit = soft, "Open-file limit (one per connected VM)"),
+        Err(e) => tracing::warn!(error = %e, "Cannot read the open-file limit"),
+    }
+}
+
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     init_logging(settings.log_format, &settings.log_level);
+    raise_open_file_limit();
     if settings.auth_mode == AuthMode::Open {
         tracing::warn!(
             "AUTH MODE OPEN: nobody is asked who they are; anyone who can reach the listeners can read commands (including registration tokens) and act for any VM. Development only."
