@@ -853,11 +853,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut ours = run_phase(f.clone(), &phase, "controller").await?;
     let stored = match &metrics_url {
         Some(url) => {
-            let text = http.get(url).send().await?.text().await?;
-            json!({
-                "heartbeats": metric_sum(&text, "mig_heartbeats_ingested_total"),
-                "events": metric_sum(&text, "mig_events_ingested_total"),
-            })
+            // The last messages sent before the agents stopped may still be on their way
+            // through the controller: read its counters until they account for everything
+            // sent, or for at most 10 s.
+            let want_hb = ours["heartbeats_sent"].as_f64().unwrap_or(0.0);
+            let started = (n as u64 + ours["joined"].as_u64().unwrap_or(0)) as f64;
+            let want_ev = ours["events_sent"].as_f64().unwrap_or(0.0) + started;
+            let until = Instant::now() + Duration::from_secs(10);
+            loop {
+                let text = http.get(url).send().await?.text().await?;
+                let hb = metric_sum(&text, "mig_heartbeats_ingested_total");
+                let ev = metric_sum(&text, "mig_events_ingested_total");
+                let complete = hb.unwrap_or(0.0) >= want_hb && ev.unwrap_or(0.0) >= want_ev;
+                if complete || Instant::now() > until {
+                    break json!({ "heartbeats": hb, "events": ev });
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
         None => Value::Null,
     };
