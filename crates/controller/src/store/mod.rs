@@ -5,10 +5,11 @@
 //! (`vm_get`, `events_for_vm`, `commands_open_for_vm`, ...).
 //!
 //! Writes are expressed as data ([`Mutation`]) and handed to a single writer task that
-//! group-commits: every [`Store::write`] call is one atomic unit (a savepoint), many of them
-//! share one transaction and one fsync, and the call returns only after that transaction is
-//! durable. This gives the throughput of batching while each request is still acknowledged
-//! only after its data is on disk. Reads use a separate connection pool and see every
+//! group-commits: every [`Store::write`] call is one atomic unit (it fails or succeeds alone),
+//! many of them share one transaction and one fsync, and the call returns only after that
+//! transaction is durable. This gives the throughput of batching while each request is still
+//! acknowledged only after its data is on disk. Heartbeats and job events of many VMs in one
+//! group share multi-row statements. Reads use a separate connection pool and see every
 //! committed write.
 //!
 //! Today the backend is SQLite (WAL, `synchronous=FULL`). A PostgreSQL backend will be a
