@@ -651,7 +651,7 @@ async fn commit_group(conn: &mut SqliteConnection, group: Vec<(Vec<Mutation>, Re
         }
         // Consecutive heartbeats and job events of distinct VMs (the bulk of the fleet's
         // writes) are written together with multi-row statements.
-        if let Some(first_vm) = coalescible_vm(&batch) {
+        let (batch, reply) = if let Some(first_vm) = coalescible_vm(&batch) {
             let mut seen = std::collections::HashSet::from([first_vm.to_owned()]);
             let mut run = vec![(batch, reply)];
             while run.len() < MAX_RUN
@@ -680,18 +680,13 @@ async fn commit_group(conn: &mut SqliteConnection, group: Vec<(Vec<Mutation>, Re
                 }
                 continue;
             }
-            let Some((batch, reply)) = run.pop() else {
-                continue;
-            };
-            match apply_batch(conn, batch).await {
-                Ok(outcomes) => results.push((reply, Ok(outcomes))),
-                Err(e) => {
-                    failed = Some(results.len());
-                    results.push((reply, Err(e)));
-                }
+            match run.pop() {
+                Some(single) => single,
+                None => continue,
             }
-            continue;
-        }
+        } else {
+            (batch, reply)
+        };
         match apply_batch(conn, batch).await {
             Ok(outcomes) => results.push((reply, Ok(outcomes))),
             Err(e) => {
@@ -993,7 +988,17 @@ async fn apply_heartbeats(
     run: &[(Vec<Mutation>, Reply)],
 ) -> Result<(), StoreError> {
     let beats = resolve_heartbeats(conn, run).await?;
-    let mut rest = beats.as_slice();
+    write_heartbeats(conn, &beats).await
+}
+
+/// Stores heartbeat rows and applies their VM updates (distinct VMs): the rows, a
+/// `health_changed` log line for each VM that was not healthy, and the updates, three
+/// statements per chunk.
+async fn write_heartbeats(
+    conn: &mut SqliteConnection,
+    beats: &[(HeartbeatRow, HeartbeatVmUpdate)],
+) -> Result<(), StoreError> {
+    let mut rest = beats;
     while !rest.is_empty() {
         let n = chunk_len(rest.len());
         let (chunk, tail) = rest.split_at(n);
@@ -1164,39 +1169,7 @@ async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Outcome, Stor
             ))
         }
         Mutation::Heartbeat { row, vm } => {
-            sqlx::query(
-                "INSERT INTO heartbeats (vm_id, transport, occurred_at, received_at, miglet_state, \
-                 runner_state, cpu_percent, memory_used_bytes, memory_total_bytes, disk_used_bytes, \
-                 disk_total_bytes, report) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&row.vm_id)
-            .bind(&row.transport)
-            .bind(row.occurred_at)
-            .bind(row.received_at)
-            .bind(&row.miglet_state)
-            .bind(&row.runner_state)
-            .bind(row.cpu_percent)
-            .bind(row.memory_used_bytes)
-            .bind(row.memory_total_bytes)
-            .bind(row.disk_used_bytes)
-            .bind(row.disk_total_bytes)
-            .bind(&row.report)
-            .execute(&mut *conn)
-            .await?;
-            log_recovery(conn, &vm.vm_id, vm.at).await?;
-            sqlx::query(
-                "UPDATE vms SET last_seen_at = MAX(last_seen_at, ?1), last_heartbeat_at = ?1, \
-                 health = 'healthy', state = COALESCE(?2, state), runner_state = COALESCE(?3, runner_state), \
-                 current_job = ?4, latest_health = ?5, updated_at = ?1 WHERE vm_id = ?6",
-            )
-            .bind(vm.at)
-            .bind(&vm.state)
-            .bind(&vm.runner_state)
-            .bind(opt_json(&vm.current_job)?)
-            .bind(to_json(&vm.latest_health)?)
-            .bind(&vm.vm_id)
-            .execute(&mut *conn)
-            .await?;
+            write_heartbeats(conn, &[(row, vm)]).await?;
             Ok(Outcome::Done)
         }
         Mutation::IngestHeartbeat(input) => {
