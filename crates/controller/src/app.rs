@@ -9,7 +9,7 @@ use crate::config::Settings;
 use crate::error::ApiError;
 use crate::lifecycle::{self, Channel, Contact, ContactKind};
 use crate::store::{
-    CommandRecord, CommandState, EventRow, HeartbeatInput, Millis, Mutation, Outcome,
+    CommandRecord, CommandState, EventRow, HeartbeatInput, Millis, Mutation, Outcome, PendingWrite,
     RegistrationRow, Store, VmLogRow, VmRecord, millis,
 };
 use crate::streams::{StreamHandle, Streams, VmLocks};
@@ -63,9 +63,30 @@ pub struct StreamOpened {
     pub open: usize,
     /// The session should look for deliverable commands at once.
     pub deliver_now: bool,
+    /// The open's write, still being committed: the session sends the `connect_ack` and
+    /// `commands` (all stored before) at once, then waits for it with
+    /// [`Controller::stream_open_commit`] before anything else. `None` when the write is
+    /// already durable (a connect that starts a boot: that is the VM's `vm_started`).
+    pub commit: Option<Box<OpenCommit>>,
+}
+
+/// A stream open's write in flight, with the VM's lock held until it is committed.
+#[derive(Debug)]
+pub struct OpenCommit {
+    write: PendingWrite,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+    vm: VmRecord,
+    plan: Option<DeliveryPlan>,
+    via: String,
+    now: Millis,
+    registration_id: Option<String>,
+    remote: Option<SocketAddr>,
+    new_boot: bool,
+    stream_id: String,
 }
 
 /// Commands picked for delivery and the write that marks them delivered.
+#[derive(Debug)]
 struct DeliveryPlan {
     open: Vec<CommandRecord>,
     envelopes: Vec<CommandEnvelope>,
@@ -682,6 +703,11 @@ impl Controller {
 
     /// Opens a stream session for a `ConnectRequest`. A connect from an unknown VM counts as
     /// its `vm_started`; a reconnect never causes a second registration.
+    ///
+    /// A reconnect's write (the VM is connected, what goes out now is marked delivered) is
+    /// left in flight in [`StreamOpened::commit`]: what it hands out was stored before, and
+    /// a delivery that is never recorded is only delivered again, which the agent
+    /// de-duplicates. That keeps a group commit off the agent's wait for its commands.
     pub async fn stream_open(
         &self,
         c: &pb::ConnectRequest,
@@ -698,7 +724,7 @@ impl Controller {
         }
         let vm_id = c.vm_id.as_str();
         let now = now_ms();
-        let _guard = self.locks.lock(vm_id).await;
+        let guard = self.locks.lock_owned(vm_id).await;
         let existing = self.store.vm_get(vm_id).await?;
         let contact = Contact {
             kind: ContactKind::Connect,
@@ -753,31 +779,77 @@ impl Controller {
                     .to_string(),
             ),
         }));
-        if let Err(e) = self.store.write(batch).await {
-            self.streams.unregister(vm_id, handle.generation);
-            return Err(e.into());
-        }
-        info!(vm_id, stream_id = %handle.stream_id, new_boot, remote = ?remote, "Stream connected");
-        if let Some(r) = &registration {
-            info!(vm_id = %vm.vm_id, command_id = %r.id, boot_id = %vm.boot_id, "Queued register_runner");
-        }
-        let (commands, open) = match &plan {
-            Some(p) => {
-                self.delivered(&vm, p, &via, now);
-                (
-                    p.envelopes.iter().map(CommandEnvelope::to_pb).collect(),
-                    p.open.len(),
-                )
+        let write = match self.store.submit(batch).await {
+            Ok(w) => w,
+            Err(e) => {
+                self.streams.unregister(vm_id, handle.generation);
+                return Err(e.into());
             }
+        };
+        let (commands, open) = match &plan {
+            Some(p) => (
+                p.envelopes.iter().map(CommandEnvelope::to_pb).collect(),
+                p.open.len(),
+            ),
             None => (Vec::new(), 0),
+        };
+        // A registration queued just now is handed out by the session's first pass.
+        let deliver_now = registration.is_some() || plan.is_none();
+        let commit = OpenCommit {
+            write,
+            _guard: guard,
+            vm,
+            plan,
+            via,
+            now,
+            registration_id: registration.map(|r| r.id),
+            remote,
+            new_boot,
+            stream_id: handle.stream_id.clone(),
+        };
+        let commit = if new_boot {
+            if let Err(e) = self.stream_open_commit(commit).await {
+                self.streams.unregister(vm_id, handle.generation);
+                return Err(e);
+            }
+            None
+        } else {
+            Some(Box::new(commit))
         };
         Ok(StreamOpened {
             handle,
             commands,
             open,
-            // A registration queued just now is handed out by the session's first pass.
-            deliver_now: registration.is_some() || plan.is_none(),
+            deliver_now,
+            commit,
         })
+    }
+
+    /// Waits for a stream open's write to be committed, then logs the connect and the
+    /// deliveries it recorded. On failure the session must end (the stream is still
+    /// registered; [`Controller::stream_closed`] takes it out).
+    pub async fn stream_open_commit(&self, commit: OpenCommit) -> Result<(), ApiError> {
+        let OpenCommit {
+            write,
+            _guard,
+            vm,
+            plan,
+            via,
+            now,
+            registration_id,
+            remote,
+            new_boot,
+            stream_id,
+        } = commit;
+        write.durable().await?;
+        info!(vm_id = %vm.vm_id, %stream_id, new_boot, remote = ?remote, "Stream connected");
+        if let Some(id) = &registration_id {
+            info!(vm_id = %vm.vm_id, command_id = %id, boot_id = %vm.boot_id, "Queued register_runner");
+        }
+        if let Some(p) = &plan {
+            self.delivered(&vm, p, &via, now);
+        }
+        Ok(())
     }
 
     /// Ends a stream session. The VM is marked disconnected only if no newer stream took over.

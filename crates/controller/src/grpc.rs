@@ -154,9 +154,17 @@ async fn run_session(
     tx: &Outbound,
     claims: Option<&VmClaims>,
 ) -> &'static str {
-    let handle = &opened.handle;
-    // What was waiting when the stream opened (already marked delivered on it).
-    for c in opened.commands {
+    let StreamOpened {
+        handle,
+        commands,
+        open,
+        deliver_now,
+        commit,
+    } = opened;
+    let handle = &handle;
+    // What was waiting when the stream opened (stored before; marked delivered on this
+    // stream by the open's write).
+    for c in commands {
         if tx
             .send(Ok(msg(controller_message::Message::Command(c))))
             .await
@@ -164,6 +172,15 @@ async fn run_session(
         {
             return "peer gone";
         }
+    }
+    // Nothing else happens on the stream before the open's write is committed.
+    if let Some(commit) = commit
+        // Boxed: every session's future would otherwise carry this one's state for its life.
+        && let Err(e) = Box::pin(app.stream_open_commit(*commit)).await
+    {
+        warn!(vm_id, error = %e, "Could not record the stream's open; ending it");
+        let _ = tx.send(Err(Status::from(e))).await;
+        return "store write failed";
     }
     let credential_expires = claims.map(|c| c.expires_at);
     let pool = claims.map(|c| c.pool_id.as_str());
@@ -183,8 +200,8 @@ async fn run_session(
     let redelivery = app.settings().redelivery_timeout;
     let mut tick = tokio::time::interval(redelivery.max(Duration::from_secs(1)) / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut deliver = opened.deliver_now;
-    let mut open = opened.open;
+    let mut deliver = deliver_now;
+    let mut open = open;
     loop {
         if deliver {
             deliver = false;

@@ -81,23 +81,34 @@ impl Streams {
 /// onto a fixed set of async mutexes.
 #[derive(Debug)]
 pub struct VmLocks {
-    stripes: Vec<tokio::sync::Mutex<()>>,
+    stripes: Vec<Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl Default for VmLocks {
     fn default() -> Self {
         VmLocks {
-            stripes: (0..1024).map(|_| tokio::sync::Mutex::new(())).collect(),
+            stripes: (0..1024)
+                .map(|_| Arc::new(tokio::sync::Mutex::new(())))
+                .collect(),
         }
     }
 }
 
 impl VmLocks {
     pub async fn lock(&self, vm_id: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        self.stripe(vm_id).lock().await
+    }
+
+    /// The same lock as [`VmLocks::lock`], as a guard that can outlive the call (held by a
+    /// task that finishes the VM's work later).
+    pub async fn lock_owned(&self, vm_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        self.stripe(vm_id).clone().lock_owned().await
+    }
+
+    fn stripe(&self, vm_id: &str) -> &Arc<tokio::sync::Mutex<()>> {
         use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
         let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(vm_id);
-        let i = (h % self.stripes.len() as u64) as usize;
-        self.stripes[i].lock().await
+        &self.stripes[(h % self.stripes.len() as u64) as usize]
     }
 }
 

@@ -80,6 +80,10 @@ async fn small_load_run_reports_every_figure()
     assert_eq!(c["registration_ramp_ms"]["n"], 20, "{r}");
     assert!(c["joined"].as_u64().is_some_and(|j| j > 0), "{r}");
     assert_eq!(c["registration_steady_ms"]["n"], c["joined"], "{r}");
+    assert_eq!(
+        c["registration_steady_parts_ms"]["ready_to_register"]["n"], c["joined"],
+        "{r}"
+    );
     assert!(c["events_per_sec"].as_f64().is_some_and(|e| e > 0.0), "{r}");
     assert!(
         c["heartbeats_per_sec"].as_f64().is_some_and(|h| h > 0.0),

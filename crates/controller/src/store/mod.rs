@@ -534,6 +534,24 @@ pub enum Outcome {
     HealthChanged(Vec<HealthChange>),
 }
 
+/// A queued write (see [`Store::submit`]).
+#[derive(Debug)]
+pub struct PendingWrite {
+    reply: sqlite::Pending,
+    started: std::time::Instant,
+    write_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl PendingWrite {
+    /// Waits until the write is committed; its outcomes, or why it failed.
+    pub async fn durable(self) -> Result<Vec<Outcome>, StoreError> {
+        let out = self.reply.await.map_err(|_| StoreError::Closed)?;
+        self.write_seconds
+            .observe(self.started.elapsed().as_secs_f64());
+        out
+    }
+}
+
 /// The store handle. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -556,10 +574,19 @@ impl Store {
 
     /// Applies `batch` atomically; returns once it is durable.
     pub async fn write(&self, batch: Vec<Mutation>) -> Result<Vec<Outcome>, StoreError> {
+        self.submit(batch).await?.durable().await
+    }
+
+    /// Queues `batch` to be applied atomically after every batch queued before it, and
+    /// returns without waiting for the commit: [`PendingWrite::durable`] waits. Callers
+    /// that hold a VM's lock keep it until then, so nothing reads the VM in between.
+    pub async fn submit(&self, batch: Vec<Mutation>) -> Result<PendingWrite, StoreError> {
         let started = std::time::Instant::now();
-        let out = self.backend.write(batch).await;
-        self.write_seconds.observe(started.elapsed().as_secs_f64());
-        out
+        Ok(PendingWrite {
+            reply: self.backend.submit(batch).await?,
+            started,
+            write_seconds: self.write_seconds.clone(),
+        })
     }
 
     /// The write latency histogram (for the metrics registry).

@@ -47,6 +47,8 @@ const SLOW_COMMIT: Duration = Duration::from_millis(100);
 const QUEUE_DEPTH: usize = 8192;
 
 type Reply = oneshot::Sender<Result<Vec<Outcome>, StoreError>>;
+/// The answer to a submitted write.
+pub type Pending = oneshot::Receiver<Result<Vec<Outcome>, StoreError>>;
 
 enum Msg {
     Write(Vec<Mutation>, Reply),
@@ -115,13 +117,15 @@ impl SqliteStore {
         })
     }
 
-    pub async fn write(&self, batch: Vec<Mutation>) -> Result<Vec<Outcome>, StoreError> {
+    /// Queues `batch` behind every write queued before it; the receiver answers once it is
+    /// committed (or failed).
+    pub async fn submit(&self, batch: Vec<Mutation>) -> Result<Pending, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.writes
             .send(Msg::Write(batch, reply))
             .await
             .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        Ok(rx)
     }
 
     pub async fn close(&self) {
