@@ -55,6 +55,11 @@ async fn command_queued_while_offline_is_delivered_on_connect() -> TestResult {
     );
     assert_eq!(first.int_params.get("timeout_seconds"), Some(&300));
     assert_eq!(second.bool_params.get("force"), Some(&true));
+    // They went out with the connect_ack while the open's write was committing; that write
+    // lands: both are recorded as delivered and the VM as connected.
+    wait_command_state(s.app(), &queued.id, "delivered").await;
+    wait_command_state(s.app(), &shutdown.id, "delivered").await;
+    assert!(matches!(store.vm_get("vm-off").await?, Some(v) if v.connected));
     // Pushed live to a connected VM as well.
     let live = s
         .app()
