@@ -157,7 +157,7 @@ async fn run_session(
     let StreamOpened {
         handle,
         commands,
-        open,
+        mut open,
         deliver_now,
         commit,
     } = opened;
@@ -201,7 +201,6 @@ async fn run_session(
     let mut tick = tokio::time::interval(redelivery.max(Duration::from_secs(1)) / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut deliver = deliver_now;
-    let mut open = open;
     loop {
         if deliver {
             deliver = false;
