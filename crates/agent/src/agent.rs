@@ -612,6 +612,7 @@ async fn heartbeats(
         }
         let cfg = &shared.settings;
         let report = HeartbeatReport {
+            vm_id: None,
             timestamp: Some(chrono::Utc::now()),
             pool_id: Some(cfg.pool_id.clone()),
             org_id: Some(cfg.org_id.clone()).filter(|o| !o.is_empty()),

@@ -23,7 +23,7 @@ const EXPIRY_MARGIN_SECS: i64 = 10;
 
 #[derive(Debug, Error)]
 pub enum AuthError {
-    #[error("cannot read the bootstrap secret file {path}: {reason}")]
+    #[error("cannot read the secret file {path}: {reason}")]
     Secret { path: String, reason: String },
     #[error("cannot get an identity token from the metadata server: {0}")]
     IdentityToken(String),
@@ -159,6 +159,7 @@ impl Credentials {
             method: EnrollMethod::Bootstrap,
             identity_token: None,
             bootstrap_secret: None,
+            enrollment_token: None,
             boot_id: Some(self.boot_id.clone()),
         };
         match &self.method {
@@ -171,6 +172,17 @@ impl Credentials {
                     }
                 })?;
                 req.bootstrap_secret = Some(text.trim().to_owned());
+            }
+            AuthMethod::Token { token_file } => {
+                let text =
+                    tokio::fs::read_to_string(token_file)
+                        .await
+                        .map_err(|e| AuthError::Secret {
+                            path: token_file.display().to_string(),
+                            reason: e.to_string(),
+                        })?;
+                req.method = EnrollMethod::Token;
+                req.enrollment_token = Some(text.trim().to_owned());
             }
             AuthMethod::Gce {
                 metadata_base,

@@ -99,13 +99,18 @@ pub struct AgentArgs {
     /// Identifies this boot [default: /proc/sys/kernel/random/boot_id].
     #[arg(long, env = "MIGLET_BOOT_ID")]
     pub boot_id: Option<String>,
-    /// How to prove the VM's identity to the controller: auto (bootstrap secret if a secret
-    /// file is set, else GCE identity token when on GCE, else none), bootstrap, gce, none.
+    /// How to prove the VM's identity to the controller: auto (an enrollment token if its
+    /// file is set, else the bootstrap secret if its file is set, else a GCE identity token
+    /// when on GCE, else none), token, bootstrap, gce, none.
     #[arg(long, env = "MIGLET_AUTH")]
     pub auth: Option<String>,
-    /// File holding the pool's bootstrap secret.
+    /// File holding the pool's bootstrap secret (proves membership of the pool).
     #[arg(long, env = "MIGLET_BOOTSTRAP_SECRET_FILE")]
     pub bootstrap_secret_file: Option<PathBuf>,
+    /// File holding a one-time enrollment token minted for this VM (proves the VM; usable
+    /// once).
+    #[arg(long, env = "MIGLET_ENROLLMENT_TOKEN_FILE")]
+    pub enrollment_token_file: Option<PathBuf>,
     /// Audience of GCE identity tokens [default: the controller endpoint].
     #[arg(long, env = "MIGLET_AUDIENCE")]
     pub audience: Option<String>,
@@ -162,6 +167,7 @@ pub struct FileController {
 pub struct FileAuth {
     pub method: Option<String>,
     pub bootstrap_secret_file: Option<PathBuf>,
+    pub enrollment_token_file: Option<PathBuf>,
     pub audience: Option<String>,
 }
 
@@ -250,6 +256,8 @@ pub enum AuthMethod {
     None,
     /// The pool's bootstrap secret, read from this file at each enrollment.
     Bootstrap { secret_file: PathBuf },
+    /// A one-time enrollment token for this VM, read from this file.
+    Token { token_file: PathBuf },
     /// A GCE instance identity token from the metadata server.
     Gce {
         metadata_base: String,
@@ -393,6 +401,8 @@ pub fn auth_needs_gce_probe(args: &AgentArgs, file: &FileConfig) -> bool {
         && !metadata_off
         && args.bootstrap_secret_file.is_none()
         && file.auth.bootstrap_secret_file.is_none()
+        && args.enrollment_token_file.is_none()
+        && file.auth.enrollment_token_file.is_none()
 }
 
 fn resolve_auth(
@@ -410,6 +420,10 @@ fn resolve_auth(
         .bootstrap_secret_file
         .clone()
         .or(file.auth.bootstrap_secret_file.clone());
+    let token = args
+        .enrollment_token_file
+        .clone()
+        .or(file.auth.enrollment_token_file.clone());
     let gce = || AuthMethod::Gce {
         metadata_base: metadata_base(args, file),
         audience: pick(&args.audience, &file.auth.audience, None)
@@ -422,16 +436,22 @@ fn resolve_auth(
                 "bootstrap secret file (MIGLET_BOOTSTRAP_SECRET_FILE)",
             ))?,
         },
+        "token" => AuthMethod::Token {
+            token_file: token.ok_or(ConfigError::Missing(
+                "enrollment token file (MIGLET_ENROLLMENT_TOKEN_FILE)",
+            ))?,
+        },
         "gce" => gce(),
-        "auto" => match secret {
-            Some(secret_file) => AuthMethod::Bootstrap { secret_file },
-            None if meta.instance_name.is_some() => gce(),
-            None => AuthMethod::None,
+        "auto" => match (token, secret) {
+            (Some(token_file), _) => AuthMethod::Token { token_file },
+            (None, Some(secret_file)) => AuthMethod::Bootstrap { secret_file },
+            (None, None) if meta.instance_name.is_some() => gce(),
+            (None, None) => AuthMethod::None,
         },
         other => {
             return Err(ConfigError::Invalid {
                 name: "auth",
-                reason: format!("{other:?} (auto, bootstrap, gce, none)"),
+                reason: format!("{other:?} (auto, token, bootstrap, gce, none)"),
             });
         }
     })

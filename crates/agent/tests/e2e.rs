@@ -144,6 +144,8 @@ fn controller_settings(
                     instance_name_prefix: None,
                     service_account: None,
                 }),
+                enrollment_tokens: true,
+                vm_id_prefix: None,
             },
         }),
     );

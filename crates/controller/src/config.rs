@@ -199,6 +199,26 @@ pub struct LimitsFileConfig {
     pub per_addr_burst: Option<u32>,
     /// A client must send a request's headers within this many seconds [default: 10].
     pub header_timeout_secs: Option<u64>,
+    /// Open connections at most, both listeners together [default: the open-file limit
+    /// less 512 kept for the store and files].
+    pub max_connections: Option<usize>,
+    /// Open connections at most from one source address, per listener [default: 4096,
+    /// room for a fleet behind one NAT].
+    pub max_connections_per_addr: Option<usize>,
+    /// TLS handshake plus (gRPC) the HTTP/2 preface must be done within this [default: 10].
+    pub handshake_timeout_secs: Option<u64>,
+    /// A gRPC connection with no stream or request for this long is closed [default: 30].
+    pub grpc_idle_timeout_secs: Option<u64>,
+}
+
+/// Connection caps and deadlines of both listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnSettings {
+    /// `None`: derived from the open-file limit at start.
+    pub max_connections: Option<usize>,
+    pub max_connections_per_addr: usize,
+    pub handshake_timeout: Duration,
+    pub grpc_idle_timeout: Duration,
 }
 
 /// `[retention]` of the config file: how long history is kept.
@@ -231,7 +251,14 @@ pub struct RetentionSettings {
 #[serde(deny_unknown_fields)]
 pub struct EnrollmentConfig {
     /// File holding the pool's bootstrap secret (at least 16 characters), re-read at use.
+    /// It proves only membership of the pool.
     pub bootstrap_secret_file: Option<PathBuf>,
+    /// Accept one-time enrollment tokens minted for single VMs (they prove the VM).
+    #[serde(default)]
+    pub enrollment_tokens: bool,
+    /// Every VM id of the pool starts with this (whatever the proof), so the pool's
+    /// bootstrap secret enrolls only ids of its own range.
+    pub vm_id_prefix: Option<String>,
     pub gce: Option<GceConfig>,
 }
 
@@ -303,6 +330,7 @@ pub struct Settings {
     pub per_vm_limit: Limit,
     pub per_addr_limit: Limit,
     pub header_timeout: Duration,
+    pub conn: ConnSettings,
     /// Prometheus listener; off when `None`.
     pub metrics_addr: Option<SocketAddr>,
     pub retention: RetentionSettings,
@@ -341,7 +369,51 @@ impl Settings {
             .unwrap_or_else(|e| panic!("test settings are invalid: {e}"))
     }
 
-    /// Reads the config file named by `args` (if any) and layers everything.
+    /// Checks what the settings name on disk, so that a setting that cannot work stops the
+    /// controller at start with a message naming it (exit 78) instead of failing requests
+    /// later: bootstrap secret files (readable, long enough), registration token files
+    /// (readable, not empty), TLS files (readable). The development secret is created at
+    /// start, so it is not checked here.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        for (id, pool) in self.pools.iter() {
+            let name = format!("pools.{id}");
+            if let Some(file) = &pool.enrollment.bootstrap_secret_file
+                && !self.dev_defaults
+            {
+                crate::auth::enroll::read_secret_now(file).map_err(|reason| {
+                    ConfigError::Invalid {
+                        name: format!("{name}.enrollment.bootstrap_secret_file"),
+                        reason,
+                    }
+                })?;
+            }
+            pool.token
+                .check_at_start()
+                .map_err(|e| ConfigError::Invalid {
+                    name: format!("{name}.token_file"),
+                    reason: crate::error::chain(&e),
+                })?;
+        }
+        if let Some(tls) = &self.tls {
+            let files = [
+                ("tls_cert", Some(&tls.cert_file)),
+                ("tls_key", Some(&tls.key_file)),
+                ("tls_client_ca", tls.client_ca_file.as_ref()),
+            ];
+            for (name, file) in files {
+                if let Some(f) = file {
+                    std::fs::metadata(f).map_err(|e| ConfigError::Invalid {
+                        name: name.into(),
+                        reason: format!("cannot read {}: {e}", f.display()),
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the config file named by `args` (if any), layers everything, and checks the
+    /// files the settings name.
     pub fn load(args: ServeArgs) -> Result<Settings, ConfigError> {
         let file = match &args.config {
             None => FileConfig::default(),
@@ -359,7 +431,9 @@ impl Settings {
                 })?
             }
         };
-        Settings::resolve(args, file)
+        let settings = Settings::resolve(args, file)?;
+        settings.check_files()?;
+        Ok(settings)
     }
 
     pub fn resolve(args: ServeArgs, file: FileConfig) -> Result<Settings, ConfigError> {
@@ -418,11 +492,15 @@ impl Settings {
                 file.auth.credential_max_lifetime_secs.unwrap_or(7 * 86_400),
             )?,
             audience,
-            google_jwks_url: args
-                .google_jwks_url
-                .clone()
-                .or(file.auth.google_jwks_url.clone())
-                .unwrap_or_else(|| GOOGLE_JWKS_URL.into()),
+            google_jwks_url: {
+                let url = args
+                    .google_jwks_url
+                    .clone()
+                    .or(file.auth.google_jwks_url.clone())
+                    .unwrap_or_else(|| GOOGLE_JWKS_URL.into());
+                check_url("google_jwks_url", &url)?;
+                url
+            },
             identity_max_age: secs(
                 "identity_token_max_age_secs",
                 file.auth.identity_token_max_age_secs.unwrap_or(300),
@@ -558,10 +636,54 @@ impl Settings {
                 burst: l.per_addr_burst.unwrap_or(per_addr_rate.saturating_mul(5)),
             },
             header_timeout: secs("header_timeout_secs", l.header_timeout_secs.unwrap_or(10))?,
+            conn: ConnSettings {
+                max_connections: match l.max_connections {
+                    Some(n) if n < 2 => {
+                        return Err(ConfigError::Invalid {
+                            name: "limits.max_connections".into(),
+                            reason: "must be at least 2 (one per listener)".into(),
+                        });
+                    }
+                    other => other,
+                },
+                max_connections_per_addr: match l.max_connections_per_addr.unwrap_or(4096) {
+                    0 => {
+                        return Err(ConfigError::Invalid {
+                            name: "limits.max_connections_per_addr".into(),
+                            reason: "must be at least 1".into(),
+                        });
+                    }
+                    n => n,
+                },
+                handshake_timeout: secs(
+                    "limits.handshake_timeout_secs",
+                    l.handshake_timeout_secs.unwrap_or(10),
+                )?,
+                grpc_idle_timeout: secs(
+                    "limits.grpc_idle_timeout_secs",
+                    l.grpc_idle_timeout_secs.unwrap_or(30),
+                )?,
+            },
             metrics_addr: args.metrics_addr.or(file.metrics_addr),
             retention,
         })
     }
+}
+
+/// A runner URL (or any URL setting) must be an absolute `http(s)` URL with a host.
+fn check_url(name: &str, value: &str) -> Result<(), ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        name: name.to_owned(),
+        reason,
+    };
+    let url =
+        reqwest::Url::parse(value).map_err(|e| invalid(format!("{value:?} is not a URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(format!(
+            "{value:?} is not an http(s) URL with a host, e.g. https://github.com/acme"
+        )));
+    }
+    Ok(())
 }
 
 fn build_pools(
@@ -576,12 +698,14 @@ fn build_pools(
             .clone()
             .filter(|t| !t.is_empty())
             .unwrap_or_else(|| format!("DEV-NOT-A-GITHUB-TOKEN-{}", uuid::Uuid::new_v4().simple()));
+        let runner_url = args
+            .runner_url
+            .clone()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "https://github.com/example-org".into());
+        check_url("runner_url (MIG_CONTROLLER_RUNNER_URL)", &runner_url)?;
         let reg = PoolRegistration {
-            runner_url: args
-                .runner_url
-                .clone()
-                .filter(|u| !u.is_empty())
-                .unwrap_or_else(|| "https://github.com/example-org".into()),
+            runner_url,
             runner_group: default_group(),
             labels: default_labels(),
             token: Arc::new(StaticToken::new(
@@ -590,7 +714,7 @@ fn build_pools(
             )),
             enrollment: PoolEnrollment {
                 bootstrap_secret_file: Some(dev_secret_file(data_dir)),
-                gce: None,
+                ..PoolEnrollment::default()
             },
         };
         return Ok((Pools::new(HashMap::new(), Some(reg)), true));
@@ -616,14 +740,19 @@ fn build_pools(
                 });
             }
         };
-        if p.runner_url.is_empty() {
-            return Err(ConfigError::Invalid {
-                name,
-                reason: "runner_url is empty".into(),
-            });
+        check_url(&format!("{name}.runner_url"), &p.runner_url)?;
+        if let Some(prefix) = &p.enrollment.vm_id_prefix {
+            miglet_proto::ids::validate_id("vm_id_prefix", prefix).map_err(|e| {
+                ConfigError::Invalid {
+                    name: format!("{name}.enrollment.vm_id_prefix"),
+                    reason: e.to_string(),
+                }
+            })?;
         }
         let enrollment = PoolEnrollment {
             bootstrap_secret_file: p.enrollment.bootstrap_secret_file.clone(),
+            enrollment_tokens: p.enrollment.enrollment_tokens,
+            vm_id_prefix: p.enrollment.vm_id_prefix.clone(),
             gce: p.enrollment.gce.as_ref().map(|g| GceRule {
                 project_id: g.project_id.clone(),
                 zones: g.zones.clone(),
@@ -631,13 +760,10 @@ fn build_pools(
                 service_account: g.service_account.clone(),
             }),
         };
-        if auth_mode == AuthMode::Authenticated
-            && enrollment.bootstrap_secret_file.is_none()
-            && enrollment.gce.is_none()
-        {
+        if auth_mode == AuthMode::Authenticated && !enrollment.any() {
             return Err(ConfigError::Invalid {
                 name: format!("{name}.enrollment"),
-                reason: "no enrollment method: set bootstrap_secret_file and/or [gce], or its VMs can never connect".into(),
+                reason: "no enrollment method: set bootstrap_secret_file, enrollment_tokens = true and/or [gce], or its VMs can never connect".into(),
             });
         }
         if enrollment
@@ -728,8 +854,12 @@ mod tests {
         );
         let bad: FileConfig =
             toml::from_str("[retention]\nheartbeat_full_secs = 100\nheartbeat_max_age_secs = 50")?;
-        assert!(Settings::resolve(open(), bad).is_err());
-        assert!(toml::from_str::<FileConfig>("[retention]\nkeep = 1").is_err());
+        assert_eq!(refused(open(), bad), "retention.heartbeat_max_age_secs");
+        let unknown = toml::from_str::<FileConfig>("[retention]\nkeep = 1")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(unknown.contains("keep"), "{unknown}");
         Ok(())
     }
 
@@ -739,7 +869,7 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(
             &path,
-            "[pools.p]\nrunner_url = \"u\"\ntoken = \"ghs_SECRETVALUE\" oops\n",
+            "[pools.p]\nrunner_url = \"https://github.com/acme\"\ntoken = \"ghs_SECRETVALUE\" oops\n",
         )?;
         let args = ServeArgs {
             config: Some(path),
@@ -752,11 +882,30 @@ mod tests {
         Ok(())
     }
 
+    /// The setting an invalid configuration names (the test fails if it is valid, or fails
+    /// for another reason than a named setting).
+    fn refused(args: ServeArgs, file: FileConfig) -> String {
+        match Settings::resolve(args, file) {
+            Err(ConfigError::Invalid { name, .. }) => name,
+            Err(other) => panic!("refused for another reason: {other}"),
+            Ok(_) => panic!("accepted an invalid configuration"),
+        }
+    }
+
+    fn file(text: &str) -> FileConfig {
+        toml::from_str(text).unwrap_or_else(|e| panic!("test TOML: {e}"))
+    }
+
+    const POOL: &str = "[pools.p]\nrunner_url = \"https://github.com/acme\"\ntoken = \"a\"\n";
+
     #[test]
     fn auth_settings_are_checked() -> Result<(), Box<dyn std::error::Error>> {
         // A pool that cannot enroll anyone is a config error in authenticated mode ...
-        let no_method: FileConfig = toml::from_str("[pools.p]\nrunner_url = \"u\"\ntoken = \"a\"")?;
-        assert!(Settings::resolve(ServeArgs::default(), no_method.clone()).is_err());
+        let no_method = file(POOL);
+        assert_eq!(
+            refused(ServeArgs::default(), no_method.clone()),
+            "pools.p.enrollment"
+        );
         // ... but fine in open mode.
         let open = ServeArgs {
             auth_mode: Some(AuthMode::Open),
@@ -766,38 +915,137 @@ mod tests {
             Settings::resolve(open, no_method)?.auth_mode,
             AuthMode::Open
         );
+        // Enrollment tokens alone are a method.
+        let tokens = file(&format!(
+            "{POOL}[pools.p.enrollment]\nenrollment_tokens = true"
+        ));
+        assert!(
+            Settings::resolve(ServeArgs::default(), tokens)?
+                .pools
+                .get("p")?
+                .enrollment
+                .enrollment_tokens
+        );
         // GCE enrollment needs an audience.
-        let gce: FileConfig = toml::from_str(
-            "[pools.p]\nrunner_url = \"u\"\ntoken = \"a\"\n[pools.p.enrollment.gce]\nproject_id = \"x\"",
-        )?;
-        assert!(Settings::resolve(ServeArgs::default(), gce).is_err());
+        let gce = file(&format!(
+            "{POOL}[pools.p.enrollment.gce]\nproject_id = \"x\""
+        ));
+        assert_eq!(refused(ServeArgs::default(), gce), "audience");
+        let bad_prefix = file(&format!(
+            "{POOL}[pools.p.enrollment]\nenrollment_tokens = true\nvm_id_prefix = \"a/b\""
+        ));
+        assert_eq!(
+            refused(ServeArgs::default(), bad_prefix),
+            "pools.p.enrollment.vm_id_prefix"
+        );
         // TLS needs both halves.
         let half = ServeArgs {
             tls_cert: Some("/c.pem".into()),
             ..ServeArgs::default()
         };
-        assert!(Settings::resolve(half, FileConfig::default()).is_err());
+        assert_eq!(refused(half, FileConfig::default()), "tls_cert");
         let ca_only = ServeArgs {
             tls_client_ca: Some("/ca.pem".into()),
             ..ServeArgs::default()
         };
-        assert!(Settings::resolve(ca_only, FileConfig::default()).is_err());
+        assert_eq!(refused(ca_only, FileConfig::default()), "tls_client_ca");
         Ok(())
     }
 
     #[test]
     fn bad_config_is_refused() {
-        assert!(toml::from_str::<FileConfig>("htp_addr = \"x\"").is_err());
-        let file: FileConfig =
-            toml::from_str("[pools.p]\nrunner_url = \"u\"\ntoken = \"a\"\ntoken_file = \"/f\"")
-                .unwrap_or_default();
-        assert!(Settings::resolve(ServeArgs::default(), file).is_err());
+        let unknown = toml::from_str::<FileConfig>("htp_addr = \"x\"")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(unknown.contains("htp_addr"), "{unknown}");
+        let both = file(&format!("{POOL}token_file = \"/f\""));
+        assert_eq!(refused(ServeArgs::default(), both), "pools.p");
         let args = ServeArgs {
             unhealthy_after_missed: Some(5),
             lost_after_missed: Some(5),
             ..ServeArgs::default()
         };
-        assert!(Settings::resolve(args, FileConfig::default()).is_err());
+        assert_eq!(refused(args, FileConfig::default()), "lost_after_missed");
+        for url in ["u", "github.com/acme", "ftp://github.com/acme", "https://"] {
+            let f = file(&format!(
+                "[pools.p]\nrunner_url = \"{url}\"\ntoken = \"a\"\n[pools.p.enrollment]\nenrollment_tokens = true"
+            ));
+            assert_eq!(
+                refused(ServeArgs::default(), f),
+                "pools.p.runner_url",
+                "{url}"
+            );
+        }
+        let dev_url = ServeArgs {
+            runner_url: Some("not a url".into()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(
+            refused(dev_url, FileConfig::default()),
+            "runner_url (MIG_CONTROLLER_RUNNER_URL)"
+        );
+    }
+
+    /// What the settings name on disk is checked at start, with the setting named.
+    #[test]
+    fn files_are_checked_at_start() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let secret = dir.path().join("secret");
+        let token = dir.path().join("token");
+        let cfg = |secret_line: &str| {
+            file(&format!(
+                "[pools.p]\nrunner_url = \"https://github.com/acme\"\ntoken_file = {token:?}\n\
+                 [pools.p.enrollment]\n{secret_line}"
+            ))
+        };
+        let with_secret = format!("bootstrap_secret_file = {secret:?}");
+        let check = |f: FileConfig| -> Result<(), String> {
+            let s = Settings::resolve(ServeArgs::default(), f).map_err(|e| e.to_string())?;
+            s.check_files().map_err(|e| match e {
+                ConfigError::Invalid { name, reason } => format!("{name}: {reason}"),
+                other => other.to_string(),
+            })
+        };
+        std::fs::write(&token, "tok")?;
+        // Missing, empty and short secrets are refused, naming the setting.
+        for content in [None, Some(""), Some("short")] {
+            match content {
+                None => {
+                    let _ = std::fs::remove_file(&secret);
+                }
+                Some(c) => std::fs::write(&secret, c)?,
+            }
+            let err = check(cfg(&with_secret)).err().ok_or("must fail")?;
+            assert!(
+                err.starts_with("pools.p.enrollment.bootstrap_secret_file:"),
+                "{err}"
+            );
+            assert!(!err.contains("short"), "never quotes the secret: {err}");
+        }
+        std::fs::write(&secret, "a-long-enough-secret-0123")?;
+        check(cfg(&with_secret))?;
+        // A missing or empty token file too.
+        std::fs::write(&token, "\n")?;
+        let err = check(cfg(&with_secret)).err().ok_or("must fail")?;
+        assert!(err.starts_with("pools.p.token_file:"), "{err}");
+        std::fs::remove_file(&token)?;
+        let err = check(cfg(&with_secret)).err().ok_or("must fail")?;
+        assert!(err.starts_with("pools.p.token_file:"), "{err}");
+        // TLS files that are not there.
+        std::fs::write(&token, "tok")?;
+        let mut s = Settings::resolve(ServeArgs::default(), cfg(&with_secret))?;
+        s.tls = Some(TlsSettings {
+            cert_file: dir.path().join("nope.pem"),
+            key_file: dir.path().join("nope-key.pem"),
+            client_ca_file: None,
+            reload_interval: Duration::from_secs(10),
+        });
+        match s.check_files() {
+            Err(ConfigError::Invalid { name, .. }) => assert_eq!(name, "tls_cert"),
+            other => panic!("expected tls_cert to be refused, got {other:?}"),
+        }
+        Ok(())
     }
 
     #[test]

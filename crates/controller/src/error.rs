@@ -78,6 +78,15 @@ impl From<crate::auth::Denied> for ApiError {
     }
 }
 
+impl From<crate::auth::NameError> for ApiError {
+    fn from(e: crate::auth::NameError) -> ApiError {
+        match e {
+            crate::auth::NameError::Inconsistent(m) => ApiError::BadRequest(m),
+            crate::auth::NameError::Forbidden(m) => ApiError::Forbidden(m),
+        }
+    }
+}
+
 impl From<crate::auth::enroll::EnrollError> for ApiError {
     fn from(e: crate::auth::enroll::EnrollError) -> ApiError {
         use crate::auth::enroll::EnrollError as E;
@@ -85,6 +94,7 @@ impl From<crate::auth::enroll::EnrollError> for ApiError {
             E::BadRequest(m) => ApiError::BadRequest(m),
             E::Refused(m) => ApiError::Unauthorized(format!("enrollment refused: {m}")),
             E::Unavailable(m) => ApiError::Unavailable(m),
+            E::Forbidden(m) => ApiError::Forbidden(m),
             E::Store(s) => ApiError::Store(s),
         }
     }

@@ -7,8 +7,7 @@
 //! the end of the inbound stream means the peer is gone.
 
 use crate::app::{Controller, StreamOpened, Transport};
-use crate::auth::AuthMode;
-use crate::auth::credential::VmClaims;
+use crate::auth::{Principal, Route};
 use crate::error::ApiError;
 use miglet_proto::event::{EventReport, HeartbeatReport};
 use miglet_proto::pb::command_service_server::CommandService;
@@ -68,62 +67,51 @@ impl CommandService for GrpcService {
         &self,
         request: Request<Streaming<MiGletMessage>>,
     ) -> Result<Response<Self::StreamCommandsStream>, Status> {
-        let remote = request.remote_addr();
+        let conn = request.extensions().get::<crate::net::ConnMeta>().cloned();
+        let remote = conn.as_ref().map(|c| c.remote);
+        // The stream keeps its connection from idling out for as long as it lasts.
+        let busy = conn.map(|c| c.activity.begin());
         let gate = self.app.gate();
         if let Some(addr) = remote
             && let Err(wait) = gate.limits.check_addr(addr.ip())
         {
             return Err(ApiError::TooManyRequests(wait).into());
         }
-        // The credential is checked before anything is read from the stream.
-        let claims = match gate.mode {
-            AuthMode::Open => None,
-            AuthMode::Authenticated => {
-                let token = request
-                    .metadata()
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(crate::auth::bearer)
-                    .ok_or_else(|| {
-                        Status::unauthenticated(
-                            "this stream needs a VM credential: metadata authorization: Bearer <credential>",
-                        )
-                    })?;
-                Some(gate.vm(token).map_err(ApiError::from)?)
+        // The credential is checked before anything is read from the stream, by the same
+        // gate as every HTTP request.
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::auth::bearer);
+        let caller = match gate.principal(self.app.store(), token).await {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                return Err(Status::unauthenticated(
+                    "this stream needs a VM credential: metadata authorization: Bearer <credential>",
+                ));
             }
+            Err(denied) => return Err(ApiError::from(denied).into()),
         };
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(CONNECT_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no connect message within 30 s"))??
             .ok_or_else(|| Status::cancelled("stream closed before connect"))?;
-        let Some(mi_glet_message::Message::Connect(mut connect)) = first.message else {
+        let Some(mi_glet_message::Message::Connect(connect)) = first.message else {
             return Err(Status::failed_precondition(
                 "the first message on the stream must be connect",
             ));
         };
-        if let Some(c) = &claims {
-            if connect.vm_id != c.vm_id {
-                return Err(Status::permission_denied(format!(
-                    "the credential of VM {:?} cannot open a stream for VM {:?}",
-                    c.vm_id, connect.vm_id
-                )));
-            }
-            if !connect.pool_id.is_empty() && connect.pool_id != c.pool_id {
-                return Err(Status::permission_denied(format!(
-                    "the credential is for pool {:?}, not {:?}",
-                    c.pool_id, connect.pool_id
-                )));
-            }
-            connect.pool_id = c.pool_id.clone();
-        }
+        crate::auth::authorize(&Route::Vm(connect.vm_id.clone()), Some(&caller))
+            .map_err(ApiError::from)?;
         if let Err(wait) = gate.limits.check_vm(&connect.vm_id) {
             return Err(ApiError::TooManyRequests(wait).into());
         }
 
         let opened = self
             .app
-            .stream_open(&connect, remote)
+            .stream_open(&caller, &connect, remote)
             .await
             .map_err(Status::from)?;
         let (tx, rx) = mpsc::channel(OUTBOUND_DEPTH);
@@ -137,8 +125,9 @@ impl CommandService for GrpcService {
         let app = self.app.clone();
         let vm_id = connect.vm_id.clone();
         self.sessions.spawn(async move {
+            let _busy = busy;
             let handle = opened.handle.clone();
-            let reason = run_session(&app, &vm_id, opened, inbound, &tx, claims.as_ref()).await;
+            let reason = run_session(&app, &vm_id, opened, inbound, &tx, &caller).await;
             app.stream_closed(&vm_id, &handle, reason).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -152,7 +141,7 @@ async fn run_session(
     opened: StreamOpened,
     mut inbound: Streaming<MiGletMessage>,
     tx: &Outbound,
-    claims: Option<&VmClaims>,
+    caller: &Principal,
 ) -> &'static str {
     let StreamOpened {
         handle,
@@ -182,8 +171,10 @@ async fn run_session(
         let _ = tx.send(Err(Status::from(e))).await;
         return "store write failed";
     }
-    let credential_expires = claims.map(|c| c.expires_at);
-    let pool = claims.map(|c| c.pool_id.as_str());
+    let credential_expires = match caller {
+        Principal::Vm(c) => Some(c.expires_at),
+        _ => None,
+    };
     // A stream lives no longer than the credential it was opened with; the agent reconnects
     // with its refreshed one.
     let expiry = async {
@@ -204,7 +195,7 @@ async fn run_session(
     loop {
         if deliver {
             deliver = false;
-            match app.stream_deliverable(vm_id, handle).await {
+            match app.stream_deliverable(caller, vm_id, handle).await {
                 Ok((commands, still_open)) => {
                     open = still_open;
                     for c in commands {
@@ -231,6 +222,10 @@ async fn run_session(
                 let _ = tx.send(Err(Status::aborted("replaced by a newer stream for this VM"))).await;
                 return "replaced by a newer stream";
             }
+            () = handle.closed.cancelled() => {
+                let _ = tx.send(Err(Status::permission_denied("the VM moved to another pool; enroll into it again"))).await;
+                return "ended by the controller: the VM moved to another pool";
+            }
             () = handle.nudge.notified() => deliver = true,
             _ = tick.tick(), if open > 0 => deliver = true,
             next = inbound.message() => match next {
@@ -244,7 +239,7 @@ async fn run_session(
                         }
                         continue;
                     }
-                    if let Err(reason) = handle_message(app, vm_id, m, tx, pool).await {
+                    if let Err(reason) = handle_message(app, vm_id, m, tx, caller).await {
                         return reason;
                     }
                     // An ack or event may have changed what is open.
@@ -260,14 +255,13 @@ async fn run_session(
     }
 }
 
-/// `pool` is the pool of the stream's credential: events naming another pool are refused,
-/// events naming none are taken as the credential's.
+/// Handles one message of the stream's VM, checked against `caller` like every message.
 async fn handle_message(
     app: &Controller,
     vm_id: &str,
     m: MiGletMessage,
     tx: &Outbound,
-    pool: Option<&str>,
+    caller: &Principal,
 ) -> Result<(), &'static str> {
     let reply = match m.message {
         None => None,
@@ -286,12 +280,15 @@ async fn handle_message(
                 .collect();
             match app
                 .ack_command(
+                    caller,
                     vm_id,
-                    &ack.command_id,
-                    ack.success,
-                    &ack.message,
-                    result,
-                    "grpc",
+                    crate::app::Ack {
+                        command_id: &ack.command_id,
+                        success: ack.success,
+                        message: &ack.message,
+                        result,
+                        via: "grpc",
+                    },
                 )
                 .await
             {
@@ -299,25 +296,14 @@ async fn handle_message(
                 Err(e) => Some(reject("invalid_ack", e)),
             }
         }
-        Some(mi_glet_message::Message::Event(mut ev)) => {
-            if let Some(p) = pool {
-                if !ev.pool_id.is_empty() && ev.pool_id != p {
-                    let msg = format!("the credential is for pool {p:?}, not {:?}", ev.pool_id);
-                    if tx
-                        .send(Ok(error_msg("permission_denied", msg)))
-                        .await
-                        .is_err()
-                    {
-                        return Err("peer gone");
-                    }
-                    return Ok(());
-                }
-                p.clone_into(&mut ev.pool_id);
-            }
+        Some(mi_glet_message::Message::Event(ev)) => {
             let raw = event_raw(&ev);
             let report = EventReport::from_pb(&ev);
             let event_id = report.event_id.clone();
-            match app.ingest_event(vm_id, report, raw, Transport::Grpc).await {
+            match app
+                .ingest_event(caller, vm_id, report, raw, Transport::Grpc)
+                .await
+            {
                 Ok(_) => event_id.map(|id| {
                     msg(controller_message::Message::EventAck(pb::EventAck {
                         event_ids: vec![id],
@@ -328,7 +314,12 @@ async fn handle_message(
         }
         Some(mi_glet_message::Message::Heartbeat(hb)) => {
             match app
-                .ingest_heartbeat(vm_id, HeartbeatReport::from_pb(&hb), Transport::Grpc)
+                .ingest_heartbeat(
+                    caller,
+                    vm_id,
+                    HeartbeatReport::from_pb(&hb),
+                    Transport::Grpc,
+                )
                 .await
             {
                 Ok(()) => None,
@@ -349,7 +340,13 @@ async fn handle_message(
             };
             let raw = event_raw(&ev);
             match app
-                .ingest_event(vm_id, EventReport::from_pb(&ev), raw, Transport::Grpc)
+                .ingest_event(
+                    caller,
+                    vm_id,
+                    EventReport::from_pb(&ev),
+                    raw,
+                    Transport::Grpc,
+                )
                 .await
             {
                 Ok(_) => None,
@@ -366,8 +363,15 @@ async fn handle_message(
 }
 
 /// Bad input from the agent is answered with an `ErrorNotification` and the stream stays up;
-/// nothing is stored. Store failures are logged and reported as internal.
+/// nothing is stored. A refusal says so in its code (`permission_denied`, ...); other bad
+/// input gets `code`. Store failures are logged and reported as internal.
 fn reject(code: &str, e: ApiError) -> ControllerMessage {
+    let code = match &e {
+        ApiError::Forbidden(_) | ApiError::Unauthorized(_) | ApiError::TooManyRequests(_) => {
+            e.code()
+        }
+        _ => code,
+    };
     let text = match &e {
         ApiError::Store(inner) => {
             warn!(error = %crate::error::chain(inner), "Store failure on the stream");

@@ -9,6 +9,7 @@
 use crate::app::{Controller, Transport};
 use crate::auth::{self, Principal, Route};
 use crate::error::ApiError;
+use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
@@ -16,7 +17,6 @@ use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Router};
 use miglet_proto::event::{EventKind, EventReport, HeartbeatReport};
 use miglet_proto::json::{
     CommandAckBody, CommandAckResponse, CommandsResponse, EnrollRequest, EnrollResponse, ErrorBody,
@@ -160,6 +160,12 @@ async fn gate(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
         return ApiError::TooManyRequests(wait).into_response();
     }
     let route = auth::route(req.method(), req.uri().path());
+    let admin_write = matches!(route, Route::Admin { write: true });
+    let action = if admin_write {
+        format!("{} {}", req.method(), req.uri().path())
+    } else {
+        String::new()
+    };
     let principal = if route == Route::Public {
         None
     } else {
@@ -170,13 +176,27 @@ async fn gate(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
             .and_then(auth::bearer);
         match gate.principal(app.store(), token).await {
             Ok(p) => p,
-            Err(denied) => return ApiError::from(denied).into_response(),
+            Err(denied) => {
+                if admin_write {
+                    let actor = auth::unverified_actor(token);
+                    app.audit()
+                        .unauthenticated(actor, action, peer, &denied.to_string())
+                        .await;
+                }
+                return ApiError::from(denied).into_response();
+            }
         }
     };
     if let Err(denied) = auth::authorize(&route, principal.as_ref()) {
-        if let (Route::Admin { write: true }, Some(p)) = (&route, &principal) {
-            let action = format!("{} {}", req.method(), req.uri().path());
-            crate::admin::audit_denied(&app, p, action, peer, &denied).await;
+        if admin_write {
+            match &principal {
+                Some(p) => app.audit().denied(p, action, peer, &denied).await,
+                None => {
+                    app.audit()
+                        .unauthenticated("anonymous".into(), action, peer, &denied.to_string())
+                        .await;
+                }
+            }
         }
         return ApiError::from(denied).into_response();
     }
@@ -206,15 +226,9 @@ async fn post_enroll(
 ) -> Result<axum::Json<EnrollResponse>, ApiError> {
     let bytes = body_bytes(body)?;
     let request: EnrollRequest = parse_json(&bytes)?;
-    match app
-        .gate()
-        .enroller
-        .enroll(app.store(), &app.settings().pools, &request, Some(peer))
-        .await
-    {
+    match app.enroll(&request, Some(peer)).await {
         Ok(r) => Ok(axum::Json(r)),
         Err(e) => {
-            let e = ApiError::from(e);
             warn!(vm_id = %request.vm_id, pool_id = %request.pool_id, method = ?request.method, peer = %peer.ip(), error = %e, "Enrollment refused");
             Err(e)
         }
@@ -223,31 +237,33 @@ async fn post_enroll(
 
 async fn post_refresh(
     State(app): State<AppState>,
-    principal: Option<Extension<Principal>>,
+    Caller(caller): Caller,
 ) -> Result<axum::Json<EnrollResponse>, ApiError> {
-    match principal.map(|Extension(p)| p) {
-        Some(Principal::Vm(claims)) => Ok(axum::Json(app.gate().enroller.refresh(&claims)?)),
-        _ => Err(ApiError::Conflict(
-            "no VM credential to refresh (the controller runs in open mode)".into(),
-        )),
-    }
+    Ok(axum::Json(app.refresh_credential(&caller).await?))
 }
 
-/// A VM credential is bound to one pool: a body naming another pool is refused, and a body
-/// naming none gets the credential's.
-fn bind_pool(principal: Option<&Principal>, pool_id: &mut Option<String>) -> Result<(), ApiError> {
-    if let Some(Principal::Vm(c)) = principal {
-        match pool_id.as_deref() {
-            Some(p) if !p.is_empty() && p != c.pool_id => {
-                return Err(ApiError::Forbidden(format!(
-                    "the credential is for pool {:?}, not {p:?}",
-                    c.pool_id
-                )));
-            }
-            _ => *pool_id = Some(c.pool_id.clone()),
-        }
+/// The verified caller [`gate`] put into the request. Every agent route has one (in open
+/// mode, [`Principal::Open`]); a request without one is refused, never served as anyone.
+struct Caller(Principal);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Caller, ApiError> {
+        parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .map(Caller)
+            .ok_or_else(|| {
+                ApiError::Unauthorized(
+                    "this endpoint needs a credential: Authorization: Bearer <token>".into(),
+                )
+            })
     }
-    Ok(())
 }
 
 pub(crate) fn path_one(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
@@ -276,18 +292,17 @@ fn body_text(bytes: &Bytes) -> String {
 
 async fn post_event(
     State(app): State<AppState>,
-    principal: Option<Extension<Principal>>,
+    Caller(caller): Caller,
     vm_id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let vm_id = path_one(vm_id)?;
     let bytes = body_bytes(body)?;
-    let mut parsed: EventBody = parse_json(&bytes)?;
-    bind_pool(principal.as_ref().map(|e| &e.0), &mut parsed.pool_id)?;
+    let parsed: EventBody = parse_json(&bytes)?;
     let report = EventReport::from_json(parsed);
     let is_vm_started = matches!(report.kind(), EventKind::VmStarted { .. });
     let accepted = app
-        .ingest_event(&vm_id, report, body_text(&bytes), Transport::Http)
+        .ingest_event(&caller, &vm_id, report, body_text(&bytes), Transport::Http)
         .await?;
     if is_vm_started {
         return Ok(axum::Json(VmStartedAck {
@@ -318,15 +333,20 @@ async fn post_event(
 
 async fn post_heartbeat(
     State(app): State<AppState>,
+    Caller(caller): Caller,
     vm_id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<axum::Json<Received>, ApiError> {
     let vm_id = path_one(vm_id)?;
     let bytes = body_bytes(body)?;
     let parsed: HeartbeatBody = parse_json(&bytes)?;
-    crate::app::check_body_vm(&vm_id, parsed.vm_id.as_deref())?;
-    app.ingest_heartbeat(&vm_id, HeartbeatReport::from_json(parsed), Transport::Http)
-        .await?;
+    app.ingest_heartbeat(
+        &caller,
+        &vm_id,
+        HeartbeatReport::from_json(parsed),
+        Transport::Http,
+    )
+    .await?;
     Ok(axum::Json(Received {
         status: "received".into(),
         acknowledged: None,
@@ -338,36 +358,37 @@ async fn post_heartbeat(
 
 async fn post_registration_token(
     State(app): State<AppState>,
-    principal: Option<Extension<Principal>>,
+    Caller(caller): Caller,
     vm_id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let vm_id = path_one(vm_id)?;
     let bytes = body_bytes(body)?;
     // The base contract's agent may send an empty body.
-    let mut request: RegistrationTokenRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
+    let request: RegistrationTokenRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
         RegistrationTokenRequest::default()
     } else {
         parse_json(&bytes)?
     };
-    bind_pool(principal.as_ref().map(|e| &e.0), &mut request.pool_id)?;
     let response = app
-        .registration_config(&vm_id, request, body_text(&bytes))
+        .registration_config(&caller, &vm_id, request, body_text(&bytes))
         .await?;
     Ok(axum::Json(response).into_response())
 }
 
 async fn get_commands(
     State(app): State<AppState>,
+    Caller(caller): Caller,
     vm_id: Result<Path<String>, PathRejection>,
 ) -> Result<axum::Json<CommandsResponse>, ApiError> {
     let vm_id = path_one(vm_id)?;
-    let commands = app.poll_commands(&vm_id).await?;
+    let commands = app.poll_commands(&caller, &vm_id).await?;
     Ok(axum::Json(CommandsResponse { commands, vm_id }))
 }
 
 async fn post_ack(
     State(app): State<AppState>,
+    Caller(caller): Caller,
     ids: Result<Path<(String, String)>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<axum::Json<CommandAckResponse>, ApiError> {
@@ -376,12 +397,15 @@ async fn post_ack(
     let ack: CommandAckBody = parse_json(&bytes)?;
     let state = app
         .ack_command(
+            &caller,
             &vm_id,
-            &command_id,
-            ack.success,
-            &ack.message,
-            ack.result,
-            "http",
+            crate::app::Ack {
+                command_id: &command_id,
+                success: ack.success,
+                message: &ack.message,
+                result: ack.result,
+                via: "http",
+            },
         )
         .await?;
     Ok(axum::Json(CommandAckResponse {

@@ -34,6 +34,10 @@ enum Cmd {
     /// controller runs.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// One-time enrollment tokens: a VM exchanges one, once, for a credential of its pool
+    /// (the pool must set `enrollment_tokens = true`). Works on the data dir.
+    #[command(subcommand, name = "enrollment-token")]
+    EnrollmentToken(EnrollmentTokenCmd),
     /// Show the audit log of admin actions, newest first.
     Audit {
         #[command(flatten)]
@@ -104,6 +108,24 @@ enum TokenCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum EnrollmentTokenCmd {
+    /// Mint a token for one VM id and pool; printed once on standard output, never stored.
+    Create {
+        #[command(flatten)]
+        data: DataDir,
+        /// The VM that may use it.
+        #[arg(long)]
+        vm_id: String,
+        /// The pool it enrolls the VM into.
+        #[arg(long)]
+        pool: String,
+        /// Lifetime in seconds (at most 7 days).
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum CertsCmd {
     /// Create a CA, a server certificate for the given names, and optionally client
     /// certificates, as PEM files in a folder.
@@ -151,7 +173,21 @@ fn init_logging(format: LogFormat, level: &str) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A flag or environment value that does not parse is an invalid setting like any other:
+    // exit 78, not clap's 2, so a supervisor can tell it from a crash.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let _ = e.print();
+            return match e.kind() {
+                ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => ExitCode::SUCCESS,
+                _ => ExitCode::from(EXIT_CONFIG),
+            };
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -178,6 +214,10 @@ fn main() -> ExitCode {
             init_logging(LogFormat::Text, "warn");
             runtime.block_on(token(cmd))
         }
+        Cmd::EnrollmentToken(cmd) => {
+            init_logging(LogFormat::Text, "warn");
+            runtime.block_on(enrollment_token(cmd))
+        }
         Cmd::Audit {
             data,
             limit,
@@ -193,8 +233,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if e.downcast_ref::<ConfigError>().is_some() {
+            if is_config_error(&e) {
                 eprintln!("mig-controller: {e:#}");
+                tracing::error!("{e:#}");
                 return ExitCode::from(EXIT_CONFIG);
             }
             tracing::error!("{e:#}");
@@ -202,6 +243,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `e` comes from a setting that cannot work (exit 78): the configuration itself,
+/// or files it names that turn out unusable when the server starts (TLS, credential key).
+fn is_config_error(e: &anyhow::Error) -> bool {
+    use mig_controller::server::ServeError;
+    e.downcast_ref::<ConfigError>().is_some()
+        || matches!(
+            e.downcast_ref::<ServeError>(),
+            Some(ServeError::Tls(_) | ServeError::Key(_))
+        )
 }
 
 /// Every VM holds a connection open, and the usual soft limit (1,024 open files) would cap the
@@ -407,6 +459,48 @@ async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
             eprintln!("Revoked token {id}.");
         }
     }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+async fn enrollment_token(cmd: EnrollmentTokenCmd) -> anyhow::Result<()> {
+    let EnrollmentTokenCmd::Create {
+        data,
+        vm_id,
+        pool,
+        ttl_secs,
+    } = cmd;
+    miglet_proto::ids::validate_vm_id(&vm_id)?;
+    miglet_proto::ids::validate_id("pool", &pool)?;
+    let store = open_store(&data.path).await?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let minted =
+        mig_controller::auth::enrollment_token::mint(&vm_id, &pool, &local_actor(), now, ttl_secs)?;
+    let audit = AuditRow {
+        seq: 0,
+        at: now,
+        actor: local_actor(),
+        action: "enrollment_token.create".into(),
+        target: Some(format!("vm:{vm_id}")),
+        remote_addr: Some("local".into()),
+        outcome: "ok".into(),
+        detail: Some(format!(
+            "token_id={} pool={pool} ttl_secs={ttl_secs}",
+            minted.record.id
+        )),
+    };
+    store
+        .write(vec![
+            Mutation::InsertEnrollmentToken(minted.record.clone()),
+            Mutation::Audit(audit),
+        ])
+        .await?;
+    store.close().await;
+    eprintln!(
+        "Created enrollment token {} for VM {vm_id:?} in pool {pool:?}, valid {ttl_secs} s and once. It is shown once:",
+        minted.record.id
+    );
+    println!("{}", minted.token);
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! Counters and histograms are updated where things happen; fleet gauges (VMs by pool, state
 //! and health, open streams, heartbeat age, commands by state, time in transitional states)
 //! are read from the store at each scrape. Labels are low-cardinality only: pool, state,
-//! health, event type (known types, else `other`), command type, route template, method,
+//! health, event type (the contract's types, else `unknown`), command type, route template, method,
 //! status class. Never a VM id.
 
 use crate::store::{Millis, Store};
@@ -49,6 +49,17 @@ pub struct HttpLabels {
     pub status: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub listener: String,
+    pub reason: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// States a healthy VM passes through quickly; lingering in one is worth an alert.
@@ -59,18 +70,6 @@ pub const TRANSITIONAL_STATES: &[&str] = &[
     "registering_runner",
     "draining",
     "shutting_down",
-];
-
-/// Event types of the contract; anything else is counted as `other`.
-const EVENT_TYPES: &[&str] = &[
-    "vm_started",
-    "runner_registered",
-    "job_started",
-    "job_completed",
-    "runner_crashed",
-    "vm_shutting_down",
-    "error",
-    "job_heartbeat",
 ];
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -91,6 +90,8 @@ pub struct Metrics {
     pub command_ack_latency: Family<TypeLabel, Histogram>,
     pub registration_latency: Histogram,
     pub http_requests: Family<HttpLabels, Counter>,
+    connections_open: Family<ListenerLabel, Gauge>,
+    connections_refused: Family<RefusedLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -153,8 +154,22 @@ impl Metrics {
             "HTTP requests by route template, method and status class",
             http_requests.clone(),
         );
+        let connections_open = Family::<ListenerLabel, Gauge>::default();
+        r.register(
+            "connections_open",
+            "Open connections by listener",
+            connections_open.clone(),
+        );
+        let connections_refused = Family::<RefusedLabels, Counter>::default();
+        r.register(
+            "connections_refused",
+            "Connections closed at accept or during their handshake, by listener and reason (per_addr, total, handshake)",
+            connections_refused.clone(),
+        );
         Metrics {
             registry: r,
+            connections_open,
+            connections_refused,
             vms,
             streams,
             heartbeat_age,
@@ -168,12 +183,26 @@ impl Metrics {
         }
     }
 
-    /// Counts a stored event.
+    /// The connection counters of one listener (`http` or `grpc`).
+    pub fn connections(&self, listener: &'static str) -> crate::net::ConnMetrics {
+        crate::net::ConnMetrics {
+            listener,
+            open: self
+                .connections_open
+                .get_or_create(&ListenerLabel {
+                    listener: listener.into(),
+                })
+                .clone(),
+            refused: self.connections_refused.clone(),
+        }
+    }
+
+    /// Counts a stored event; a type the contract does not know counts as `unknown`.
     pub fn event(&self, event_type: &str) {
-        let kind = if EVENT_TYPES.contains(&event_type) {
+        let kind = if miglet_proto::event::is_known_event_type(event_type) {
             event_type
         } else {
-            "other"
+            miglet_proto::event::UNKNOWN
         };
         self.events
             .get_or_create(&TypeLabel {

@@ -12,7 +12,7 @@ use crate::auth::limits::RateLimits;
 use crate::auth::{AuthMode, Gatekeeper};
 use crate::config::Settings;
 use crate::grpc::{GrpcService, MAX_MESSAGE};
-use crate::net::Security;
+use crate::net::{ConnPolicy, ConnTracker, Security};
 use crate::store::{Store, StoreError};
 use crate::tls::TlsFiles;
 use miglet_proto::pb::command_service_server::CommandServiceServer;
@@ -100,6 +100,7 @@ pub async fn start(
     let http_addr = http.local_addr().map_err(ServeError::LocalAddr)?;
     let grpc_addr = grpc.local_addr().map_err(ServeError::LocalAddr)?;
     let store = Store::open_sqlite(&settings.data_dir).await?;
+    reset_connections(&store).await?;
     let gate = Gatekeeper {
         mode: settings.auth_mode,
         enroller: Enroller::new(
@@ -133,8 +134,17 @@ pub async fn start(
         }
     };
 
+    let (http_policy, grpc_policy) = conn_policies(&settings.conn, settings.header_timeout);
+    info!(
+        http_max = http_policy.max_total,
+        grpc_max = grpc_policy.max_total,
+        per_addr = grpc_policy.max_per_addr,
+        "Connection caps"
+    );
+    let http_tracker = ConnTracker::new(http_policy, app.metrics().connections("http"));
+    let grpc_tracker = ConnTracker::new(grpc_policy, app.metrics().connections("grpc"));
     let router = crate::http::router(app.clone());
-    let http_conns = crate::net::accept(http, http_security, shutdown.clone());
+    let http_conns = crate::net::accept(http, http_security, http_tracker, shutdown.clone());
     let http_task = tokio::spawn(crate::net::serve_http(
         http_conns,
         router,
@@ -149,14 +159,20 @@ pub async fn start(
         .await;
     let service = CommandServiceServer::new(GrpcService::new(app.clone(), sessions.clone()))
         .max_decoding_message_size(MAX_MESSAGE);
-    let grpc_conns = ReceiverStream::new(crate::net::accept(grpc, grpc_security, shutdown.clone()))
-        .map(|(conn, _peer)| Ok::<_, std::io::Error>(conn));
+    let grpc_conns = ReceiverStream::new(crate::net::accept(
+        grpc,
+        grpc_security,
+        grpc_tracker,
+        shutdown.clone(),
+    ))
+    .map(|(conn, _peer)| Ok::<_, std::io::Error>(conn));
     let stop = shutdown.clone();
     let grpc_task = tokio::spawn(async move {
         let serve = tonic::transport::Server::builder()
             // Finds dead peers on idle streams; far slower than any client's ping policy.
             .http2_keepalive_interval(Some(Duration::from_secs(60)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .layer(crate::net::ActivityLayer)
             .add_service(health_service)
             .add_service(service)
             .serve_with_incoming_shutdown(grpc_conns, stop.cancelled_owned());
@@ -226,6 +242,53 @@ pub async fn start(
     })
 }
 
+/// File descriptors kept out of the connection caps: the store's connections, its WAL,
+/// TLS and secret files re-read at use, the metrics listener, outbound HTTP.
+const FD_RESERVE: usize = 512;
+
+/// The caps of both listeners. Without an explicit total, the open-file limit less
+/// [`FD_RESERVE`] is shared: an eighth (at most 4,096) for HTTP, the rest for gRPC streams.
+/// An HTTP client's first bytes are due within the header timeout, like the rest of its
+/// headers.
+pub fn conn_policies(
+    c: &crate::config::ConnSettings,
+    header_timeout: Duration,
+) -> (ConnPolicy, ConnPolicy) {
+    let total = c.max_connections.unwrap_or_else(|| {
+        use nix::sys::resource::{Resource, getrlimit};
+        let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+        (usize::try_from(soft).unwrap_or(usize::MAX))
+            .saturating_sub(FD_RESERVE)
+            .max(64)
+    });
+    let http = (total / 8).clamp(1, 4096);
+    let grpc = total.saturating_sub(http).max(1);
+    let policy = |listener, max_total, handshake_timeout, h2_preface, idle_timeout| ConnPolicy {
+        listener,
+        max_total,
+        max_per_addr: c.max_connections_per_addr,
+        handshake_timeout,
+        h2_preface,
+        idle_timeout,
+    };
+    (
+        policy(
+            "http",
+            http,
+            c.handshake_timeout.min(header_timeout),
+            false,
+            None,
+        ),
+        policy(
+            "grpc",
+            grpc,
+            c.handshake_timeout,
+            true,
+            Some(c.grpc_idle_timeout),
+        ),
+    )
+}
+
 /// The file an automatically created first admin token is written to.
 pub fn initial_admin_token_file(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join("initial-admin-token")
@@ -292,6 +355,24 @@ async fn first_start_secrets(settings: &Settings, store: &Store) -> Result<(), S
     Ok(())
 }
 
+/// A new controller process holds no stream yet: whatever the last one recorded as connected
+/// (it may have been killed before it could say otherwise) is not.
+async fn reset_connections(store: &Store) -> Result<(), ServeError> {
+    let at = chrono::Utc::now().timestamp_millis();
+    let out = store
+        .write(vec![crate::store::Mutation::ResetConnections { at }])
+        .await?;
+    if let Some(crate::store::Outcome::Count(n)) = out.first()
+        && *n > 0
+    {
+        info!(
+            vms = n,
+            "VMs the previous run recorded as connected are marked disconnected until they reconnect"
+        );
+    }
+    Ok(())
+}
+
 /// The reconciler: one idempotent pass per interval, until shutdown.
 async fn reconcile_loop(app: Arc<Controller>, every: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(every);
@@ -302,6 +383,7 @@ async fn reconcile_loop(app: Arc<Controller>, every: Duration, shutdown: Cancell
             _ = tick.tick() => {}
         }
         app.gate().limits.prune();
+        app.audit().flush_suppressed().await;
         match app.reconcile_once().await {
             Ok(report) if report != Default::default() => info!(?report, "Reconciler pass"),
             Ok(_) => {}

@@ -16,6 +16,8 @@ pub struct StreamHandle {
     pub nudge: Arc<Notify>,
     /// Cancelled when a newer stream of the same VM replaces this one.
     pub replaced: CancellationToken,
+    /// Cancelled when the controller ends the VM's stream (the VM moved to another pool).
+    pub closed: CancellationToken,
 }
 
 #[derive(Debug, Default)]
@@ -33,6 +35,7 @@ impl Streams {
             stream_id: uuid::Uuid::now_v7().simple().to_string(),
             nudge: Arc::new(Notify::new()),
             replaced: CancellationToken::new(),
+            closed: CancellationToken::new(),
         };
         let old = self.lock().insert(vm_id.to_owned(), handle.clone());
         if let Some(old) = old {
@@ -49,6 +52,13 @@ impl Streams {
             true
         } else {
             false
+        }
+    }
+
+    /// Ends the VM's stream, if it has one (its session sees [`StreamHandle::closed`]).
+    pub fn close(&self, vm_id: &str) {
+        if let Some(h) = self.lock().get(vm_id) {
+            h.closed.cancel();
         }
     }
 

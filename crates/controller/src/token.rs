@@ -50,6 +50,12 @@ pub type TokenFuture<'a> =
 /// Produces registration tokens for one pool.
 pub trait TokenSource: Send + Sync + fmt::Debug {
     fn registration_token(&self) -> TokenFuture<'_>;
+
+    /// Checked once at start-up, so that a source that cannot work stops the controller
+    /// with a clear message instead of failing every registration later.
+    fn check_at_start(&self) -> Result<(), TokenError> {
+        Ok(())
+    }
 }
 
 /// A fixed token, treated as valid for `ttl` from each issue.
@@ -100,6 +106,18 @@ impl TokenFile {
 }
 
 impl TokenSource for TokenFile {
+    fn check_at_start(&self) -> Result<(), TokenError> {
+        let path = self.path.display().to_string();
+        let text = std::fs::read_to_string(&self.path).map_err(|source| TokenError::ReadFile {
+            path: path.clone(),
+            source,
+        })?;
+        if text.trim().is_empty() {
+            return Err(TokenError::EmptyFile { path });
+        }
+        Ok(())
+    }
+
     fn registration_token(&self) -> TokenFuture<'_> {
         Box::pin(async move {
             let path = self.path.display().to_string();
@@ -160,6 +178,14 @@ impl Pools {
             self.get(pool)
                 .is_ok_and(|r| r.labels.iter().any(|l| l == label))
         }
+    }
+
+    /// Every pool's id and settings; the fallback is listed as `"*"`.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &PoolRegistration)> {
+        self.by_id
+            .iter()
+            .map(|(id, p)| (id.as_str(), p))
+            .chain(self.fallback.as_ref().map(|p| ("*", p)))
     }
 
     /// Does any pool enroll VMs with GCE identity tokens?

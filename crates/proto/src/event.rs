@@ -18,6 +18,28 @@ pub const JOB_COMPLETED: &str = "job_completed";
 pub const RUNNER_CRASHED: &str = "runner_crashed";
 pub const VM_SHUTTING_DOWN: &str = "vm_shutting_down";
 pub const ERROR: &str = "error";
+/// The base contract's heartbeat type; some agents post it as an event too.
+pub const JOB_HEARTBEAT: &str = "job_heartbeat";
+/// What an event of a type this version does not know is stored as (its own name stays in
+/// the stored report): forward compatible, without letting senders invent types.
+pub const UNKNOWN: &str = "unknown";
+
+/// Every event type of the contract.
+pub const KNOWN_EVENT_TYPES: &[&str] = &[
+    VM_STARTED,
+    RUNNER_REGISTERED,
+    JOB_STARTED,
+    JOB_COMPLETED,
+    RUNNER_CRASHED,
+    VM_SHUTTING_DOWN,
+    ERROR,
+    JOB_HEARTBEAT,
+];
+
+/// Whether `event_type` is one of the contract's event types.
+pub fn is_known_event_type(event_type: &str) -> bool {
+    KNOWN_EVENT_TYPES.contains(&event_type)
+}
 
 /// Per-type fields whose JSON value is a boolean.
 const BOOL_FIELDS: &[&str] = &["success"];
@@ -316,6 +338,9 @@ pub struct CurrentJob {
 /// leave any of them out, and that is not an error.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HeartbeatReport {
+    /// The VM the heartbeat names itself (checked against the path or stream, then dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_id: Option<String>,
     pub timestamp: Option<DateTime<Utc>>,
     pub pool_id: Option<String>,
     pub org_id: Option<String>,
@@ -351,6 +376,7 @@ impl HeartbeatReport {
             disk_total_bytes: h.disk_total_bytes.or(h.disk_total.map(|g| g * GIB)),
         };
         HeartbeatReport {
+            vm_id: b.vm_id.filter(|s| !s.is_empty()),
             timestamp: b.timestamp,
             pool_id: b.pool_id.filter(|s| !s.is_empty()),
             org_id: b.org_id.filter(|s| !s.is_empty()),
@@ -428,6 +454,7 @@ impl HeartbeatReport {
             .unwrap_or_default();
         let runner = hb.runner_state.as_ref();
         HeartbeatReport {
+            vm_id: non_empty(&hb.vm_id),
             timestamp: crate::from_unix(hb.timestamp),
             pool_id: non_empty(&hb.pool_id),
             org_id: non_empty(&hb.org_id),

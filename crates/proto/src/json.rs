@@ -355,6 +355,9 @@ pub enum EnrollMethod {
     Gce,
     /// The pool's bootstrap secret.
     Bootstrap,
+    /// A one-time enrollment token the controller minted for this VM (by an operator, or by
+    /// the provider that created the VM).
+    Token,
 }
 
 /// `POST /api/v1/enroll` (an addition to the base contract): a VM proves who it is once per
@@ -368,6 +371,8 @@ pub struct EnrollRequest {
     pub identity_token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
 }

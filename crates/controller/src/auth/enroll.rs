@@ -1,25 +1,47 @@
-//! Enrollment: a VM proves who it is (GCE identity token or its pool's bootstrap secret) and
-//! receives a credential bound to its `vm_id` and pool; and credential refresh.
+//! Enrollment: a VM proves who it is (GCE identity token, a one-time enrollment token, or its
+//! pool's bootstrap secret) and receives a credential bound to its `vm_id` and pool; and
+//! credential refresh. [`Enroller::prove`] checks the proof; binding the VM to the pool (its
+//! first proven identity fixes it) and issuing the credential is the app's
+//! (`Controller::enroll`).
 
 use super::credential::{CredentialError, CredentialKey, VmClaims};
+use super::enrollment_token;
 use super::gce::{self, GceError, GceRule, GoogleKeys};
 use super::sha256_hex;
-use crate::store::{Mutation, Outcome, Store, StoreError, VmLogRow};
+use crate::store::{Mutation, Outcome, Store, StoreError};
 use crate::token::Pools;
 use chrono::{DateTime, Utc};
 use miglet_proto::ids::{validate_id, validate_vm_id};
 use miglet_proto::json::{EnrollMethod, EnrollRequest, EnrollResponse};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use thiserror::Error;
 
-/// How VMs of one pool may prove their identity. Both may be set.
+/// How VMs of one pool may prove their identity. Any combination may be set.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolEnrollment {
     /// File holding the pool's bootstrap secret, re-read at every use (so it can be rotated).
     pub bootstrap_secret_file: Option<PathBuf>,
     pub gce: Option<GceRule>,
+    /// One-time enrollment tokens minted for single VMs are accepted.
+    pub enrollment_tokens: bool,
+    /// Every VM id of the pool starts with this, whatever the proof: a bootstrap secret then
+    /// enrolls only ids of its own pool's range.
+    pub vm_id_prefix: Option<String>,
+}
+
+impl PoolEnrollment {
+    /// Whether any method is enabled.
+    pub fn any(&self) -> bool {
+        self.bootstrap_secret_file.is_some() || self.gce.is_some() || self.enrollment_tokens
+    }
+}
+
+/// What a proof established.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proof {
+    /// For the VM's log and the binding: `method=bootstrap`, `method=gce project=...`, ...
+    pub detail: String,
 }
 
 /// Shortest bootstrap secret accepted.
@@ -34,6 +56,9 @@ pub enum EnrollError {
     Refused(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A valid proof for a VM that belongs to another pool.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("store failure")]
     Store(#[from] StoreError),
 }
@@ -81,7 +106,8 @@ impl Enroller {
         self.key.verify(token, unix(Utc::now()))
     }
 
-    fn issue(&self, vm_id: &str, pool_id: &str, enrolled_at: i64, now: i64) -> EnrollResponse {
+    /// A credential for `vm_id` in `pool_id` whose chain began at `enrolled_at` (Unix seconds).
+    pub fn issue(&self, vm_id: &str, pool_id: &str, enrolled_at: i64, now: i64) -> EnrollResponse {
         let ttl = self.settings.credential_ttl.as_secs() as i64;
         let end_of_chain = enrolled_at + self.settings.max_lifetime.as_secs() as i64;
         let exp = (now + ttl).min(end_of_chain).max(now + 1);
@@ -114,20 +140,28 @@ impl Enroller {
         Ok(self.issue(&claims.vm_id, &claims.pool_id, claims.enrolled_at, now))
     }
 
-    /// Checks the proof in `req` against the pool's rules and issues a credential.
-    pub async fn enroll(
+    /// Checks the proof in `req` against the pool's rules (a GCE identity token or an
+    /// enrollment token is used up by the check).
+    pub async fn prove(
         &self,
         store: &Store,
         pools: &Pools,
         req: &EnrollRequest,
-        remote: Option<SocketAddr>,
-    ) -> Result<EnrollResponse, EnrollError> {
+    ) -> Result<Proof, EnrollError> {
         validate_vm_id(&req.vm_id).map_err(|e| EnrollError::BadRequest(e.to_string()))?;
         validate_id("pool_id", &req.pool_id).map_err(|e| EnrollError::BadRequest(e.to_string()))?;
         let rules = pools
             .get(&req.pool_id)
             .map(|p| p.enrollment.clone())
             .unwrap_or_default();
+        if let Some(prefix) = &rules.vm_id_prefix
+            && !req.vm_id.starts_with(prefix.as_str())
+        {
+            return Err(EnrollError::Refused(format!(
+                "VM ids of pool {:?} start with {prefix:?}",
+                req.pool_id
+            )));
+        }
         let now = Utc::now();
         let detail = match req.method {
             EnrollMethod::Bootstrap => {
@@ -136,6 +170,13 @@ impl Enroller {
                 })?;
                 self.check_secret(&rules, &req.pool_id, secret).await?;
                 "method=bootstrap".to_owned()
+            }
+            EnrollMethod::Token => {
+                let token = req.enrollment_token.as_deref().ok_or_else(|| {
+                    EnrollError::BadRequest("method token needs enrollment_token".into())
+                })?;
+                let id = self.use_enrollment_token(store, &rules, req, token).await?;
+                format!("method=token token_id={id}")
             }
             EnrollMethod::Gce => {
                 let token = req.identity_token.as_deref().ok_or_else(|| {
@@ -164,22 +205,44 @@ impl Enroller {
                 )
             }
         };
-        let response = self.issue(&req.vm_id, &req.pool_id, unix(now), unix(now));
-        let from = remote.map(|a| a.ip().to_string()).unwrap_or_default();
-        store
-            .write(vec![Mutation::VmLog(VmLogRow {
-                vm_id: req.vm_id.clone(),
-                at: now.timestamp_millis(),
-                kind: "enrolled".into(),
-                detail: Some(format!(
-                    "pool={} {detail} from={from} boot_id={}",
-                    req.pool_id,
-                    req.boot_id.as_deref().unwrap_or("-")
-                )),
-            })])
+        Ok(Proof { detail })
+    }
+
+    /// Checks a one-time enrollment token for `req`'s VM and pool and uses it up; answers
+    /// its id.
+    async fn use_enrollment_token(
+        &self,
+        store: &Store,
+        rules: &PoolEnrollment,
+        req: &EnrollRequest,
+        token: &str,
+    ) -> Result<String, EnrollError> {
+        if !rules.enrollment_tokens {
+            return Err(EnrollError::Refused(format!(
+                "pool {:?} does not accept enrollment tokens",
+                req.pool_id
+            )));
+        }
+        let refused =
+            |e: enrollment_token::EnrollmentTokenError| EnrollError::Refused(e.to_string());
+        let (id, secret) = enrollment_token::parse(token.trim()).map_err(refused)?;
+        let record = store
+            .enrollment_token_get(id)
+            .await?
+            .ok_or(enrollment_token::EnrollmentTokenError::Wrong)
+            .map_err(refused)?;
+        let now = Utc::now().timestamp_millis();
+        enrollment_token::check(&record, secret, &req.vm_id, &req.pool_id, now).map_err(refused)?;
+        let used = store
+            .write(vec![Mutation::UseEnrollmentToken {
+                id: id.to_owned(),
+                at: now,
+            }])
             .await?;
-        tracing::info!(vm_id = %req.vm_id, pool_id = %req.pool_id, method = ?req.method, %from, expires_at = %response.expires_at, "VM enrolled");
-        Ok(response)
+        if used.first() != Some(&Outcome::Applied(true)) {
+            return Err(refused(enrollment_token::EnrollmentTokenError::Used));
+        }
+        Ok(id.to_owned())
     }
 
     async fn check_secret(
@@ -247,10 +310,23 @@ pub async fn read_secret(path: &std::path::Path) -> Result<String, String> {
     let text = tokio::fs::read_to_string(path)
         .await
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    secret_text(path, &text)
+}
+
+/// [`read_secret`] without a runtime, for the checks at start-up.
+pub fn read_secret_now(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    secret_text(path, &text)
+}
+
+fn secret_text(path: &std::path::Path, text: &str) -> Result<String, String> {
     let s = text.trim();
     if s.len() < MIN_SECRET_LEN {
         return Err(format!(
-            "{} holds fewer than {MIN_SECRET_LEN} characters",
+            "{} holds {} characters; a bootstrap secret needs at least {MIN_SECRET_LEN} (e.g. `openssl rand -hex 24 > {}`)",
+            path.display(),
+            s.len(),
             path.display()
         ));
     }

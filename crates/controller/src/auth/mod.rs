@@ -12,9 +12,11 @@
 
 pub mod credential;
 pub mod enroll;
+pub mod enrollment_token;
 pub mod gce;
 pub mod limits;
 pub mod operator;
+pub mod secret_token;
 
 use axum::http;
 use serde::{Deserialize, Serialize};
@@ -161,7 +163,9 @@ pub enum Denied {
 /// May `who` use `route`? `who` is `None` when no credential came with the request.
 pub fn authorize(route: &Route, who: Option<&Principal>) -> Result<(), Denied> {
     match (route, who) {
-        (Route::Public, _) | (_, Some(Principal::Open)) => Ok(()),
+        // An unknown path is 404 for everyone: answering 401 would tell a prober nothing
+        // useful either way, and a client with a typo deserves the real reason.
+        (Route::Public | Route::Other, _) | (_, Some(Principal::Open)) => Ok(()),
         (_, None) => Err(Denied::Unauthenticated(
             "this endpoint needs a credential: Authorization: Bearer <token>".into(),
         )),
@@ -191,7 +195,137 @@ pub fn authorize(route: &Route, who: Option<&Principal>) -> Result<(), Denied> {
         (Route::Admin { .. }, Some(Principal::Vm(_))) => Err(Denied::Forbidden(
             "VM credentials cannot use the operator API".into(),
         )),
-        (Route::Other, Some(_)) => Ok(()),
+    }
+}
+
+/// The names a VM's message gives for itself; `None` or empty means not named.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Named<'a> {
+    pub vm_id: Option<&'a str>,
+    pub pool_id: Option<&'a str>,
+    pub org_id: Option<&'a str>,
+}
+
+/// The pool and org the controller knows a VM by. The pool is fixed by the VM's first proven
+/// identity; only an operator moves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmNames {
+    pub pool_id: String,
+    pub org_id: String,
+}
+
+/// Why a VM's message was refused by [`check_names`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// The message contradicts itself (open mode, where nobody proved anything): 400.
+    #[error("{0}")]
+    Inconsistent(String),
+    /// The message, or the credential it came with, names someone else: 403.
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+fn named(v: Option<&str>) -> Option<&str> {
+    v.filter(|s| !s.is_empty())
+}
+
+/// The one rule every transport applies to every message a VM sends: may `caller` act for
+/// `vm_id` with a message that names `named`, given what is `known` of the VM?
+///
+/// * A VM credential acts only for its own VM, only in its own pool, and only while that is
+///   still the VM's pool (an operator may have moved the VM); a message naming another VM,
+///   pool or org than the credential and the VM's record is refused, never stored under
+///   other names.
+/// * In open mode nobody proved anything: a message naming another VM than it is about is
+///   inconsistent; pools are checked against the configuration by the caller.
+pub fn check_names(
+    caller: &Principal,
+    vm_id: &str,
+    message: &Named<'_>,
+    known: Option<&VmNames>,
+) -> Result<(), NameError> {
+    let other_vm = named(message.vm_id).filter(|v| *v != vm_id);
+    let claims = match caller {
+        Principal::Open => {
+            return match other_vm {
+                Some(v) => Err(NameError::Inconsistent(format!(
+                    "vm_id in the message ({v:?}) does not match the VM it is about ({vm_id:?})"
+                ))),
+                None => Ok(()),
+            };
+        }
+        Principal::Operator(_) => {
+            return Err(NameError::Forbidden(
+                "operator tokens cannot act as a VM".into(),
+            ));
+        }
+        Principal::Vm(c) => c,
+    };
+    if claims.vm_id != vm_id {
+        return Err(NameError::Forbidden(format!(
+            "the credential of VM {:?} cannot act for VM {vm_id:?}",
+            claims.vm_id
+        )));
+    }
+    if let Some(v) = other_vm {
+        return Err(NameError::Forbidden(format!(
+            "the credential of VM {vm_id:?} cannot send a message for VM {v:?}"
+        )));
+    }
+    if let Some(p) = named(message.pool_id).filter(|p| *p != claims.pool_id) {
+        return Err(NameError::Forbidden(format!(
+            "the credential is for pool {:?}, not {p:?}",
+            claims.pool_id
+        )));
+    }
+    if let Some(k) = known {
+        if k.pool_id != claims.pool_id {
+            return Err(NameError::Forbidden(format!(
+                "VM {vm_id:?} belongs to pool {:?}; a credential for pool {:?} cannot act for it (enroll with the proof of pool {:?})",
+                k.pool_id, claims.pool_id, k.pool_id
+            )));
+        }
+        if let Some(o) = named(message.org_id)
+            && !k.org_id.is_empty()
+            && o != k.org_id
+        {
+            return Err(NameError::Forbidden(format!(
+                "VM {vm_id:?} belongs to org {:?}, not {o:?}",
+                k.org_id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Which pool an enrollment into `requested` binds the VM to: `Ok(true)` binds it now (its
+/// first proven identity), `Ok(false)` confirms the pool it already has; another pool is
+/// refused. `stored` is the pool of the VM's record, `bound` that of an earlier enrollment.
+pub fn enrollment_binding(
+    vm_id: &str,
+    requested: &str,
+    stored: Option<&str>,
+    bound: Option<&str>,
+) -> Result<bool, Denied> {
+    match stored.or(bound) {
+        None => Ok(true),
+        Some(p) if p == requested => Ok(bound.is_none()),
+        Some(p) => Err(Denied::Forbidden(format!(
+            "VM {vm_id:?} belongs to pool {p:?}; it cannot enroll into pool {requested:?} (an operator can move it, or use a new VM id)"
+        ))),
+    }
+}
+
+/// How a caller whose token did not verify appears in the audit log: by the public id of an
+/// operator token (never its secret), else by the kind of thing it sent.
+pub fn unverified_actor(token: Option<&str>) -> String {
+    match token {
+        None => "anonymous".into(),
+        Some(t) => match operator::parse(t) {
+            Ok((id, _)) => format!("unverified token {id}"),
+            Err(_) if t.starts_with("migvm1.") => "unverified VM credential".into(),
+            Err(_) => "unverified bearer token".into(),
+        },
     }
 }
 
@@ -342,6 +476,106 @@ mod tests {
             Err(Denied::Forbidden(_))
         ));
         assert!(authorize(&write, Some(&Principal::Open)).is_ok());
+        // Unknown paths are left to the router's 404, credential or not.
+        assert!(authorize(&Route::Other, None).is_ok());
+    }
+
+    fn names(pool: &str, org: &str) -> VmNames {
+        VmNames {
+            pool_id: pool.into(),
+            org_id: org.into(),
+        }
+    }
+
+    #[test]
+    fn a_vm_credential_acts_only_for_its_vm_pool_and_org() {
+        let a = vm("a");
+        let ok = Named {
+            vm_id: Some("a"),
+            pool_id: Some("p"),
+            org_id: Some("o"),
+        };
+        let known = names("p", "o");
+        assert_eq!(check_names(&a, "a", &ok, Some(&known)), Ok(()));
+        assert_eq!(check_names(&a, "a", &Named::default(), None), Ok(()));
+        // Empty names are "not named".
+        let empty = Named {
+            vm_id: Some(""),
+            pool_id: Some(""),
+            org_id: Some(""),
+        };
+        assert_eq!(check_names(&a, "a", &empty, Some(&known)), Ok(()));
+        let refused = |n: Named<'_>, k: Option<&VmNames>, vm_id: &str| {
+            matches!(check_names(&a, vm_id, &n, k), Err(NameError::Forbidden(_)))
+        };
+        assert!(refused(ok, Some(&known), "b"), "another VM's path");
+        assert!(refused(
+            Named {
+                vm_id: Some("b"),
+                ..ok
+            },
+            Some(&known),
+            "a"
+        ));
+        assert!(refused(
+            Named {
+                pool_id: Some("q"),
+                ..ok
+            },
+            None,
+            "a"
+        ));
+        assert!(refused(ok, Some(&names("q", "o")), "a"), "VM moved away");
+        assert!(refused(
+            Named {
+                org_id: Some("x"),
+                ..ok
+            },
+            Some(&known),
+            "a"
+        ));
+        // An org not known yet is learnt, not refused.
+        assert_eq!(check_names(&a, "a", &ok, Some(&names("p", ""))), Ok(()));
+        assert!(matches!(
+            check_names(&op(Role::Admin), "a", &ok, None),
+            Err(NameError::Forbidden(_))
+        ));
+    }
+
+    #[test]
+    fn open_mode_only_checks_consistency() {
+        let n = Named {
+            vm_id: Some("b"),
+            ..Named::default()
+        };
+        assert!(matches!(
+            check_names(&Principal::Open, "a", &n, None),
+            Err(NameError::Inconsistent(_))
+        ));
+        let n = Named {
+            vm_id: Some("a"),
+            pool_id: Some("anything"),
+            org_id: Some("x"),
+        };
+        assert_eq!(
+            check_names(&Principal::Open, "a", &n, Some(&names("p", "o"))),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn the_first_proven_identity_fixes_the_pool() {
+        assert_eq!(enrollment_binding("v", "p", None, None), Ok(true));
+        assert_eq!(enrollment_binding("v", "p", None, Some("p")), Ok(false));
+        assert_eq!(enrollment_binding("v", "p", Some("p"), None), Ok(true));
+        assert_eq!(
+            enrollment_binding("v", "p", Some("p"), Some("p")),
+            Ok(false)
+        );
+        assert!(enrollment_binding("v", "p", Some("q"), None).is_err());
+        assert!(enrollment_binding("v", "p", None, Some("q")).is_err());
+        // The record wins over an older binding (an operator moved the VM).
+        assert!(enrollment_binding("v", "p", Some("q"), Some("p")).is_err());
     }
 
     #[test]

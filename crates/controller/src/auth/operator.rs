@@ -5,10 +5,9 @@
 //! bits needs no slow KDF). Verifying a token looks up its id and compares hashes in
 //! constant time.
 
-use super::{Operator, Role, random_bytes, sha256_hex};
+use super::secret_token;
+use super::{Operator, Role};
 use crate::store::{Millis, OperatorTokenRecord};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use thiserror::Error;
 
 pub const PREFIX: &str = "migop_";
@@ -46,17 +45,14 @@ pub fn mint(
 ) -> Result<NewToken, OperatorTokenError> {
     miglet_proto::ids::validate_id("name", name)
         .map_err(|e| OperatorTokenError::BadName(e.to_string()))?;
-    let id_bytes = random_bytes(8).map_err(|_| OperatorTokenError::Random)?;
-    let id: String = id_bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let secret = B64.encode(random_bytes(32).map_err(|_| OperatorTokenError::Random)?);
-    let token = format!("{PREFIX}{id}_{secret}");
+    let parts = secret_token::new_parts().ok_or(OperatorTokenError::Random)?;
     Ok(NewToken {
-        token,
+        token: secret_token::render(PREFIX, &parts),
         record: OperatorTokenRecord {
-            id,
+            id: parts.id,
             name: name.to_owned(),
             role,
-            secret_hash: sha256_hex(secret.as_bytes()),
+            secret_hash: parts.hash,
             created_at: now,
             created_by: created_by.to_owned(),
             expires_at,
@@ -67,14 +63,7 @@ pub fn mint(
 
 /// Splits a token into its id and secret.
 pub fn parse(token: &str) -> Result<(&str, &str), OperatorTokenError> {
-    let rest = token
-        .strip_prefix(PREFIX)
-        .ok_or(OperatorTokenError::Malformed)?;
-    let (id, secret) = rest.split_once('_').ok_or(OperatorTokenError::Malformed)?;
-    if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) || secret.len() < 32 {
-        return Err(OperatorTokenError::Malformed);
-    }
-    Ok((id, secret))
+    secret_token::split(PREFIX, token).ok_or(OperatorTokenError::Malformed)
 }
 
 /// Checks `secret` against the stored `record` at `now`.
@@ -83,12 +72,9 @@ pub fn check(
     secret: &str,
     now: Millis,
 ) -> Result<Operator, OperatorTokenError> {
-    let presented = sha256_hex(secret.as_bytes());
-    aws_lc_rs::constant_time::verify_slices_are_equal(
-        presented.as_bytes(),
-        record.secret_hash.as_bytes(),
-    )
-    .map_err(|_| OperatorTokenError::Wrong)?;
+    if !secret_token::matches(secret, &record.secret_hash) {
+        return Err(OperatorTokenError::Wrong);
+    }
     if record.revoked_at.is_some() {
         return Err(OperatorTokenError::Revoked);
     }

@@ -371,6 +371,31 @@ pub struct AuditRow {
     pub detail: Option<String>,
 }
 
+/// The pool a VM id is bound to by its first proven identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmBinding {
+    pub vm_id: String,
+    pub pool_id: String,
+    pub bound_at: Millis,
+    /// How the binding was made: `method=bootstrap`, `method=gce ...`, `operator:...`.
+    pub proof: String,
+}
+
+/// A one-time enrollment token for one VM id and pool; the secret itself is never stored,
+/// only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EnrollmentTokenRecord {
+    pub id: String,
+    pub vm_id: String,
+    pub pool_id: String,
+    #[serde(skip)]
+    pub secret_hash: String,
+    pub created_at: Millis,
+    pub created_by: String,
+    pub expires_at: Millis,
+    pub used_at: Option<Millis>,
+}
+
 /// One retention pass (times in Unix ms).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prune {
@@ -506,6 +531,22 @@ pub enum Mutation {
         now: Millis,
         expires_at: Millis,
     },
+    /// Bind a VM id to a pool unless it is bound already: [`Outcome::Inserted`] says whether.
+    BindVm(VmBinding),
+    /// Bind a VM id to a pool, replacing any binding (an operator's move).
+    RebindVm(VmBinding),
+    /// Mark every VM disconnected (a new controller process holds no stream yet), logging
+    /// `stream_disconnected` for each that was marked connected: [`Outcome::Count`].
+    ResetConnections {
+        at: Millis,
+    },
+    InsertEnrollmentToken(EnrollmentTokenRecord),
+    /// Use an enrollment token unless it was used before: [`Outcome::Applied`] says whether.
+    /// Also forgets tokens that expired more than a day ago.
+    UseEnrollmentToken {
+        id: String,
+        at: Millis,
+    },
     /// Thin and drop old history: [`Outcome::Pruned`] says how many rows went.
     PruneHistory(Prune),
     /// Expire every open command whose `expires_at` is at or before `now`:
@@ -531,6 +572,7 @@ pub enum Outcome {
     Applied(bool),
     Expired(Vec<ExpiredCommand>),
     Pruned { heartbeats: u64, events: u64 },
+    Count(u64),
     HealthChanged(Vec<HealthChange>),
 }
 
@@ -701,6 +743,17 @@ impl Store {
 
     pub async fn operator_tokens_list(&self) -> Result<Vec<OperatorTokenRecord>, StoreError> {
         self.backend.operator_tokens_list().await
+    }
+
+    pub async fn vm_binding_get(&self, vm_id: &str) -> Result<Option<VmBinding>, StoreError> {
+        self.backend.vm_binding_get(vm_id).await
+    }
+
+    pub async fn enrollment_token_get(
+        &self,
+        id: &str,
+    ) -> Result<Option<EnrollmentTokenRecord>, StoreError> {
+        self.backend.enrollment_token_get(id).await
     }
 
     /// Audit entries, newest first, with `seq` below `before_seq`.

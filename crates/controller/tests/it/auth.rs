@@ -3,108 +3,10 @@
 //! roles and the audit log; rate limits and header timeouts.
 
 use super::common::*;
-use mig_controller::auth::enroll::PoolEnrollment;
-use mig_controller::auth::gce::GceRule;
-use mig_controller::config::Settings;
-use mig_controller::token::{PoolRegistration, Pools, StaticToken};
 use miglet_sim::google::{FakeGoogle, Instance};
 use serde_json::{Value, json};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const AUDIENCE: &str = "https://mig.test:8080";
-
-async fn serve(router: axum::Router) -> String {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("bind: {e}"));
-    let addr = l.local_addr().unwrap_or_else(|e| panic!("addr: {e}"));
-    tokio::spawn(async move {
-        let _ = axum::serve(l, router).await;
-    });
-    format!("http://{addr}")
-}
-
-/// Two pools with their own bootstrap secrets, and a GCE pool checked against `jwks`.
-fn pools(st: &mut Settings, dir: &std::path::Path, jwks: &str) {
-    let reg = |enrollment: PoolEnrollment| PoolRegistration {
-        runner_url: "https://github.com/acme".into(),
-        runner_group: "default".into(),
-        labels: vec!["self-hosted".into()],
-        token: Arc::new(StaticToken::new(TOKEN.into(), Duration::from_secs(600))),
-        enrollment,
-    };
-    let secret = |name: &str, value: &str| {
-        let p = dir.join(name);
-        std::fs::write(&p, value).unwrap_or_else(|e| panic!("write secret: {e}"));
-        Some(p)
-    };
-    let p = reg(PoolEnrollment {
-        bootstrap_secret_file: secret("p.secret", "secret-of-pool-p-0123456789"),
-        gce: None,
-    });
-    let q = reg(PoolEnrollment {
-        bootstrap_secret_file: secret("q.secret", "secret-of-pool-q-0123456789"),
-        gce: None,
-    });
-    let g = reg(PoolEnrollment {
-        bootstrap_secret_file: None,
-        gce: Some(GceRule {
-            project_id: "acme-ci".into(),
-            zones: vec!["us-central1-a".into()],
-            instance_name_prefix: Some("gce-".into()),
-            service_account: None,
-        }),
-    });
-    st.pools = Pools::new(
-        [
-            ("p".to_owned(), p),
-            ("q".to_owned(), q),
-            ("g".to_owned(), g),
-        ]
-        .into(),
-        None,
-    );
-    st.enroll.audience = Some(AUDIENCE.into());
-    st.enroll.google_jwks_url = jwks.to_owned();
-}
-
-async fn enroll_raw(s: &TestServer, body: Value) -> (u16, Value) {
-    let r = s
-        .client
-        .post(format!("{}/api/v1/enroll", s.base))
-        .json(&body)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("enroll: {e}"));
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn request(
-    s: &TestServer,
-    method: &str,
-    path: &str,
-    bearer: Option<&str>,
-    body: Option<Value>,
-) -> (u16, Value, reqwest::header::HeaderMap) {
-    let url = format!("{}{path}", s.base);
-    let mut req = match method {
-        "GET" => s.client.get(url),
-        _ => s.client.post(url),
-    };
-    if let Some(b) = bearer {
-        req = req.bearer_auth(b);
-    }
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await.unwrap_or_else(|e| panic!("{path}: {e}"));
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    (status, r.json().await.unwrap_or(Value::Null), headers)
-}
 
 fn vm_endpoints(vm: &str) -> Vec<(&'static str, String, Option<Value>)> {
     vec![

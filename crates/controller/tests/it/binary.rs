@@ -12,6 +12,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_mig-controller");
 struct Child {
     child: tokio::process::Child,
     base: String,
+    grpc: String,
 }
 
 async fn spawn(
@@ -60,9 +61,11 @@ async fn spawn_with(
     .await;
     let addrs: Value = serde_json::from_str(&std::fs::read_to_string(&addr_file)?)?;
     let http = addrs["http_addr"].as_str().ok_or("http_addr")?;
+    let grpc = addrs["grpc_addr"].as_str().ok_or("grpc_addr")?;
     Ok(Child {
         child,
         base: format!("http://{http}"),
+        grpc: format!("http://{grpc}"),
     })
 }
 
@@ -215,11 +218,12 @@ async fn binary_serves_stops_on_sigterm_restarts_and_exports() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn invalid_config_exits_with_the_config_code() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let cfg = dir.path().join("bad.toml");
-    std::fs::write(&cfg, "[pools.p]\nrunner_url = \"https://github.com/x\"\n")?;
+/// Runs `serve` with `args` and `env` (bounded); its exit code and standard error.
+async fn serve_output(
+    data_dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<(Option<i32>, String), Box<dyn std::error::Error + Send + Sync>> {
     let out = tokio::time::timeout(
         Duration::from_secs(20),
         tokio::process::Command::new(BIN)
@@ -229,17 +233,116 @@ async fn invalid_config_exits_with_the_config_code() -> TestResult {
                 "127.0.0.1:0",
                 "--grpc-addr",
                 "127.0.0.1:0",
-                "--config",
             ])
-            .arg(&cfg)
             .arg("--data-dir")
-            .arg(dir.path())
+            .arg(data_dir)
+            .args(args)
+            .envs(env.iter().copied())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
             .output(),
     )
     .await??;
-    assert_eq!(out.status.code(), Some(78));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("token or token_file"), "{err}");
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Every invalid setting fails at start with exit 78 and a message naming it: in the file,
+/// in a file it names (secrets, token files, TLS), in a flag, in the environment.
+#[tokio::test]
+async fn invalid_config_exits_with_the_config_code() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let cfg = d.join("bad.toml");
+    let write_cfg = |text: &str| std::fs::write(&cfg, text);
+    let cfg_arg = ["--config", cfg.to_str().ok_or("path")?];
+    let secret = d.join("pool.secret");
+    let token = d.join("token");
+    std::fs::write(&token, "ghs_fromfile")?;
+    let pool = |secret_file: &Path, token_file: &Path, url: &str| {
+        format!(
+            "[pools.p]\nrunner_url = {url:?}\ntoken_file = {token_file:?}\n[pools.p.enrollment]\nbootstrap_secret_file = {secret_file:?}\n"
+        )
+    };
+    let cases: Vec<(String, Option<&str>, &str)> = vec![
+        (
+            "[pools.p]\nrunner_url = \"https://github.com/x\"\n".into(),
+            None,
+            "token or token_file",
+        ),
+        (
+            pool(&secret, &token, "https://github.com/x"),
+            None,
+            "pools.p.enrollment.bootstrap_secret_file",
+        ),
+        (
+            pool(&secret, &token, "https://github.com/x"),
+            Some("short"),
+            "pools.p.enrollment.bootstrap_secret_file",
+        ),
+        (
+            pool(&secret, &d.join("missing-token"), "https://github.com/x"),
+            Some("a-long-enough-secret-0123"),
+            "pools.p.token_file",
+        ),
+        (
+            pool(&secret, &token, "github.com/x"),
+            Some("a-long-enough-secret-0123"),
+            "pools.p.runner_url",
+        ),
+    ];
+    for (text, secret_content, named) in cases {
+        write_cfg(&text)?;
+        match secret_content {
+            Some(s) => std::fs::write(&secret, s)?,
+            None => {
+                let _ = std::fs::remove_file(&secret);
+            }
+        }
+        let (code, err) = serve_output(&d.join("data"), &cfg_arg, &[]).await?;
+        assert_eq!(code, Some(78), "{text}: {err}");
+        assert!(err.contains(named), "{named} not named: {err}");
+        assert!(!err.contains("ghs_fromfile"), "{err}");
+    }
+    // Flags and environment values that do not parse.
+    let (code, err) = serve_output(
+        &d.join("data"),
+        &["--heartbeat-interval-secs", "often"],
+        &[],
+    )
+    .await?;
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("--heartbeat-interval-secs"), "{err}");
+    let (code, err) = serve_output(
+        &d.join("data"),
+        &[],
+        &[("MIG_CONTROLLER_AUTH_MODE", "sometimes")],
+    )
+    .await?;
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("--auth-mode"), "{err}");
+    // TLS files that do not hold a certificate are found at start too.
+    std::fs::write(d.join("cert.pem"), "not a certificate")?;
+    std::fs::write(d.join("key.pem"), "not a key")?;
+    let (code, err) = serve_output(
+        &d.join("data"),
+        &[
+            "--tls-cert",
+            d.join("cert.pem").to_str().ok_or("path")?,
+            "--tls-key",
+            d.join("key.pem").to_str().ok_or("path")?,
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("TLS"), "{err}");
+    // Help is not an error.
+    let (code, _) = serve_output(&d.join("data"), &["--help"], &[]).await?;
+    assert_eq!(code, Some(0));
     Ok(())
 }
 
@@ -435,6 +538,169 @@ async fn open_mode_is_explicit_warned_and_visible() -> TestResult {
     assert!(
         !dir.path().join("data/initial-admin-token").exists(),
         "no operator token is minted in open mode"
+    );
+    Ok(())
+}
+
+/// Hole 4: after `kill -9` and a restart no VM shows a stream that is not open; a VM that
+/// connects again shows connected.
+#[tokio::test]
+async fn connection_state_is_true_after_a_crash() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let client = reqwest::Client::builder().timeout(WAIT).build()?;
+    let mut c = spawn(&data, &dir.path().join("run1.log")).await?;
+    let secret = std::fs::read_to_string(data.join("dev-bootstrap-secret"))?;
+    let enroll = |vm: &str| json!({"vm_id":vm,"pool_id":"pool-001","method":"bootstrap","bootstrap_secret":secret.trim()});
+    let mut creds = Vec::new();
+    for vm in ["vm-k1", "vm-k2"] {
+        let enrolled: Value = client
+            .post(format!("{}/api/v1/enroll", c.base))
+            .json(&enroll(vm))
+            .send()
+            .await?
+            .json()
+            .await?;
+        creds.push(
+            enrolled["credential"]
+                .as_str()
+                .ok_or("credential")?
+                .to_owned(),
+        );
+    }
+    let admin = std::fs::read_to_string(data.join("initial-admin-token"))?;
+    let connected = |base: String, vm: &'static str| {
+        let client = client.clone();
+        let admin = admin.trim().to_owned();
+        async move {
+            let v: Value = client
+                .get(format!("{base}/api/v1/admin/vms/{vm}"))
+                .bearer_auth(admin)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            v["vm"]["connected"].as_bool()
+        }
+    };
+    let _a1 = GrpcAgent::connect_with(&c.grpc, "vm-k1", "pool-001", "b1", Some(&creds[0])).await;
+    let _a2 = GrpcAgent::connect_with(&c.grpc, "vm-k2", "pool-001", "b2", Some(&creds[1])).await;
+    for vm in ["vm-k1", "vm-k2"] {
+        let base = c.base.clone();
+        wait_until("connected before the crash", || {
+            let f = connected(base.clone(), vm);
+            async move { f.await == Some(true) }
+        })
+        .await;
+    }
+    c.child.start_kill()?;
+    c.child.wait().await?;
+    let c = spawn(&data, &dir.path().join("run2.log")).await?;
+    for vm in ["vm-k1", "vm-k2"] {
+        assert_eq!(
+            connected(c.base.clone(), vm).await,
+            Some(false),
+            "{vm} has no stream after the restart"
+        );
+    }
+    let _a1 = GrpcAgent::connect_with(&c.grpc, "vm-k1", "pool-001", "b1", Some(&creds[0])).await;
+    let base = c.base.clone();
+    wait_until("vm-k1 connected again", || {
+        let f = connected(base.clone(), "vm-k1");
+        async move { f.await == Some(true) }
+    })
+    .await;
+    assert_eq!(connected(c.base.clone(), "vm-k2").await, Some(false));
+    assert!(sigterm(c).await?.success());
+    Ok(())
+}
+
+/// Hole 3 against the real binary at a low open-file limit: a flood of silent sockets to both
+/// listeners from many addresses is shed at the caps, never reaching the file limit, and
+/// `/health`, enrollment and a real stream keep working; the shedding is logged.
+#[tokio::test]
+async fn a_connection_flood_cannot_take_the_controller_down() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data)?;
+    let addr_file = data.join("addr.json");
+    let log = dir.path().join("flood.log");
+    // The shell sets a 1,024-file limit (soft and hard) and becomes the controller.
+    let mut child = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg("ulimit -n 1024 && exec \"$0\" \"$@\"")
+        .arg(BIN)
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .kill_on_drop(true)
+        .spawn()?;
+    let f = addr_file.clone();
+    wait_until("the controller's address file", || {
+        let f = f.clone();
+        async move { f.exists() }
+    })
+    .await;
+    let addrs: Value = serde_json::from_str(&std::fs::read_to_string(&addr_file)?)?;
+    let http: std::net::SocketAddr = addrs["http_addr"].as_str().ok_or("http")?.parse()?;
+    let grpc: std::net::SocketAddr = addrs["grpc_addr"].as_str().ok_or("grpc")?.parse()?;
+    // 1,500 silent sockets to gRPC and 300 to HTTP, from 30 addresses.
+    let mut flood = Vec::new();
+    for i in 0..1800u32 {
+        let from = std::net::IpAddr::from([127, 0, 1, (i % 30) as u8 + 2]);
+        let to = if i < 1500 { grpc } else { http };
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(std::net::SocketAddr::new(from, 0))?;
+        if let Ok(c) = socket.connect(to).await {
+            flood.push(c);
+        }
+    }
+    let client = reqwest::Client::builder().timeout(WAIT).build()?;
+    let base = format!("http://{http}");
+    let health = client.get(format!("{base}/health")).send().await?;
+    assert_eq!(health.status().as_u16(), 200);
+    let secret = std::fs::read_to_string(data.join("dev-bootstrap-secret"))?;
+    let enrolled: Value = client
+        .post(format!("{base}/api/v1/enroll"))
+        .json(&json!({"vm_id":"vm-fd","pool_id":"pool-001","method":"bootstrap","bootstrap_secret":secret.trim()}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let cred = enrolled["credential"].as_str().ok_or("credential")?;
+    let mut a = GrpcAgent::connect_with(
+        &format!("http://{grpc}"),
+        "vm-fd",
+        "pool-001",
+        "b1",
+        Some(cred),
+    )
+    .await;
+    assert_eq!(a.recv_command().await.r#type, "register_runner");
+    drop(flood);
+    child.start_kill()?;
+    child.wait().await?;
+    let text = std::fs::read_to_string(&log)?;
+    assert!(text.contains("Shedding load"), "no shedding logged");
+    assert!(
+        !text.contains("Cannot accept connections"),
+        "the caps keep accept from running out of files"
     );
     Ok(())
 }

@@ -1,8 +1,11 @@
 //! Helpers shared by the integration tests. Every wait is bounded.
 
 use mig_controller::app::Controller;
+use mig_controller::auth::enroll::PoolEnrollment;
+use mig_controller::auth::gce::GceRule;
 use mig_controller::config::Settings;
 use mig_controller::server::{self, RunningServer};
+use mig_controller::token::{PoolRegistration, Pools, StaticToken};
 use miglet_proto::pb::command_service_client::CommandServiceClient;
 use miglet_proto::pb::{
     self, ControllerMessage, MiGletMessage, controller_message, mi_glet_message,
@@ -20,6 +23,7 @@ pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 pub const TOKEN: &str = "AHTTESTSECRETTOKEN0123456789";
 pub const WAIT: Duration = Duration::from_secs(5);
+pub const AUDIENCE: &str = "https://mig.test:8080";
 
 pub struct TestServer {
     pub server: Option<RunningServer>,
@@ -473,4 +477,103 @@ pub fn all_bytes_under(dir: &Path) -> Vec<(PathBuf, String)> {
         }
     }
     out
+}
+
+pub async fn serve(router: axum::Router) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = l.local_addr().unwrap_or_else(|e| panic!("addr: {e}"));
+    tokio::spawn(async move {
+        let _ = axum::serve(l, router).await;
+    });
+    format!("http://{addr}")
+}
+
+/// Two pools with their own bootstrap secrets, and a GCE pool checked against `jwks`.
+pub fn pools(st: &mut Settings, dir: &std::path::Path, jwks: &str) {
+    let reg = |enrollment: PoolEnrollment| PoolRegistration {
+        runner_url: "https://github.com/acme".into(),
+        runner_group: "default".into(),
+        labels: vec!["self-hosted".into()],
+        token: Arc::new(StaticToken::new(TOKEN.into(), Duration::from_secs(600))),
+        enrollment,
+    };
+    let secret = |name: &str, value: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, value).unwrap_or_else(|e| panic!("write secret: {e}"));
+        Some(p)
+    };
+    let p = reg(PoolEnrollment {
+        bootstrap_secret_file: secret("p.secret", "secret-of-pool-p-0123456789"),
+        ..PoolEnrollment::default()
+    });
+    let q = reg(PoolEnrollment {
+        bootstrap_secret_file: secret("q.secret", "secret-of-pool-q-0123456789"),
+        ..PoolEnrollment::default()
+    });
+    let g = reg(PoolEnrollment {
+        gce: Some(GceRule {
+            project_id: "acme-ci".into(),
+            zones: vec!["us-central1-a".into()],
+            instance_name_prefix: Some("gce-".into()),
+            service_account: None,
+        }),
+        ..PoolEnrollment::default()
+    });
+    // Pool t: one-time enrollment tokens, and a bootstrap secret that enrolls only `t-` ids.
+    let t = reg(PoolEnrollment {
+        bootstrap_secret_file: secret("t.secret", "secret-of-pool-t-0123456789"),
+        enrollment_tokens: true,
+        vm_id_prefix: Some("t-".into()),
+        ..PoolEnrollment::default()
+    });
+    st.pools = Pools::new(
+        [
+            ("p".to_owned(), p),
+            ("q".to_owned(), q),
+            ("g".to_owned(), g),
+            ("t".to_owned(), t),
+        ]
+        .into(),
+        None,
+    );
+    st.enroll.audience = Some(AUDIENCE.into());
+    st.enroll.google_jwks_url = jwks.to_owned();
+}
+
+pub async fn enroll_raw(s: &TestServer, body: Value) -> (u16, Value) {
+    let r = s
+        .client
+        .post(format!("{}/api/v1/enroll", s.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("enroll: {e}"));
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+pub async fn request(
+    s: &TestServer,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let url = format!("{}{path}", s.base);
+    let mut req = match method {
+        "GET" => s.client.get(url),
+        _ => s.client.post(url),
+    };
+    if let Some(b) = bearer {
+        req = req.bearer_auth(b);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap_or_else(|e| panic!("{path}: {e}"));
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, r.json().await.unwrap_or(Value::Null), headers)
 }

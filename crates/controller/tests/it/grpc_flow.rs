@@ -169,7 +169,8 @@ async fn grpc_flow_connect_register_ack_events_heartbeats() -> TestResult {
         .await;
     match agent.recv().await {
         Some(controller_message::Message::Error(e)) => {
-            assert!(e.message.contains("does not match"), "{e:?}")
+            assert_eq!(e.code, "permission_denied", "{e:?}");
+            assert!(e.message.contains("for VM \"vm-OTHER\""), "{e:?}");
         }
         other => panic!("expected an error, got {other:?}"),
     }

@@ -59,9 +59,9 @@ async fn every_declared_metric_is_updated_and_labels_stay_low_cardinality() -> T
         )
         .await;
     assert_eq!(status, 200);
-    // (Unknown paths need a credential too, so this one is a 401; it still counts.)
+    // An unknown path is a 404, with or without a credential; it still counts.
     let (status, _) = s.get("/no/such/route").await;
-    assert_eq!(status, 401);
+    assert_eq!(status, 404);
     // A gRPC agent that stays connected.
     let mut g = s.grpc_connect("vm-m2", "pool-001", "").await;
     let c = g.recv_command().await;

@@ -70,7 +70,7 @@ async fn expired_register_runner_is_never_delivered_and_a_fresh_one_is_issued() 
             token: Arc::new(StaticToken::new(TOKEN.into(), Duration::from_secs(1))),
             enrollment: mig_controller::auth::enroll::PoolEnrollment {
                 bootstrap_secret_file: Some(mig_controller::config::dev_secret_file(&st.data_dir)),
-                gce: None,
+                ..Default::default()
             },
         };
         st.pools = Pools::new(Default::default(), Some(reg));

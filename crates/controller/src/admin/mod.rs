@@ -7,13 +7,15 @@
 //! the OpenAPI document ([`openapi`], checked in as `docs/openapi.json`) cannot miss one.
 //! Answers are views made for the API, not the store's records.
 
+mod identity;
+
 use crate::app::Controller;
-use crate::auth::{Denied, Principal};
+use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::http::{body_bytes, parse_json, path_one};
 use crate::store::{
     AuditRow, CommandFilter, CommandRecord, CommandState, EventFilter, EventRow, Health,
-    HeartbeatRow, Millis, Mutation, VmFilter, VmRecord,
+    HeartbeatRow, Millis, VmFilter, VmRecord,
 };
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -52,6 +54,7 @@ const DEFAULT_PAGE: u32 = 100;
         (name = "commands", description = "Queue commands and follow them"),
         (name = "pools", description = "Pool summaries"),
         (name = "operators", description = "Who is calling; the audit log"),
+        (name = "identity", description = "Which pool a VM belongs to, and how a VM proves who it is"),
     )
 )]
 struct ApiDoc;
@@ -83,6 +86,8 @@ fn router_and_doc() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(list_commands))
         .routes(routes!(get_command))
         .routes(routes!(list_pools))
+        .routes(routes!(identity::move_pool))
+        .routes(routes!(identity::create_enrollment_token))
         .routes(routes!(audit))
         .routes(routes!(openapi_json))
         .split_for_parts()
@@ -353,12 +358,6 @@ fn actor(p: Option<&Extension<Principal>>) -> String {
     p.map_or_else(|| "unknown".to_owned(), |Extension(p)| p.actor())
 }
 
-async fn write_audit(app: &Controller, row: AuditRow) {
-    if let Err(e) = app.store().write(vec![Mutation::Audit(row)]).await {
-        tracing::error!(error = %crate::error::chain(&e), "Audit log write failed");
-    }
-}
-
 /// Records an admin action and how it ended (`Ok(detail)` or the error).
 async fn audit_action(
     app: &Controller,
@@ -368,48 +367,15 @@ async fn audit_action(
     peer: SocketAddr,
     result: Result<String, &ApiError>,
 ) {
-    let (outcome, detail) = match result {
-        Ok(d) => ("ok".to_owned(), d),
-        Err(e) => (format!("error: {}", e.code()), e.to_string()),
-    };
-    write_audit(
-        app,
-        AuditRow {
-            seq: 0,
-            at: chrono::Utc::now().timestamp_millis(),
+    app.audit()
+        .action(
             actor,
-            action: action.into(),
-            target: Some(target),
-            remote_addr: Some(peer.ip().to_string()),
-            outcome,
-            detail: Some(detail),
-        },
-    )
-    .await;
-}
-
-/// Records a refused admin action.
-pub async fn audit_denied(
-    app: &Controller,
-    who: &Principal,
-    action: String,
-    peer: Option<SocketAddr>,
-    denied: &Denied,
-) {
-    write_audit(
-        app,
-        AuditRow {
-            seq: 0,
-            at: chrono::Utc::now().timestamp_millis(),
-            actor: who.actor(),
             action,
-            target: None,
-            remote_addr: peer.map(|p| p.ip().to_string()),
-            outcome: "denied".into(),
-            detail: Some(denied.to_string()),
-        },
-    )
-    .await;
+            target,
+            Some(peer),
+            result.map_err(|e| (e.code(), e.to_string())),
+        )
+        .await;
 }
 
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
@@ -456,6 +422,20 @@ fn parse_time(name: &str, v: &str) -> Result<Millis, ApiError> {
                 "{name} must be an RFC 3339 time or Unix milliseconds, not {v:?}"
             ))
         })
+}
+
+/// A VM page's cursor (the last VM id of the previous page); anything else is refused
+/// rather than silently ignored.
+fn cursor(v: Option<String>) -> Result<Option<String>, ApiError> {
+    let Some(c) = non_empty(v) else {
+        return Ok(None);
+    };
+    miglet_proto::ids::validate_vm_id(&c).map_err(|_| {
+        ApiError::BadRequest(format!(
+            "cursor {c:?} is not one this API returned (pass next_cursor of the previous page)"
+        ))
+    })?;
+    Ok(Some(c))
 }
 
 fn non_empty(v: Option<String>) -> Option<String> {
@@ -557,7 +537,7 @@ async fn list_vms(
         state: non_empty(q.state),
         health,
         text: non_empty(q.q),
-        after: non_empty(q.cursor),
+        after: cursor(q.cursor)?,
         limit,
     };
     let vms = app.store().vms_page(&filter).await?;
@@ -923,7 +903,8 @@ struct EventQuery {
     since: Option<String>,
     /// Received before (RFC 3339 or Unix ms).
     until: Option<String>,
-    /// Text inside the event's data.
+    /// Text inside a value of the event's fields or metadata (repository, job, run id,
+    /// reason, ...); keys and JSON punctuation never match.
     q: Option<String>,
     /// `next_before` of the previous page.
     before: Option<i64>,
@@ -1006,7 +987,8 @@ struct EventStreamQuery {
     vm: Option<String>,
     /// Only events of this pool's VMs.
     pool: Option<String>,
-    /// Text inside the event's data.
+    /// Text inside a value of the event's fields or metadata (repository, job, run id,
+    /// reason, ...); keys and JSON punctuation never match.
     q: Option<String>,
     /// Start after this event `seq` (default: only new events). The `Last-Event-ID` header
     /// of a reconnecting client wins.

@@ -1,5 +1,7 @@
 //! SQLite implementation of the store (see the module docs of [`super`]).
 
+mod identity;
+
 use super::*;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -15,17 +17,22 @@ use tokio_util::sync::CancellationToken;
 
 /// Numbered migrations, applied in order, each once. Never edit a released one: add a new one.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (1, "init", include_str!("../../migrations/0001_init.sql")),
-    (2, "auth", include_str!("../../migrations/0002_auth.sql")),
+    (1, "init", include_str!("../../../migrations/0001_init.sql")),
+    (2, "auth", include_str!("../../../migrations/0002_auth.sql")),
     (
         3,
         "state_since",
-        include_str!("../../migrations/0003_state_since.sql"),
+        include_str!("../../../migrations/0003_state_since.sql"),
     ),
     (
         4,
         "retention",
-        include_str!("../../migrations/0004_retention.sql"),
+        include_str!("../../../migrations/0004_retention.sql"),
+    ),
+    (
+        5,
+        "pool_binding",
+        include_str!("../../../migrations/0005_pool_binding.sql"),
     ),
 ];
 
@@ -226,11 +233,17 @@ impl SqliteStore {
         }
         if let Some(text) = &f.text {
             let pattern = like_pattern(text);
+            // The VM id, or a value (never a key) of its current job.
             q.push(" AND (vm_id LIKE ")
                 .push_bind(pattern.clone())
-                .push(" ESCAPE '\\' OR current_job LIKE ")
+                .push(" ESCAPE '\\' OR (current_job LIKE ")
+                .push_bind(pattern.clone())
+                .push(
+                    " ESCAPE '\\' AND EXISTS (SELECT 1 FROM json_tree(vms.current_job) t \
+                     WHERE t.type IN ('text', 'integer', 'real') AND t.atom LIKE ",
+                )
                 .push_bind(pattern)
-                .push(" ESCAPE '\\')");
+                .push(" ESCAPE '\\')))");
         }
         if let Some(after) = &f.after {
             q.push(" AND vm_id > ").push_bind(after.clone());
@@ -272,9 +285,18 @@ impl SqliteStore {
             q.push(" AND e.received_at < ").push_bind(until);
         }
         if let Some(text) = &f.text {
+            // A value (never a key or the JSON around it) of the event's fields or metadata.
+            // The plain LIKE over the document is a cheap first cut.
+            let pattern = like_pattern(text);
             q.push(" AND e.data LIKE ")
-                .push_bind(like_pattern(text))
-                .push(" ESCAPE '\\'");
+                .push_bind(pattern.clone())
+                .push(
+                    " ESCAPE '\\' AND EXISTS (SELECT 1 FROM json_tree(e.data) t \
+                     WHERE (t.fullkey LIKE '$.fields.%' OR t.fullkey LIKE '$.metadata.%') \
+                     AND t.type IN ('text', 'integer', 'real') AND t.atom LIKE ",
+                )
+                .push_bind(pattern)
+                .push(" ESCAPE '\\')");
         }
         if let Some(before) = f.before_seq {
             q.push(" AND e.seq < ").push_bind(before);
@@ -1359,6 +1381,13 @@ async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Outcome, Stor
             .execute(&mut *conn)
             .await?;
             Ok(Outcome::Inserted(done.rows_affected() > 0))
+        }
+        Mutation::BindVm(b) => identity::bind(conn, &b, false).await,
+        Mutation::RebindVm(b) => identity::bind(conn, &b, true).await,
+        Mutation::ResetConnections { at } => identity::reset_connections(conn, at).await,
+        Mutation::InsertEnrollmentToken(t) => identity::insert_enrollment_token(conn, &t).await,
+        Mutation::UseEnrollmentToken { id, at } => {
+            identity::use_enrollment_token(conn, &id, at).await
         }
         Mutation::PruneHistory(p) => {
             // Heartbeats past the maximum age go; between that and the full-detail window

@@ -5,6 +5,11 @@
 //! store batch, and only then answer. Work on different VMs runs in parallel and shares the
 //! store's group commits.
 
+mod identity;
+
+pub(crate) use identity::fill_pool;
+
+use crate::auth::{Named, Principal};
 use crate::config::Settings;
 use crate::error::ApiError;
 use crate::lifecycle::{self, Channel, Contact, ContactKind};
@@ -43,6 +48,17 @@ impl Transport {
             Transport::Grpc => "grpc",
         }
     }
+}
+
+/// An agent's acknowledgment of one command.
+#[derive(Debug)]
+pub struct Ack<'a> {
+    pub command_id: &'a str,
+    pub success: bool,
+    pub message: &'a str,
+    pub result: Map<String, Value>,
+    /// `http` or `grpc`, for the command's history.
+    pub via: &'a str,
 }
 
 /// The result of storing an event.
@@ -116,6 +132,9 @@ pub struct Controller {
     last_prune: std::sync::atomic::AtomicI64,
     /// Bumped after every stored event, so live views wake up at once.
     events_stored: tokio::sync::watch::Sender<u64>,
+    /// Each VM's pool and org, for checks without a store read.
+    names: identity::NameCache,
+    audit: crate::audit::Audit,
 }
 
 /// Why a registration token is refused once a job ran on the VM's current boot.
@@ -136,15 +155,6 @@ fn check_optional_id(what: &'static str, v: Option<&str>) -> Result<(), ApiError
     }
 }
 
-pub(crate) fn check_body_vm(path_vm: &str, body_vm: Option<&str>) -> Result<(), ApiError> {
-    match body_vm {
-        Some(b) if !b.is_empty() && b != path_vm => Err(ApiError::BadRequest(format!(
-            "vm_id in the body ({b:?}) does not match the path ({path_vm:?})"
-        ))),
-        _ => Ok(()),
-    }
-}
-
 impl Controller {
     pub fn new(
         store: Store,
@@ -154,6 +164,7 @@ impl Controller {
     ) -> Arc<Controller> {
         Arc::new(Controller {
             metrics: crate::metrics::Metrics::new(&store),
+            audit: crate::audit::Audit::new(store.clone()),
             last_prune: std::sync::atomic::AtomicI64::new(0),
             store,
             settings,
@@ -162,7 +173,13 @@ impl Controller {
             shutdown,
             gate,
             events_stored: tokio::sync::watch::Sender::new(0),
+            names: identity::NameCache::default(),
         })
+    }
+
+    /// The audit log's writer.
+    pub fn audit(&self) -> &crate::audit::Audit {
+        &self.audit
     }
 
     pub fn metrics(&self) -> &crate::metrics::Metrics {
@@ -206,24 +223,34 @@ impl Controller {
         self.settings.redelivery_timeout.as_millis() as Millis
     }
 
-    /// Stores an event (once per `event_id`) and applies it to the VM.
+    /// Stores an event (once per `event_id`) from `caller` and applies it to the VM.
     pub async fn ingest_event(
         &self,
+        caller: &Principal,
         vm_id: &str,
-        report: EventReport,
+        mut report: EventReport,
         raw: String,
         transport: Transport,
     ) -> Result<EventAccepted, ApiError> {
         validate_vm_id(vm_id).map_err(bad)?;
         validate_type_name("type", &report.event_type).map_err(bad)?;
-        check_body_vm(vm_id, report.vm_id.as_deref())?;
+        check_optional_id("vm_id", report.vm_id.as_deref())?;
         check_optional_id("pool_id", report.pool_id.as_deref())?;
         check_optional_id("org_id", report.org_id.as_deref())?;
         check_optional_id("event_id", report.event_id.as_deref())?;
         check_optional_id("boot_id", report.boot_id.as_deref())?;
+        fill_pool(caller, &mut report.pool_id);
+        let named = Named {
+            vm_id: report.vm_id.as_deref(),
+            pool_id: report.pool_id.as_deref(),
+            org_id: report.org_id.as_deref(),
+        };
+        crate::auth::check_names(caller, vm_id, &named, None)?;
         let now = now_ms();
         let _guard = self.locks.lock(vm_id).await;
         let existing = self.store.vm_get(vm_id).await?;
+        let known = self.names_for(vm_id, existing.as_ref()).await?;
+        self.check_message(caller, vm_id, &named, known.as_ref())?;
         if let Some(event_id) = &report.event_id
             && self.store.event_exists(vm_id, event_id).await?
         {
@@ -273,11 +300,18 @@ impl Controller {
         }
         let data =
             serde_json::to_string(&report).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        // A type this version does not know is accepted (forward compatibility) but stored
+        // as `unknown` (its name stays in the report) and changes no state.
+        let known_type = miglet_proto::event::is_known_event_type(&report.event_type);
         batch.push(Mutation::InsertEvent(EventRow {
             seq: 0,
             vm_id: vm_id.to_owned(),
             event_id: report.event_id.clone(),
-            event_type: report.event_type.clone(),
+            event_type: if known_type {
+                report.event_type.clone()
+            } else {
+                miglet_proto::event::UNKNOWN.to_owned()
+            },
             boot_id: report.boot_id.clone(),
             transport: transport.as_str().to_owned(),
             occurred_at: report.timestamp.map(millis),
@@ -300,6 +334,7 @@ impl Controller {
         );
         let event_type = report.event_type.clone();
         self.store.write(batch).await?;
+        self.names.remember(&vm);
         self.metrics.event(&event_type);
         self.events_stored.send_modify(|n| *n = n.wrapping_add(1));
         if new_boot {
@@ -345,20 +380,39 @@ impl Controller {
         }));
     }
 
-    /// Stores a heartbeat and applies it to the VM. Every part of the heartbeat is optional.
+    /// Stores a heartbeat from `caller` and applies it to the VM. Every part of the
+    /// heartbeat is optional.
     pub async fn ingest_heartbeat(
         &self,
+        caller: &Principal,
         vm_id: &str,
-        report: HeartbeatReport,
+        mut report: HeartbeatReport,
         transport: Transport,
     ) -> Result<(), ApiError> {
         validate_vm_id(vm_id).map_err(bad)?;
+        check_optional_id("vm_id", report.vm_id.as_deref())?;
         check_optional_id("pool_id", report.pool_id.as_deref())?;
+        check_optional_id("org_id", report.org_id.as_deref())?;
         check_optional_id("boot_id", report.boot_id.as_deref())?;
+        fill_pool(caller, &mut report.pool_id);
+        let named_vm = report.vm_id.take();
+        let named = Named {
+            vm_id: named_vm.as_deref(),
+            pool_id: report.pool_id.as_deref(),
+            org_id: report.org_id.as_deref(),
+        };
+        crate::auth::check_names(caller, vm_id, &named, None)?;
         let now = now_ms();
         let report_json = serde_json::to_string(&report).map_err(bad)?;
         // Held until the write is durable, so no read-decide-write of this VM interleaves.
         let _guard = self.locks.lock(vm_id).await;
+        // The VM's names come from memory (no read on the fleet's most frequent message).
+        let known = self.known_names(vm_id).await?;
+        self.check_message(caller, vm_id, &named, known.as_ref())?;
+        let first_contact = known.is_none().then(|| crate::auth::VmNames {
+            pool_id: report.pool_id.clone().unwrap_or_else(|| "default".into()),
+            org_id: report.org_id.clone().unwrap_or_default(),
+        });
         // The writer applies the heartbeat to the VM as stored (lifecycle::heartbeat_effect):
         // no read here, and heartbeats of many VMs share statements.
         let batch = vec![Mutation::IngestHeartbeat(Box::new(HeartbeatInput {
@@ -370,6 +424,9 @@ impl Controller {
             connected: self.streams.is_connected(vm_id),
         }))];
         self.store.write(batch).await?;
+        if let Some(names) = first_contact {
+            self.names.remember_names(vm_id, names);
+        }
         self.metrics
             .heartbeats
             .get_or_create(&crate::metrics::TransportLabel {
@@ -380,10 +437,17 @@ impl Controller {
     }
 
     /// `GET .../commands`: the commands to hand out now over HTTP, marked delivered.
-    pub async fn poll_commands(&self, vm_id: &str) -> Result<Vec<CommandJson>, ApiError> {
+    pub async fn poll_commands(
+        &self,
+        caller: &Principal,
+        vm_id: &str,
+    ) -> Result<Vec<CommandJson>, ApiError> {
         validate_vm_id(vm_id).map_err(bad)?;
+        crate::auth::check_names(caller, vm_id, &Named::default(), None)?;
         let _guard = self.locks.lock(vm_id).await;
-        let Some(mut vm) = self.store.vm_get(vm_id).await? else {
+        let stored = self.store.vm_get(vm_id).await?;
+        self.check_caller(caller, vm_id, stored.as_ref()).await?;
+        let Some(mut vm) = stored else {
             // Nothing is ever queued for a VM we have not heard of.
             return Ok(Vec::new());
         };
@@ -583,16 +647,23 @@ impl Controller {
     /// changes nothing and answers its state. A VM may acknowledge only its own commands.
     pub async fn ack_command(
         &self,
+        caller: &Principal,
         vm_id: &str,
-        command_id: &str,
-        success: bool,
-        message: &str,
-        result: Map<String, Value>,
-        via: &str,
+        ack: Ack<'_>,
     ) -> Result<CommandState, ApiError> {
+        let Ack {
+            command_id,
+            success,
+            message,
+            result,
+            via,
+        } = ack;
         validate_vm_id(vm_id).map_err(bad)?;
         validate_id("command_id", command_id).map_err(bad)?;
+        crate::auth::check_names(caller, vm_id, &Named::default(), None)?;
         let _guard = self.locks.lock(vm_id).await;
+        let stored = self.store.vm_get(vm_id).await?;
+        self.check_caller(caller, vm_id, stored.as_ref()).await?;
         let cmd = match self.store.command_get(command_id).await? {
             Some(c) if c.vm_id == vm_id => c,
             _ => {
@@ -628,7 +699,7 @@ impl Controller {
             result_message: Some(msg.clone()),
             result: (!result.is_empty()).then_some(result),
         }];
-        if let Some(mut vm) = self.store.vm_get(vm_id).await?
+        if let Some(mut vm) = stored
             && !vm.acks_commands
         {
             vm.acks_commands = true;
@@ -649,14 +720,23 @@ impl Controller {
     /// `POST .../registration-token`: registration config for the VM's pool, on request.
     pub async fn registration_config(
         &self,
+        caller: &Principal,
         vm_id: &str,
-        request: RegistrationTokenRequest,
+        mut request: RegistrationTokenRequest,
         raw_request: String,
     ) -> Result<RegistrationTokenResponse, ApiError> {
         validate_vm_id(vm_id).map_err(bad)?;
         check_optional_id("pool_id", request.pool_id.as_deref())?;
+        fill_pool(caller, &mut request.pool_id);
+        let named = Named {
+            pool_id: request.pool_id.as_deref(),
+            ..Named::default()
+        };
+        crate::auth::check_names(caller, vm_id, &named, None)?;
         let _guard = self.locks.lock(vm_id).await;
         let vm = self.store.vm_get(vm_id).await?;
+        let known = self.names_for(vm_id, vm.as_ref()).await?;
+        crate::auth::check_names(caller, vm_id, &named, known.as_ref())?;
         if vm.as_ref().is_some_and(|v| v.job_started_at.is_some()) {
             return Err(ApiError::Conflict(JOB_STARTED.into()));
         }
@@ -710,6 +790,7 @@ impl Controller {
     /// de-duplicates. That keeps a group commit off the agent's wait for its commands.
     pub async fn stream_open(
         &self,
+        caller: &Principal,
         c: &pb::ConnectRequest,
         remote: Option<SocketAddr>,
     ) -> Result<StreamOpened, ApiError> {
@@ -723,18 +804,29 @@ impl Controller {
             ));
         }
         let vm_id = c.vm_id.as_str();
+        let mut pool_id = Some(c.pool_id.clone());
+        fill_pool(caller, &mut pool_id);
+        let named = Named {
+            vm_id: Some(vm_id),
+            pool_id: pool_id.as_deref(),
+            org_id: Some(c.org_id.as_str()),
+        };
+        crate::auth::check_names(caller, vm_id, &named, None)?;
         let now = now_ms();
         let guard = self.locks.lock_owned(vm_id).await;
         let existing = self.store.vm_get(vm_id).await?;
+        let known = self.names_for(vm_id, existing.as_ref()).await?;
+        self.check_message(caller, vm_id, &named, known.as_ref())?;
         let contact = Contact {
             kind: ContactKind::Connect,
             boot_id: Some(c.boot_id.as_str()).filter(|s| !s.is_empty()),
-            pool_id: Some(c.pool_id.as_str()),
+            pool_id: pool_id.as_deref(),
             org_id: Some(c.org_id.as_str()),
             version: Some(c.version.as_str()),
         };
         let (mut vm, new_boot) = lifecycle::on_contact(existing.as_ref(), vm_id, &contact, now);
         vm.connected = true;
+        self.names.remember(&vm);
         let handle = self.streams.register(vm_id);
         let mut batch = Vec::with_capacity(6);
         if new_boot {
@@ -885,18 +977,21 @@ impl Controller {
     /// The commands to push on a stream now (marked delivered), and how many stay open.
     pub async fn stream_deliverable(
         &self,
+        caller: &Principal,
         vm_id: &str,
         handle: &StreamHandle,
     ) -> Result<(Vec<pb::Command>, usize), ApiError> {
         let _guard = self.locks.lock(vm_id).await;
         // A stream replaced by a newer one (registered under this lock) gets nothing more,
         // or the two would take turns redelivering the same command.
-        if handle.replaced.is_cancelled() {
+        if handle.replaced.is_cancelled() || handle.closed.is_cancelled() {
             return Ok((Vec::new(), 0));
         }
         let Some(vm) = self.store.vm_get(vm_id).await? else {
             return Ok((Vec::new(), 0));
         };
+        // The VM may have been moved to another pool since the stream opened.
+        self.check_caller(caller, vm_id, Some(&vm)).await?;
         let now = now_ms();
         let via = lifecycle::stream_via(&handle.stream_id);
         let (envs, open) = self
