@@ -16,6 +16,7 @@ use crate::health::Sampler;
 use crate::hooks::{self, Hooks};
 use crate::lock;
 use crate::machine::{Action, Input, Machine, PostJobAction, Via};
+use crate::outgoing::{Kept, Outgoing};
 use crate::runner::{RunnerSettings, Supervisor};
 use crate::spool::Spool;
 use crate::transport::{
@@ -38,7 +39,6 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How long `Finish` waits for the spool to drain before exiting anyway (what is left stays
 /// on disk and is sent by the next start).
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(15);
-const MAX_SPOOLED_EVENTS: usize = 10_000;
 
 #[derive(Debug, Error)]
 pub enum AgentError {
@@ -99,7 +99,8 @@ fn snapshot(m: &Machine) -> Snapshot {
 struct Shared {
     settings: Settings,
     http: Http,
-    spool: Mutex<Spool>,
+    /// Events waiting for the controller: spooled on disk, in memory only if the disk fails.
+    spool: Mutex<Outgoing>,
     outbox_wake: Notify,
     stream_out: mpsc::Sender<MiGletMessage>,
     connected: watch::Receiver<bool>,
@@ -119,7 +120,7 @@ pub async fn run(
         move |e: Box<dyn std::error::Error + Send + Sync>| AgentError::Setup { what, source: e }
     };
     std::fs::create_dir_all(&settings.data_dir).map_err(|e| setup("the data dir")(Box::new(e)))?;
-    let spool = Spool::open(&settings.data_dir.join("spool"), MAX_SPOOLED_EVENTS)
+    let spool = Spool::open(&settings.data_dir.join("spool"), settings.spool_max_events)
         .map_err(|e| setup("the event spool")(Box::new(e)))?;
     let hooks: Hooks = hooks::install(&settings.data_dir, &agent_exe)
         .map_err(|e| setup("the job hooks")(Box::new(e)))?;
@@ -143,7 +144,8 @@ pub async fn run(
         &settings.vm_id,
         creds.clone(),
     );
-    let pending = spool.len().unwrap_or(0);
+    let spool = Outgoing::new(spool);
+    let pending = spool.len();
     if pending > 0 {
         info!(pending, "Replaying events spooled before the last stop");
     }
@@ -278,7 +280,11 @@ pub async fn run(
         let _ = snap_tx.send(snapshot(&machine));
         for action in actions {
             match action {
-                Action::Event { event_type, fields } => emit_event(&shared, event_type, fields),
+                Action::Event { event_type, fields } => {
+                    if let Some(unusable) = emit_event(&shared, event_type, fields) {
+                        pending_inputs.push(Input::SpoolUnusable(unusable));
+                    }
+                }
                 Action::Ack {
                     id,
                     via,
@@ -289,6 +295,10 @@ pub async fn run(
                     send_ack(&shared, id, via, success, message);
                 }
                 Action::Log(line) => info!("{line}"),
+                Action::Failed { reason } => error!(
+                    %reason,
+                    "MIGlet entered the error state and stops (exit code 70): {reason}. The VM takes no job; look at the runner's output above, fix the image or configuration, and replace the VM"
+                ),
                 Action::StartRunner(params) => supervisor.start(params),
                 Action::RestartRunner { after } => supervisor.restart(after),
                 Action::StopRunner { force } => supervisor.stop(force),
@@ -297,6 +307,10 @@ pub async fn run(
                     info!(level = level.as_str(), "Log level changed");
                 }
                 Action::SetHeartbeatInterval(d) => {
+                    info!(
+                        interval_ms = d.as_millis() as u64,
+                        "Heartbeat interval changed"
+                    );
                     let _ = interval_tx.send(d);
                 }
                 Action::SendHeartbeat => heartbeat_now.notify_one(),
@@ -336,11 +350,13 @@ fn input_name(i: &Input) -> String {
     }
 }
 
+/// Queues an event for the controller. Answers why, if this is the event that found the
+/// spool unusable (the core then stops taking work).
 fn emit_event(
     shared: &Shared,
     event_type: &'static str,
     mut fields: serde_json::Map<String, Value>,
-) {
+) -> Option<String> {
     let s = &shared.settings;
     if event_type == "vm_started" {
         fields.insert("version".into(), Value::String(VERSION.into()));
@@ -370,11 +386,35 @@ fn emit_event(
         boot_id: Some(s.boot_id.clone()),
         fields,
     };
-    match lock(&shared.spool).push(&body) {
-        Ok(_) => debug!(event_type, "Event spooled"),
-        Err(e) => error!(event_type, error = %e, "Event could not be spooled"),
+    let mut out = lock(&shared.spool);
+    let was_on_disk = out.in_memory() == 0;
+    let unusable = match out.push(body) {
+        Kept::OnDisk => {
+            debug!(event_type, "Event spooled");
+            None
+        }
+        Kept::InMemory(e) => {
+            if was_on_disk {
+                error!(
+                    event_type,
+                    error = %e,
+                    spool = %shared.settings.data_dir.join("spool").display(),
+                    "The event spool refuses writes: events are kept in memory until it takes them again, and this VM takes no new job (draining). Free disk space or fix the spool directory's permissions; events are lost only if the agent dies before then"
+                );
+            }
+            was_on_disk.then(|| e.to_string())
+        }
+    };
+    if out.dropped > 0 {
+        error!(
+            dropped = out.dropped,
+            "Events dropped: the spool refused writes and the in-memory queue was full"
+        );
+        out.dropped = 0;
     }
+    drop(out);
     shared.outbox_wake.notify_one();
+    unusable
 }
 
 /// Appends an acknowledged command to the executed-commands record (fsynced: a command must
@@ -460,11 +500,22 @@ fn send_ack(shared: &Arc<Shared>, id: String, via: Via, success: bool, message: 
 async fn outbox(shared: Arc<Shared>, core: mpsc::Sender<Input>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
-        let entry = match lock(&shared.spool).first() {
-            Ok(e) => e,
-            Err(e) => {
-                error!(error = %e, "Cannot read the spool");
-                None
+        let entry = {
+            let mut out = lock(&shared.spool);
+            if out.in_memory() > 0
+                && let Ok(n) = out.settle()
+            {
+                info!(
+                    events = n,
+                    "The event spool takes writes again; the events kept in memory are on disk"
+                );
+            }
+            match out.first() {
+                Ok(e) => e,
+                Err(e) => {
+                    error!(error = %e, "Cannot read the spool");
+                    None
+                }
             }
         };
         let Some(entry) = entry else {
@@ -481,7 +532,7 @@ async fn outbox(shared: Arc<Shared>, core: mpsc::Sender<Input>, mut stop: watch:
             }
             Ok(_) => {
                 backoff.reset();
-                if let Err(e) = lock(&shared.spool).remove(entry.seq) {
+                if let Err(e) = lock(&shared.spool).remove(entry.key) {
                     error!(error = %e, "Cannot remove a delivered event from the spool");
                 }
                 debug!(event_type = %entry.body.event_type, "Event delivered");
@@ -492,10 +543,12 @@ async fn outbox(shared: Arc<Shared>, core: mpsc::Sender<Input>, mut stop: watch:
             }
             Err(e) if e.is_permanent() => {
                 error!(event_type = %entry.body.event_type, error = %e, "Controller refused the event for good; set aside in spool/rejected");
-                let _ = lock(&shared.spool).reject(entry.seq);
+                let _ = lock(&shared.spool).reject(entry.key);
                 if is_vm_started {
                     // Nothing can proceed without the acknowledgment: keep asking with a fresh one.
-                    emit_event(&shared, "vm_started", Default::default());
+                    if let Some(reason) = emit_event(&shared, "vm_started", Default::default()) {
+                        let _ = core.send(Input::SpoolUnusable(reason)).await;
+                    }
                 }
                 continue;
             }
@@ -524,15 +577,26 @@ async fn outbox(shared: Arc<Shared>, core: mpsc::Sender<Input>, mut stop: watch:
 async fn flush(shared: &Shared) {
     let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
     loop {
-        let left = lock(&shared.spool).len().unwrap_or(0);
+        let (left, in_memory) = {
+            let out = lock(&shared.spool);
+            (out.len(), out.in_memory())
+        };
         if left == 0 {
             return;
         }
         if tokio::time::Instant::now() >= deadline {
-            warn!(
-                left,
-                "Exiting with undelivered events; they stay spooled for the next start"
-            );
+            if in_memory > 0 {
+                error!(
+                    left,
+                    in_memory,
+                    "Exiting with undelivered events, some of them only in memory (the spool refused them): those are lost"
+                );
+            } else {
+                warn!(
+                    left,
+                    "Exiting with undelivered events; they stay spooled for the next start"
+                );
+            }
             return;
         }
         shared.outbox_wake.notify_one();

@@ -58,6 +58,10 @@ pub struct AgentArgs {
     /// Spool and state [default: /var/lib/miglet].
     #[arg(long, env = "MIGLET_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Events the on-disk spool holds at most while the controller is unreachable; past it
+    /// events wait in memory and the VM takes no new job [default: 10000].
+    #[arg(long, env = "MIGLET_SPOOL_MAX_EVENTS")]
+    pub spool_max_events: Option<usize>,
     /// Installed runner [default: /opt/actions-runner].
     #[arg(long, env = "MIGLET_RUNNER_DIR")]
     pub runner_dir: Option<PathBuf>,
@@ -230,6 +234,7 @@ pub struct Settings {
     pub logging_level: String,
     pub logging_json: bool,
     pub data_dir: PathBuf,
+    pub spool_max_events: usize,
     pub runner_dir: PathBuf,
     pub runner_work_dir: String,
     pub runner_user: Option<String>,
@@ -594,6 +599,15 @@ impl Settings {
                 .clone()
                 .or_else(|| file.data_dir.clone())
                 .unwrap_or_else(|| PathBuf::from("/var/lib/miglet")),
+            spool_max_events: match args.spool_max_events.unwrap_or(10_000) {
+                0 => {
+                    return Err(ConfigError::Invalid {
+                        name: "spool_max_events",
+                        reason: "must be at least 1".into(),
+                    });
+                }
+                n => n,
+            },
             runner_dir: args
                 .runner_dir
                 .clone()

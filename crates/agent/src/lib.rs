@@ -6,6 +6,7 @@ pub mod config;
 pub mod health;
 pub mod hooks;
 pub mod machine;
+pub mod outgoing;
 pub mod runner;
 pub mod spool;
 pub mod transport;

@@ -84,6 +84,9 @@ pub enum Input {
     Signal,
     /// The VM is being preempted (GCE metadata `instance/preempted` is `TRUE`): drain now.
     Preempted,
+    /// The event spool refuses writes (disk full, read-only, at its bound): events wait in
+    /// memory, so the agent takes no new job (it drains) and says so.
+    SpoolUnusable(String),
     /// Time passes (deadlines are checked here).
     Tick,
 }
@@ -104,6 +107,10 @@ pub enum Action {
     },
     /// Log one of PROTOCOL.md's verbatim transition messages at info.
     Log(&'static str),
+    /// The agent entered `error`: log why at ERROR, with what to do about it.
+    Failed {
+        reason: String,
+    },
     /// Configure the runner with these parameters, then start its listener.
     StartRunner(RegisterRunner),
     /// Start the listener again after `after` (retryable exit or self-update).
@@ -280,11 +287,12 @@ impl Machine {
             }
             Input::RunnerConfigured(Err(message)) => {
                 self.runner_alive = false;
+                let reason = format!("the runner could not be configured: {message}");
                 out.push(Action::Event {
                     event_type: "error",
                     fields: fields(json!({"code": "runner_config_failed", "message": message})),
                 });
-                self.fail(&mut out);
+                self.fail(reason, &mut out);
             }
             Input::RunnerLine(line) => {
                 if let Some(parsed) = parse_runner_line(&line) {
@@ -316,6 +324,18 @@ impl Machine {
                         fields: fields(json!({"code": "preempted", "message": "the VM is being preempted; draining"})),
                     });
                     let _ = self.on_drain("preempted", None, now, &mut out);
+                }
+            }
+            Input::SpoolUnusable(reason) => {
+                if !self.draining {
+                    out.push(Action::Event {
+                        event_type: "error",
+                        fields: fields(json!({
+                            "code": "spool_unavailable",
+                            "message": format!("the event spool refuses writes ({reason}); taking no new job"),
+                        })),
+                    });
+                    let _ = self.on_drain("spool_unavailable", None, now, &mut out);
                 }
             }
             Input::Tick => {
@@ -635,12 +655,14 @@ impl Machine {
                     fields: f,
                 });
                 self.job = None;
-                self.fail(out);
+                self.fail(format!("the runner stopped: {reason}"), out);
             }
         }
     }
 
-    fn fail(&mut self, out: &mut Vec<Action>) {
+    /// Enters `error` (terminal) for `reason`, which the shell logs at ERROR.
+    fn fail(&mut self, reason: String, out: &mut Vec<Action>) {
+        out.push(Action::Failed { reason });
         self.finish_code = exit_code::RUNNER_FAILED;
         self.state = MigletState::Error;
         if self.runner_alive {

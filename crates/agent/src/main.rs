@@ -134,6 +134,14 @@ async fn async_main(args: AgentArgs) -> ExitCode {
         eprintln!("miglet: {e}");
         return ExitCode::from(exit_code::CONFIG);
     }
+    if let Err(reason) = miglet::runner::check_runner_user(
+        settings.runner_user.as_deref(),
+        nix::unistd::Uid::effective().is_root(),
+    ) {
+        tracing::error!(%reason, "Runner user missing");
+        eprintln!("miglet: configuration error: {reason}");
+        return ExitCode::from(exit_code::CONFIG);
+    }
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("miglet"));
     match agent::run(settings, log, exe).await {
         Ok(outcome) => {

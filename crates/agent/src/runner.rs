@@ -396,9 +396,35 @@ impl Supervisor {
     }
 }
 
+/// Checked at start, as root: the user the runner is to run as must exist, or every
+/// registration would fail later (`chown`, `setuid`). The message says how to fix it.
+pub fn check_runner_user(user: Option<&str>, is_root: bool) -> Result<(), String> {
+    let (Some(name), true) = (user, is_root) else {
+        return Ok(());
+    };
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(format!(
+            "the runner user {name:?} does not exist on this VM: create it on the image \
+             (`useradd --create-home --shell /bin/bash {name}`, as deploy/install.sh does), set \
+             MIGLET_RUNNER_USER to an existing user, or set it empty to run the runner as root"
+        )),
+        Err(e) => Err(format!("cannot look up the runner user {name:?}: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_runner_user_is_found_before_any_job() {
+        assert_eq!(check_runner_user(Some("root"), true), Ok(()));
+        assert_eq!(check_runner_user(None, true), Ok(()));
+        assert_eq!(check_runner_user(Some("no-such-user-x9"), false), Ok(()));
+        let e = check_runner_user(Some("no-such-user-x9"), true).err();
+        assert!(e.as_deref().is_some_and(|m| m.contains("useradd")), "{e:?}");
+    }
 
     #[test]
     fn redaction() {

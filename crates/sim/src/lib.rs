@@ -7,12 +7,15 @@
 //! * [`metadata`]: the GCE metadata server, including instance identity tokens.
 //! * [`google`]: Google's token signing keys: the JWKS endpoint the controller verifies
 //!   instance identity tokens against, and the minting of such tokens.
+//! * [`proxy`]: a TCP proxy that breaks the agent-controller path on command (delay,
+//!   blackhole, half-open, reset) and gives a restarted controller a stable address.
 //!
 //! Nothing here is linked into the agent or the controller.
 
 pub mod github;
 pub mod google;
 pub mod metadata;
+pub mod proxy;
 pub mod runner_dir;
 
 /// The runner version the stand-in reports.

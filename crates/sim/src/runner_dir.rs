@@ -57,6 +57,16 @@ echo "Exiting runner..."
 exit 0
 "#;
 
+/// A file in the runner root that makes the stand-in listener's next `run` fail, for tests
+/// of how an agent handles the runner's exit codes: `<code>` or `abort` (death by SIGABRT)
+/// at start, or `mid-job:<code>` / `mid-job:abort` once a job is running. Used up once read.
+pub const FAULT_FILE: &str = ".sim-fault";
+
+/// Asks the listener in `dir` to fail its next run as `fault` says (see [`FAULT_FILE`]).
+pub fn inject_fault(dir: &Path, fault: &str) -> io::Result<()> {
+    std::fs::write(dir.join(FAULT_FILE), fault)
+}
+
 fn write_exec(path: &Path, contents: &[u8]) -> io::Result<()> {
     std::fs::write(path, contents)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))

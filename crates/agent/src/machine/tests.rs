@@ -437,6 +437,84 @@ fn runner_failures_end_in_error_with_a_distinct_code() {
     );
 }
 
+/// Every exit of the listener maps as the runner's own wrapper (run-helper) maps it: 2
+/// (retryable) restarts after 5 s, 3 and 4 (update) at once; 0 before a job, 1, 5
+/// (session conflict), any other code and a signal death end in `error` with the reason
+/// logged at ERROR and exit code 70; a 2 while a job runs is a crash, not a retry.
+#[test]
+fn every_runner_exit_code_maps_as_the_runner_wrapper_does() {
+    for (code, restart_after) in [(Some(2), 5), (Some(3), 1), (Some(4), 1)] {
+        let mut m = idle();
+        let a = m.step(Input::RunnerExited { code }, NOW);
+        assert_eq!(
+            a,
+            vec![Action::RestartRunner {
+                after: Duration::from_secs(restart_after)
+            }],
+            "{code:?}"
+        );
+        assert_eq!(m.state, MigletState::Idle);
+    }
+    let failed = |a: &[Action]| -> Option<String> {
+        a.iter().find_map(|x| match x {
+            Action::Failed { reason } => Some(reason.clone()),
+            _ => None,
+        })
+    };
+    for (code, says) in [
+        (Some(0), "before running a job"),
+        (Some(1), "terminated error (1)"),
+        (Some(5), "session conflict (5)"),
+        (Some(7), "code 7"),
+        (None, "signal"),
+    ] {
+        let mut m = idle();
+        let a = m.step(Input::RunnerExited { code }, NOW);
+        assert_eq!(
+            events(&a),
+            ["runner_crashed", "vm_shutting_down"],
+            "{code:?}"
+        );
+        assert_eq!(m.state, MigletState::Error, "{code:?}");
+        let reason = failed(&a).unwrap_or_default();
+        assert!(reason.contains(says), "{code:?}: {reason}");
+        assert!(a.contains(&Action::Finish {
+            code: exit_code::RUNNER_FAILED,
+            post: PostJobAction::Exit
+        }));
+        let crashed = a.iter().find_map(|x| match x {
+            Action::Event {
+                event_type: "runner_crashed",
+                fields,
+            } => Some(fields.clone()),
+            _ => None,
+        });
+        assert_eq!(
+            crashed.and_then(|f| f.get("exit_code").cloned()),
+            code.map(serde_json::Value::from),
+            "{code:?}"
+        );
+    }
+    // A retryable code while a job runs: the job is lost with the listener.
+    let mut m = idle();
+    m.step(Input::RunnerLine(format!("{TS}: Running job: build")), NOW);
+    assert_eq!(m.state, MigletState::JobRunning);
+    let a = m.step(Input::RunnerExited { code: Some(2) }, NOW + 1_000);
+    assert!(!a.iter().any(|x| matches!(x, Action::RestartRunner { .. })));
+    assert!(failed(&a).is_some_and(|r| r.contains("code 2")));
+    assert_eq!(m.state, MigletState::Error);
+    // A configuration failure says why, too.
+    let mut m = Machine::new(PostJobAction::None);
+    m.step(Input::Started, NOW);
+    m.step(Input::VmStartedAcked, NOW);
+    m.step(cmd("r", reg(None)), NOW);
+    let a = m.step(
+        Input::RunnerConfigured(Err("chown of the runner dir failed: invalid user".into())),
+        NOW,
+    );
+    assert!(failed(&a).is_some_and(|r| r.contains("chown of the runner dir failed")));
+}
+
 #[test]
 fn set_log_level_and_update_config() {
     let mut m = idle();
@@ -541,4 +619,23 @@ fn preemption_drains_at_once() {
     let mut m = idle();
     let a = m.step(Input::Preempted, NOW);
     assert!(a.contains(&Action::StopRunner { force: false }));
+}
+
+/// A spool that refuses writes stops new work: idle, the agent drains at once (and says so
+/// in an `error` event); in a job, the job finishes and nothing new is taken.
+#[test]
+fn an_unusable_spool_stops_new_work() {
+    let mut m = idle();
+    let a = m.step(Input::SpoolUnusable("disk full".into()), NOW);
+    assert_eq!(events(&a), ["error"]);
+    assert!(a.contains(&Action::StopRunner { force: false }), "{a:?}");
+    assert_eq!(m.state, MigletState::ShuttingDown);
+    let mut m = idle();
+    m.step(Input::RunnerLine(format!("{TS}: Running job: build")), NOW);
+    let a = m.step(Input::SpoolUnusable("disk full".into()), NOW);
+    assert_eq!(events(&a), ["error"]);
+    assert_eq!(m.state, MigletState::Draining);
+    // Reported once, however many events the spool refuses.
+    let a = m.step(Input::SpoolUnusable("disk full".into()), NOW);
+    assert!(events(&a).is_empty());
 }

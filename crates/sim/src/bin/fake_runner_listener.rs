@@ -92,6 +92,36 @@ impl Args {
     }
 }
 
+/// A fault a test asks for, in `<runner root>/.sim-fault` (see [`miglet_sim::runner_dir`]):
+/// the listener's next `run` exits with a code, or dies of a signal, at start or once a job
+/// is running. The file is used up, so the restarted listener runs normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Exit(u8),
+    Abort,
+}
+
+fn take_fault(dir: &Path) -> Option<(Fault, bool)> {
+    let path = dir.join(miglet_sim::runner_dir::FAULT_FILE);
+    let text = std::fs::read_to_string(&path).ok()?;
+    let _ = std::fs::remove_file(&path);
+    let text = text.trim();
+    let (when, what) = text.split_once(':').unwrap_or(("start", text));
+    let fault = match what {
+        "abort" => Fault::Abort,
+        code => Fault::Exit(code.parse().ok()?),
+    };
+    Some((fault, when == "mid-job"))
+}
+
+/// Carries out a fault: the exit code, or death by SIGABRT.
+fn inflict(fault: Fault) -> u8 {
+    match fault {
+        Fault::Exit(code) => code,
+        Fault::Abort => std::process::abort(),
+    }
+}
+
 fn ts() -> String {
     chrono::Utc::now().format("%Y-%m-%d %H:%M:%SZ").to_string()
 }
@@ -484,6 +514,10 @@ fn say_logged(diag: &mut Diag, line: &str) {
 async fn run(args: &Args) -> u8 {
     args.warn_unknown("run", &["once", "jitconfig", "startuptype"]);
     let dir = root();
+    let fault = take_fault(&dir);
+    if let Some((f, false)) = fault {
+        return inflict(f);
+    }
     if let Some(blob) = args.value("jitconfig")
         && let Err(e) = apply_jit(&dir, &blob)
     {
@@ -589,6 +623,11 @@ async fn run(args: &Args) -> u8 {
             say(&format!("{}: Runner reconnected.", ts()));
         }
         say_logged(&mut diag, &format!("{}: Running job: {}", ts(), job.name));
+        if let Some((f, true)) = fault {
+            // Give the job-started hook time to report, as a crash mid-job would.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            return inflict(f);
+        }
         let (result, stop) = run_job(
             &dir,
             &work,
