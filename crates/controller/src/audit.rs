@@ -64,17 +64,15 @@ impl Throttle {
 #[derive(Debug)]
 pub struct Audit {
     store: Store,
+    clock: crate::clock::Clock,
     refusals: Mutex<Throttle>,
 }
 
-fn now_ms() -> Millis {
-    chrono::Utc::now().timestamp_millis()
-}
-
 impl Audit {
-    pub fn new(store: Store) -> Audit {
+    pub fn new(store: Store, clock: crate::clock::Clock) -> Audit {
         Audit {
             store,
+            clock,
             refusals: Mutex::new(Throttle::new(REFUSALS_BURST, REFUSALS_PER_SEC)),
         }
     }
@@ -108,7 +106,7 @@ impl Audit {
         };
         self.write(AuditRow {
             seq: 0,
-            at: now_ms(),
+            at: self.clock.now_ms(),
             actor,
             action: action.into(),
             target: Some(target),
@@ -129,7 +127,7 @@ impl Audit {
     ) {
         self.write(AuditRow {
             seq: 0,
-            at: now_ms(),
+            at: self.clock.now_ms(),
             actor: who.actor(),
             action,
             target: None,
@@ -149,7 +147,7 @@ impl Audit {
         peer: Option<SocketAddr>,
         reason: &str,
     ) {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         if !self.throttle().admit(now) {
             return;
         }
@@ -177,7 +175,7 @@ impl Audit {
         );
         self.write(AuditRow {
             seq: 0,
-            at: now_ms(),
+            at: self.clock.now_ms(),
             actor: "controller".into(),
             action: "audit.suppressed".into(),
             target: None,

@@ -334,6 +334,8 @@ pub struct Settings {
     /// Prometheus listener; off when `None`.
     pub metrics_addr: Option<SocketAddr>,
     pub retention: RetentionSettings,
+    /// The controller's time (adjustable in tests).
+    pub clock: crate::clock::Clock,
 }
 
 /// TLS files of both listeners.
@@ -365,8 +367,11 @@ impl Settings {
         };
         args.config = None;
         // Fixed, valid inputs: `resolve` cannot fail on them.
-        Settings::resolve(args, FileConfig::default())
-            .unwrap_or_else(|e| panic!("test settings are invalid: {e}"))
+        let mut s = Settings::resolve(args, FileConfig::default())
+            .unwrap_or_else(|e| panic!("test settings are invalid: {e}"));
+        s.clock = crate::clock::Clock::adjustable();
+        s.enroll.clock = s.clock.clone();
+        s
     }
 
     /// Checks what the settings name on disk, so that a setting that cannot work stops the
@@ -505,6 +510,7 @@ impl Settings {
                 "identity_token_max_age_secs",
                 file.auth.identity_token_max_age_secs.unwrap_or(300),
             )?,
+            clock: crate::clock::Clock::system(),
         };
         let tls = match (&args.tls_cert, &args.tls_key, &file.tls) {
             (Some(cert), Some(key), f) => Some(TlsSettings {
@@ -666,6 +672,7 @@ impl Settings {
             },
             metrics_addr: args.metrics_addr.or(file.metrics_addr),
             retention,
+            clock: crate::clock::Clock::system(),
         })
     }
 }

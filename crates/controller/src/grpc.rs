@@ -180,7 +180,7 @@ async fn run_session(
     let expiry = async {
         match credential_expires {
             Some(exp) => {
-                let left = exp - chrono::Utc::now().timestamp();
+                let left = exp - app.clock().now_secs();
                 tokio::time::sleep(Duration::from_secs(left.max(0) as u64)).await;
             }
             None => std::future::pending().await,

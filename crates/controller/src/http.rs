@@ -313,7 +313,7 @@ async fn post_event(
             org_id: accepted.vm.org_id,
             message: "VM started event acknowledged - MIGlet is ready for registration config"
                 .into(),
-            timestamp: Some(chrono::Utc::now()),
+            timestamp: Some(app.clock().now()),
         })
         .into_response());
     }

@@ -83,6 +83,8 @@ pub struct RunningServer {
     /// Where `/metrics` is served, if enabled.
     pub metrics_addr: Option<SocketAddr>,
     pub app: Arc<Controller>,
+    /// The live TLS files, if TLS is on.
+    pub tls: Option<Arc<TlsFiles>>,
     shutdown: CancellationToken,
     http_task: JoinHandle<()>,
     grpc_task: JoinHandle<()>,
@@ -97,10 +99,13 @@ pub async fn start(
     http: TcpListener,
     grpc: TcpListener,
 ) -> Result<RunningServer, ServeError> {
+    let mut settings = settings;
+    // One clock for every rule, credentials included.
+    settings.enroll.clock = settings.clock.clone();
     let http_addr = http.local_addr().map_err(ServeError::LocalAddr)?;
     let grpc_addr = grpc.local_addr().map_err(ServeError::LocalAddr)?;
     let store = Store::open_sqlite(&settings.data_dir).await?;
-    reset_connections(&store).await?;
+    reset_connections(&store, &settings.clock).await?;
     let gate = Gatekeeper {
         mode: settings.auth_mode,
         enroller: Enroller::new(
@@ -233,6 +238,7 @@ pub async fn start(
         grpc_addr,
         metrics_addr,
         app,
+        tls,
         shutdown,
         http_task,
         grpc_task,
@@ -357,8 +363,8 @@ async fn first_start_secrets(settings: &Settings, store: &Store) -> Result<(), S
 
 /// A new controller process holds no stream yet: whatever the last one recorded as connected
 /// (it may have been killed before it could say otherwise) is not.
-async fn reset_connections(store: &Store) -> Result<(), ServeError> {
-    let at = chrono::Utc::now().timestamp_millis();
+async fn reset_connections(store: &Store, clock: &crate::clock::Clock) -> Result<(), ServeError> {
+    let at = clock.now_ms();
     let out = store
         .write(vec![crate::store::Mutation::ResetConnections { at }])
         .await?;

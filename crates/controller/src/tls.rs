@@ -126,6 +126,8 @@ struct Current {
 pub struct TlsFiles {
     settings: TlsSettings,
     current: RwLock<Current>,
+    /// Reloads that found the new files unusable (the old configs stayed).
+    rejected: std::sync::atomic::AtomicU64,
 }
 
 fn stamps(s: &TlsSettings) -> Vec<Option<SystemTime>> {
@@ -149,6 +151,7 @@ impl TlsFiles {
         Ok(Arc::new(TlsFiles {
             settings: settings.clone(),
             current: RwLock::new(current),
+            rejected: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -158,6 +161,11 @@ impl TlsFiles {
 
     pub fn grpc(&self) -> Arc<ServerConfig> {
         self.read().grpc.clone()
+    }
+
+    /// How many reloads found changed files unusable and kept the previous configs.
+    pub fn rejected_reloads(&self) -> u64 {
+        self.rejected.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn mutual(&self) -> bool {
@@ -207,6 +215,8 @@ impl TlsFiles {
                 }
                 Ok(false) => {}
                 Err(e) => {
+                    self.rejected
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let text = e.to_string();
                     if last_error.as_ref() != Some(&text) {
                         tracing::error!(error = %text, "New TLS files are unusable; keeping the previous ones");

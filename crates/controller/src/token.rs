@@ -49,7 +49,8 @@ pub type TokenFuture<'a> =
 
 /// Produces registration tokens for one pool.
 pub trait TokenSource: Send + Sync + fmt::Debug {
-    fn registration_token(&self) -> TokenFuture<'_>;
+    /// A token to hand out at `now` (the controller's time).
+    fn registration_token(&self, now: DateTime<Utc>) -> TokenFuture<'_>;
 
     /// Checked once at start-up, so that a source that cannot work stops the controller
     /// with a clear message instead of failing every registration later.
@@ -78,15 +79,15 @@ impl fmt::Debug for StaticToken {
     }
 }
 
-fn expiry(ttl: Duration) -> DateTime<Utc> {
-    Utc::now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(1))
+fn expiry(now: DateTime<Utc>, ttl: Duration) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(1))
 }
 
 impl TokenSource for StaticToken {
-    fn registration_token(&self) -> TokenFuture<'_> {
+    fn registration_token(&self, now: DateTime<Utc>) -> TokenFuture<'_> {
         let issued = IssuedToken {
             token: self.token.clone(),
-            expires_at: expiry(self.ttl),
+            expires_at: expiry(now, self.ttl),
         };
         Box::pin(async move { Ok(issued) })
     }
@@ -118,7 +119,7 @@ impl TokenSource for TokenFile {
         Ok(())
     }
 
-    fn registration_token(&self) -> TokenFuture<'_> {
+    fn registration_token(&self, now: DateTime<Utc>) -> TokenFuture<'_> {
         Box::pin(async move {
             let path = self.path.display().to_string();
             let text = tokio::fs::read_to_string(&self.path)
@@ -133,7 +134,7 @@ impl TokenSource for TokenFile {
             }
             Ok(IssuedToken {
                 token: token.to_owned(),
-                expires_at: expiry(self.ttl),
+                expires_at: expiry(now, self.ttl),
             })
         })
     }
@@ -207,15 +208,15 @@ mod tests {
         let path = dir.path().join("token");
         std::fs::write(&path, "  first\n")?;
         let src = TokenFile::new(path.clone(), Duration::from_secs(60));
-        assert_eq!(src.registration_token().await?.token, "first");
+        assert_eq!(src.registration_token(Utc::now()).await?.token, "first");
         std::fs::write(&path, "second")?;
-        let t = src.registration_token().await?;
+        let t = src.registration_token(Utc::now()).await?;
         assert_eq!(t.token, "second");
         assert!(t.expires_at > Utc::now());
         assert!(!format!("{t:?}").contains("second"));
         std::fs::write(&path, "\n")?;
         assert!(matches!(
-            src.registration_token().await,
+            src.registration_token(Utc::now()).await,
             Err(TokenError::EmptyFile { .. })
         ));
         Ok(())

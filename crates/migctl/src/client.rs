@@ -11,7 +11,7 @@ pub enum ClientError {
     #[error("cannot reach the controller at {endpoint}: {reason}")]
     Unreachable { endpoint: String, reason: String },
     #[error(
-        "the controller refused the token ({message}); check --token / MIGCTL_TOKEN / token_file"
+        "the controller refused the token ({message}); check --token-file / MIGCTL_TOKEN_FILE / --token / MIGCTL_TOKEN / token_file"
     )]
     Unauthorized { message: String },
     #[error("not allowed: {message}")]
@@ -22,7 +22,9 @@ pub enum ClientError {
     Decode(String),
     #[error("TLS setup: {0}")]
     Tls(String),
-    #[error("no token: pass --token, set MIGCTL_TOKEN, or put token_file in the config file")]
+    #[error(
+        "no operator token: pass --token-file FILE (or set MIGCTL_TOKEN_FILE), or --token / MIGCTL_TOKEN, or put token_file in ~/.config/migctl/config.toml; a fresh controller writes one to <data-dir>/initial-admin-token, and `mig-controller token create` makes more"
+    )]
     NoToken,
 }
 
@@ -154,11 +156,12 @@ impl Client {
         Self::answer(r).await
     }
 
-    /// Opens the live event stream; `on_event` gets each event's JSON until it returns false
-    /// or the stream ends.
+    /// Opens the live event stream; `on_open` runs once it is open (later events reach
+    /// it), then `on_event` gets each event's JSON until it returns false or the stream ends.
     pub async fn watch(
         &self,
         query: &[(&str, String)],
+        on_open: impl FnOnce(),
         mut on_event: impl FnMut(Value) -> bool,
     ) -> Result<(), ClientError> {
         let query: Vec<&(&str, String)> = query.iter().filter(|(_, v)| !v.is_empty()).collect();
@@ -173,6 +176,7 @@ impl Client {
         if !r.status().is_success() {
             return Self::answer(r).await.map(|_| ());
         }
+        on_open();
         let mut buf = String::new();
         while let Some(chunk) = r.chunk().await.map_err(|e| self.unreachable(&e))? {
             buf.push_str(&String::from_utf8_lossy(&chunk));

@@ -9,7 +9,7 @@ mod table;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use client::{Client, Target};
+use client::{Client, ClientError, Target};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -55,6 +55,7 @@ struct ConnArgs {
     /// Client certificate for mutual TLS (with --client-key).
     #[arg(long, env = "MIGCTL_CLIENT_CERT", global = true)]
     client_cert: Option<PathBuf>,
+    /// Private key of the client certificate (PEM).
     #[arg(long, env = "MIGCTL_CLIENT_KEY", global = true)]
     client_key: Option<PathBuf>,
     /// Config file [default: $XDG_CONFIG_HOME/migctl/config.toml].
@@ -88,6 +89,7 @@ enum Cmd {
     Drain {
         #[command(flatten)]
         target: CommandTarget,
+        /// Why (shown to the agent, in its logs and in the command's history).
         #[arg(long, default_value = "requested with migctl")]
         reason: String,
         /// Give up on the job after this many seconds.
@@ -98,6 +100,7 @@ enum Cmd {
     Shutdown {
         #[command(flatten)]
         target: CommandTarget,
+        /// Why (shown to the agent, in its logs and in the command's history).
         #[arg(long, default_value = "requested with migctl")]
         reason: String,
         /// Stop the runner at once, cancelling a running job.
@@ -141,8 +144,10 @@ struct CommandTarget {
 enum VmsCmd {
     /// List VMs.
     List {
+        /// Only VMs of this pool.
         #[arg(long)]
         pool: Option<String>,
+        /// Only VMs in this state (ready, idle, job_running, draining, ...).
         #[arg(long)]
         state: Option<String>,
         /// healthy, unhealthy or lost.
@@ -175,11 +180,13 @@ struct EventFilterArgs {
     /// Event types, comma-separated.
     #[arg(long = "type")]
     event_type: Option<String>,
+    /// Only this VM's events.
     #[arg(long)]
     vm: Option<String>,
+    /// Only events of this pool's VMs.
     #[arg(long)]
     pool: Option<String>,
-    /// Text inside the event's data.
+    /// Text inside a value of the event (repository, job, run id, reason, ...).
     #[arg(long, short = 'q')]
     query: Option<String>,
 }
@@ -367,7 +374,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             let json = json!({ "vms": vms });
-            emit(out, &json, || table::render(&VM_HEADER, &vm_rows(&vms)));
+            emit(out, &json, || {
+                if vms.is_empty() {
+                    let filters = [
+                        ("pool", &pool),
+                        ("state", &state),
+                        ("health", &health),
+                        ("label", &label),
+                        ("query", &query),
+                    ];
+                    let named: Vec<String> = filters
+                        .iter()
+                        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k} {v:?}")))
+                        .collect();
+                    return if named.is_empty() {
+                        "No VMs yet: none has contacted the controller.\n".into()
+                    } else {
+                        format!("No VMs match {}.\n", named.join(", "))
+                    };
+                }
+                table::render(&VM_HEADER, &vm_rows(&vms))
+            });
         }
         Cmd::Vms(VmsCmd::Show { vm, timeline }) => {
             let detail = client.get(&format!("/api/v1/admin/vms/{vm}"), &[]).await?;
@@ -443,7 +470,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
                 .await?;
             emit(out, &page, || {
-                event_table(page["events"].as_array().map(Vec::as_slice).unwrap_or(&[]))
+                let events = page["events"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+                if events.is_empty() {
+                    return "No events match.\n".into();
+                }
+                event_table(events)
             });
         }
         Cmd::Pools => {
@@ -475,6 +506,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             .collect()
                     })
                     .unwrap_or_default();
+                if rows.is_empty() {
+                    return "No pools yet: no VM has contacted the controller.\n".into();
+                }
                 table::render(&["POOL", "VMS", "STREAMS", "STATES", "HEALTH"], &rows)
             });
         }
@@ -523,6 +557,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         ("pool", filter.pool.unwrap_or_default()),
                         ("q", filter.query.unwrap_or_default()),
                     ],
+                    || eprintln!("Watching live events (Ctrl-C to stop)."),
                     |ev| {
                         print_event(out, &ev);
                         seen += 1;
@@ -592,42 +627,34 @@ async fn send(
         (Some(vm), _) => {
             let r = client
                 .post(&format!("/api/v1/admin/vms/{vm}/commands"), &body)
-                .await?;
+                .await
+                .map_err(|e| match e {
+                    ClientError::Api { status: 404, .. } => anyhow::anyhow!(
+                        "no VM {vm:?} on this controller (`migctl vms list` shows the VMs)"
+                    ),
+                    other => other.into(),
+                })?;
             vec![r["command"].clone()]
         }
         (None, Some(pool)) => {
             let r = client
                 .post(&format!("/api/v1/admin/pools/{pool}/commands"), &body)
-                .await?;
+                .await
+                .map_err(|e| match e {
+                    ClientError::Api { status: 404, .. } => anyhow::anyhow!(
+                        "pool {pool:?} has no VMs on this controller (`migctl pools` shows the pools with VMs)"
+                    ),
+                    other => other.into(),
+                })?;
+            for (vm, why) in r["skipped"].as_object().into_iter().flatten() {
+                eprintln!("Skipped {vm}: {}", s(why));
+            }
             r["commands"].as_array().cloned().unwrap_or_default()
         }
         (None, None) => anyhow::bail!("name a VM or --pool"),
     };
     if target.wait {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(target.wait_timeout);
-        for c in &mut commands {
-            let id = s(&c["id"]);
-            loop {
-                let d = client
-                    .get(&format!("/api/v1/admin/commands/{id}"), &[])
-                    .await?;
-                *c = d["command"].clone();
-                if matches!(
-                    c["state"].as_str(),
-                    Some("acknowledged" | "failed" | "expired")
-                ) {
-                    break;
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    anyhow::bail!(
-                        "command {id} is still {} after {} s",
-                        s(&c["state"]),
-                        target.wait_timeout
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
+        wait_for_acks(client, target, &mut commands).await?;
     }
     let failed = commands
         .iter()
@@ -653,6 +680,77 @@ async fn send(
         anyhow::bail!("{failed} command(s) failed or expired");
     }
     Ok(())
+}
+
+/// Follows each command until it is acknowledged, failed or expired, saying on standard
+/// error what it waits for and how far it got.
+async fn wait_for_acks(
+    client: &Client,
+    target: &CommandTarget,
+    commands: &mut [Value],
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(target.wait_timeout);
+    let total = commands.len();
+    let done = |c: &Value| {
+        matches!(
+            c["state"].as_str(),
+            Some("acknowledged" | "failed" | "expired")
+        )
+    };
+    eprintln!(
+        "Waiting up to {} s for {total} command(s) to be acknowledged by their VMs...",
+        target.wait_timeout
+    );
+    let mut last_report = tokio::time::Instant::now();
+    loop {
+        for c in commands.iter_mut().filter(|c| !done(c)) {
+            let id = s(&c["id"]);
+            let d = client
+                .get(&format!("/api/v1/admin/commands/{id}"), &[])
+                .await?;
+            *c = d["command"].clone();
+            if done(c) {
+                eprintln!(
+                    "  {} on {}: {}",
+                    s(&c["type"]),
+                    s(&c["vm_id"]),
+                    s(&c["state"])
+                );
+            }
+        }
+        let waiting: Vec<&Value> = commands.iter().filter(|c| !done(c)).collect();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            let list: Vec<String> = waiting
+                .iter()
+                .map(|c| format!("{} ({})", s(&c["vm_id"]), s(&c["state"])))
+                .collect();
+            anyhow::bail!(
+                "{} of {total} command(s) not acknowledged after {} s: {} (an agent acknowledges when it next connects or polls)",
+                waiting.len(),
+                target.wait_timeout,
+                list.join(", ")
+            );
+        }
+        if now - last_report >= Duration::from_secs(5) {
+            last_report = now;
+            let delivered = waiting.iter().filter(|c| c["state"] == "delivered").count();
+            eprintln!(
+                "  {}/{total} done; still waiting on {} ({delivered} delivered, {} not picked up yet)",
+                total - waiting.len(),
+                waiting
+                    .iter()
+                    .map(|c| s(&c["vm_id"]))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                waiting.len() - delivered
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 fn main() -> ExitCode {

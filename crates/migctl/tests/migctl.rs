@@ -230,6 +230,12 @@ async fn drain_waits_for_the_acknowledgment_and_watch_follows_events() -> R {
         out.contains("acknowledged") && out.contains("draining now"),
         "{out}"
     );
+    // --wait says what it waits for, and each acknowledgment as it comes.
+    assert!(
+        err.contains("Waiting up to 30 s for 1 command(s)")
+            && err.contains("drain on vm-2: acknowledged"),
+        "{err}"
+    );
     agent.abort();
     let (code, out, _) = f
         .migctl(&["log-level", "--pool", "pool-a", "debug", "-o", "json"])
@@ -238,27 +244,40 @@ async fn drain_waits_for_the_acknowledgment_and_watch_follows_events() -> R {
     let v: Value = serde_json::from_str(&out)?;
     assert_eq!(v["commands"].as_array().map(Vec::len), Some(2));
 
-    // watch: start it, then report a job end.
+    // watch: start it, wait until it says it is watching, then report a job end.
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
     let watch = {
         let base = f.base.clone();
         let token = f.data().join("initial-admin-token").display().to_string();
         let home = f.dir.path().to_owned();
         tokio::spawn(async move {
-            tokio::time::timeout(
-                Duration::from_secs(30),
-                tokio::process::Command::new(MIGCTL)
-                    .args(["watch", "--type", "job_completed", "--count", "1"])
-                    .env_clear()
-                    .env("HOME", home)
-                    .env("MIGCTL_ENDPOINT", base)
-                    .env("MIGCTL_TOKEN_FILE", token)
-                    .kill_on_drop(true)
-                    .output(),
-            )
-            .await
+            use tokio::io::AsyncBufReadExt;
+            let mut child = tokio::process::Command::new(MIGCTL)
+                .args(["watch", "--type", "job_completed", "--count", "1"])
+                .env_clear()
+                .env("HOME", home)
+                .env("MIGCTL_ENDPOINT", base)
+                .env("MIGCTL_TOKEN_FILE", token)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let stderr = child.stderr.take().ok_or("stderr")?;
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            let mut ready = Some(ready_tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("Watching live events")
+                    && let Some(tx) = ready.take()
+                {
+                    let _ = tx.send(());
+                }
+            }
+            let out =
+                tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await??;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(out)
         })
     };
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    tokio::time::timeout(Duration::from_secs(30), ready_rx).await??;
     f.vm_post(
         "vm-1",
         "pool-a",
@@ -266,7 +285,7 @@ async fn drain_waits_for_the_acknowledgment_and_watch_follows_events() -> R {
         json!({"type":"job_completed","vm_id":"vm-1","run_id":"4242","result":"Succeeded"}),
     )
     .await;
-    let out = watch.await???;
+    let out = watch.await??;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
@@ -300,7 +319,12 @@ async fn errors_are_useful_and_the_config_file_works() -> R {
         .migctl_env(&["vms", "list"], &[("MIGCTL_ENDPOINT", f.base.clone())])
         .await;
     assert_eq!(code, 1);
-    assert!(err.contains("no token"), "{err}");
+    assert!(
+        err.contains("no operator token")
+            && err.contains("--token-file")
+            && err.contains("MIGCTL_TOKEN_FILE"),
+        "{err}"
+    );
     let (code, _, err) = f
         .migctl_env(
             &["vms", "list"],
@@ -318,43 +342,60 @@ async fn errors_are_useful_and_the_config_file_works() -> R {
     let (code, _, err) = f.migctl(&["vms", "show", "vm-nope"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("unknown VM"), "{err}");
-    let (code, _, err) = f
-        .migctl(&["events", "search", "--since", "yesterday"])
+    // The README's examples on a controller without those pools say so, not an empty table
+    // or a bare 404.
+    let (code, out, _) = f
+        .migctl(&[
+            "vms",
+            "list",
+            "--pool",
+            "linux-x64",
+            "--state",
+            "job_running",
+        ])
         .await;
-    assert_eq!(code, 1);
-    assert!(err.contains("since must be"), "{err}");
-    // A read-only token cannot drain.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_migctl"))
-        .arg("--version")
-        .output()?;
-    assert!(out.status.success());
-    let ro = mig_controller::auth::operator::mint(
-        "viewer",
-        mig_controller::auth::Role::ReadOnly,
-        "test",
-        0,
-        None,
-    )?;
-    let store = f.server.as_ref().ok_or("server")?.app.store().clone();
-    store
-        .write(vec![mig_controller::store::Mutation::InsertOperatorToken(
-            ro.record.clone(),
-        )])
-        .await?;
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.trim(),
+        "No VMs match pool \"linux-x64\", state \"job_running\"."
+    );
     let (code, _, err) = f
-        .migctl_env(
-            &["drain", "vm-1"],
-            &[
-                ("MIGCTL_ENDPOINT", f.base.clone()),
-                ("MIGCTL_TOKEN", ro.token.clone()),
-            ],
-        )
+        .migctl(&["shutdown", "--pool", "linux-x64", "--force"])
         .await;
     assert_eq!(code, 1);
     assert!(
-        err.contains("not allowed") && err.contains("admin"),
+        err.contains("pool \"linux-x64\" has no VMs") && err.contains("migctl pools"),
         "{err}"
     );
+    let (code, _, err) = f.migctl(&["drain", "vm-nope"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no VM \"vm-nope\""), "{err}");
+    // Every option says what it is for.
+    for cmd in [
+        &["drain", "-h"][..],
+        &["watch", "-h"],
+        &["vms", "list", "-h"],
+    ] {
+        let out = std::process::Command::new(MIGCTL).args(cmd).output()?;
+        let help = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = help.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let opt = line.trim_start();
+            if !opt.starts_with('-') {
+                continue;
+            }
+            // The text is on the option's line, or (when clap wraps) on the next one.
+            let same_line = opt.split_whitespace().count() > 2;
+            let next_line = lines
+                .get(i + 1)
+                .map(|n| n.trim_start())
+                .is_some_and(|n| !n.is_empty() && !n.starts_with('-'));
+            assert!(
+                same_line || next_line || opt.contains("--help"),
+                "no help text: {line:?} in {cmd:?}"
+            );
+        }
+    }
     // The config file (default location under $HOME/.config).
     let cfg = f.dir.path().join(".config/migctl");
     std::fs::create_dir_all(&cfg)?;

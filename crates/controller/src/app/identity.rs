@@ -4,7 +4,7 @@
 //! [`crate::auth::check_names`]); an operator may move a VM to another pool; one-time
 //! enrollment tokens are minted here.
 
-use super::{Controller, bad, now_ms};
+use super::{Controller, bad};
 use crate::auth::enrollment_token::{self, NewEnrollmentToken};
 use crate::auth::{self, Named, Principal, VmNames};
 use crate::error::ApiError;
@@ -171,7 +171,7 @@ impl Controller {
             .prove(&self.store, &self.settings.pools, req)
             .await?;
         let from = remote.map(|a| a.ip().to_string()).unwrap_or_default();
-        let now = now_ms();
+        let now = self.now_ms();
         let _guard = self.locks.lock(&req.vm_id).await;
         let stored = self.store.vm_get(&req.vm_id).await?;
         let bound = self.store.vm_binding_get(&req.vm_id).await?;
@@ -250,7 +250,7 @@ impl Controller {
                 "pool {pool_id:?} is not configured on this controller"
             ))
         })?;
-        let now = now_ms();
+        let now = self.now_ms();
         let _guard = self.locks.lock(vm_id).await;
         let stored = self.store.vm_get(vm_id).await?;
         let bound = self.store.vm_binding_get(vm_id).await?;
@@ -325,14 +325,13 @@ impl Controller {
                 "pool {pool_id:?} does not accept enrollment tokens (set enrollment_tokens = true in [pools.{pool_id}.enrollment])"
             )));
         }
-        let minted = enrollment_token::mint(vm_id, pool_id, actor, now_ms(), ttl_secs).map_err(
-            |e| match e {
+        let minted = enrollment_token::mint(vm_id, pool_id, actor, self.now_ms(), ttl_secs)
+            .map_err(|e| match e {
                 enrollment_token::EnrollmentTokenError::Random => {
                     ApiError::Unavailable(e.to_string())
                 }
                 other => ApiError::BadRequest(other.to_string()),
-            },
-        )?;
+            })?;
         self.store
             .write(vec![Mutation::InsertEnrollmentToken(minted.record.clone())])
             .await?;

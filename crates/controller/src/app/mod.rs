@@ -18,7 +18,6 @@ use crate::store::{
     RegistrationRow, Store, VmLogRow, VmRecord, millis,
 };
 use crate::streams::{StreamHandle, Streams, VmLocks};
-use chrono::Utc;
 use miglet_proto::command::{Command, CommandEnvelope, REDACTED, REGISTER_RUNNER, RegisterRunner};
 use miglet_proto::event::{EventKind, EventReport, HeartbeatReport};
 use miglet_proto::ids::{validate_id, validate_type_name, validate_vm_id};
@@ -140,10 +139,6 @@ pub struct Controller {
 /// Why a registration token is refused once a job ran on the VM's current boot.
 const JOB_STARTED: &str = "a job already started on this VM's current boot; its registration token is not handed out again";
 
-fn now_ms() -> Millis {
-    Utc::now().timestamp_millis()
-}
-
 fn bad(e: impl std::fmt::Display) -> ApiError {
     ApiError::BadRequest(e.to_string())
 }
@@ -164,7 +159,7 @@ impl Controller {
     ) -> Arc<Controller> {
         Arc::new(Controller {
             metrics: crate::metrics::Metrics::new(&store),
-            audit: crate::audit::Audit::new(store.clone()),
+            audit: crate::audit::Audit::new(store.clone(), settings.clock.clone()),
             last_prune: std::sync::atomic::AtomicI64::new(0),
             store,
             settings,
@@ -175,6 +170,16 @@ impl Controller {
             events_stored: tokio::sync::watch::Sender::new(0),
             names: identity::NameCache::default(),
         })
+    }
+
+    /// Unix ms now, on the controller's clock.
+    pub(crate) fn now_ms(&self) -> Millis {
+        self.settings.clock.now_ms()
+    }
+
+    /// The controller's clock (tests move it forward instead of sleeping).
+    pub fn clock(&self) -> &crate::clock::Clock {
+        &self.settings.clock
     }
 
     /// The audit log's writer.
@@ -189,7 +194,7 @@ impl Controller {
     /// The metrics in the Prometheus text format, fleet gauges read now.
     pub async fn render_metrics(&self) -> String {
         self.metrics
-            .render(&self.store, self.streams.count(), now_ms())
+            .render(&self.store, self.streams.count(), self.now_ms())
             .await
     }
 
@@ -246,7 +251,7 @@ impl Controller {
             org_id: report.org_id.as_deref(),
         };
         crate::auth::check_names(caller, vm_id, &named, None)?;
-        let now = now_ms();
+        let now = self.now_ms();
         let _guard = self.locks.lock(vm_id).await;
         let existing = self.store.vm_get(vm_id).await?;
         let known = self.names_for(vm_id, existing.as_ref()).await?;
@@ -402,7 +407,7 @@ impl Controller {
             org_id: report.org_id.as_deref(),
         };
         crate::auth::check_names(caller, vm_id, &named, None)?;
-        let now = now_ms();
+        let now = self.now_ms();
         let report_json = serde_json::to_string(&report).map_err(bad)?;
         // Held until the write is durable, so no read-decide-write of this VM interleaves.
         let _guard = self.locks.lock(vm_id).await;
@@ -454,7 +459,7 @@ impl Controller {
         if lifecycle::needs_registration(&vm) {
             self.issue_registration_locked(&mut vm).await?;
         }
-        let now = now_ms();
+        let now = self.now_ms();
         let (envelopes, _open) = self
             .deliver_locked(
                 &vm,
@@ -560,7 +565,7 @@ impl Controller {
                 .map_err(|e| e.to_string())?;
             let token = reg
                 .token
-                .registration_token()
+                .registration_token(self.clock().now())
                 .await
                 .map_err(|e| crate::error::chain(&e))?;
             r.registration_token = Some(token.token);
@@ -577,7 +582,7 @@ impl Controller {
     /// Queues a `register_runner` for the VM's current boot. Failures to get a token are
     /// logged and retried by the reconciler; they do not fail the caller's request.
     async fn issue_registration_locked(&self, vm: &mut VmRecord) -> Result<(), ApiError> {
-        let Some(record) = self.prepare_registration(vm, now_ms()).await else {
+        let Some(record) = self.prepare_registration(vm, self.now_ms()).await else {
             return Ok(());
         };
         self.store
@@ -607,7 +612,7 @@ impl Controller {
                 return None;
             }
         };
-        let token = match reg.token.registration_token().await {
+        let token = match reg.token.registration_token(self.clock().now()).await {
             Ok(t) => t,
             Err(e) => {
                 warn!(vm_id = %vm.vm_id, pool_id = %vm.pool_id, error = %crate::error::chain(&e), "Registration token unavailable; will retry");
@@ -685,7 +690,7 @@ impl Controller {
             }
             msg.truncate(cut);
         }
-        let now = now_ms();
+        let now = self.now_ms();
         let mut batch = vec![Mutation::CommandTransition {
             id: cmd.id.clone(),
             from: &[
@@ -750,7 +755,7 @@ impl Controller {
             .pools
             .get(&pool)
             .map_err(|e| ApiError::NotFound(e.to_string()))?;
-        let token = reg.token.registration_token().await.map_err(|e| {
+        let token = reg.token.registration_token(self.clock().now()).await.map_err(|e| {
             warn!(vm_id, pool_id = %pool, error = %crate::error::chain(&e), "Registration token unavailable");
             ApiError::Unavailable("registration token unavailable; retry later".into())
         })?;
@@ -763,7 +768,7 @@ impl Controller {
         };
         let mut stored = serde_json::to_value(&response).map_err(bad)?;
         stored["registration_token"] = Value::String(REDACTED.into());
-        let now = now_ms();
+        let now = self.now_ms();
         let mut batch = vec![Mutation::InsertRegistration(RegistrationRow {
             seq: 0,
             vm_id: vm_id.to_owned(),
@@ -812,7 +817,7 @@ impl Controller {
             org_id: Some(c.org_id.as_str()),
         };
         crate::auth::check_names(caller, vm_id, &named, None)?;
-        let now = now_ms();
+        let now = self.now_ms();
         let guard = self.locks.lock_owned(vm_id).await;
         let existing = self.store.vm_get(vm_id).await?;
         let known = self.names_for(vm_id, existing.as_ref()).await?;
@@ -946,7 +951,7 @@ impl Controller {
 
     /// Ends a stream session. The VM is marked disconnected only if no newer stream took over.
     pub async fn stream_closed(&self, vm_id: &str, handle: &StreamHandle, reason: &str) {
-        let now = now_ms();
+        let now = self.now_ms();
         let _guard = self.locks.lock(vm_id).await;
         let current = self.streams.unregister(vm_id, handle.generation);
         let mut batch = Vec::with_capacity(2);
@@ -992,7 +997,7 @@ impl Controller {
         };
         // The VM may have been moved to another pool since the stream opened.
         self.check_caller(caller, vm_id, Some(&vm)).await?;
-        let now = now_ms();
+        let now = self.now_ms();
         let via = lifecycle::stream_via(&handle.stream_id);
         let (envs, open) = self
             .deliver_locked(
@@ -1028,7 +1033,7 @@ impl Controller {
             .vm_get(vm_id)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("unknown VM {vm_id:?}")))?;
-        let now = now_ms();
+        let now = self.now_ms();
         let ttl = ttl.unwrap_or(self.settings.command_ttl);
         let record = CommandRecord::pending(
             format!("{}-{}", command.type_name(), uuid::Uuid::now_v7().simple()),
@@ -1050,7 +1055,7 @@ impl Controller {
     /// One reconciler pass: expire overdue commands, mark silent VMs unhealthy or lost, and
     /// issue registrations that are due (first time, or after an expired one).
     pub async fn reconcile_once(&self) -> Result<ReconcileReport, ApiError> {
-        let now = now_ms();
+        let now = self.now_ms();
         let interval = self.settings.heartbeat_interval.as_millis() as Millis;
         let outcomes = self
             .store

@@ -74,6 +74,8 @@ pub struct EnrollSettings {
     pub google_jwks_url: String,
     /// Identity tokens issued longer ago than this are refused.
     pub identity_max_age: Duration,
+    /// The controller's time (the same clock as the app's).
+    pub clock: crate::clock::Clock,
 }
 
 #[derive(Debug)]
@@ -83,17 +85,13 @@ pub struct Enroller {
     google: GoogleKeys,
 }
 
-fn unix(t: DateTime<Utc>) -> i64 {
-    t.timestamp()
-}
-
 fn at(secs: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(secs, 0).unwrap_or_default()
 }
 
 impl Enroller {
     pub fn new(key: CredentialKey, settings: EnrollSettings) -> Enroller {
-        let google = GoogleKeys::new(settings.google_jwks_url.clone());
+        let google = GoogleKeys::new(settings.google_jwks_url.clone(), settings.clock.clone());
         Enroller {
             key,
             settings,
@@ -101,9 +99,14 @@ impl Enroller {
         }
     }
 
+    /// The controller's time.
+    pub fn clock(&self) -> &crate::clock::Clock {
+        &self.settings.clock
+    }
+
     /// Verifies a VM credential now.
     pub fn verify(&self, token: &str) -> Result<VmClaims, CredentialError> {
-        self.key.verify(token, unix(Utc::now()))
+        self.key.verify(token, self.settings.clock.now_secs())
     }
 
     /// A credential for `vm_id` in `pool_id` whose chain began at `enrolled_at` (Unix seconds).
@@ -130,7 +133,7 @@ impl Enroller {
 
     /// A new credential for the holder of `claims` (already verified), same enrollment.
     pub fn refresh(&self, claims: &VmClaims) -> Result<EnrollResponse, EnrollError> {
-        let now = unix(Utc::now());
+        let now = self.settings.clock.now_secs();
         let end = claims.enrolled_at + self.settings.max_lifetime.as_secs() as i64;
         if now >= end {
             return Err(EnrollError::Refused(
@@ -162,7 +165,7 @@ impl Enroller {
                 req.pool_id
             )));
         }
-        let now = Utc::now();
+        let now = self.settings.clock.now();
         let detail = match req.method {
             EnrollMethod::Bootstrap => {
                 let secret = req.bootstrap_secret.as_deref().ok_or_else(|| {
@@ -231,7 +234,7 @@ impl Enroller {
             .await?
             .ok_or(enrollment_token::EnrollmentTokenError::Wrong)
             .map_err(refused)?;
-        let now = Utc::now().timestamp_millis();
+        let now = self.settings.clock.now_ms();
         enrollment_token::check(&record, secret, &req.vm_id, &req.pool_id, now).map_err(refused)?;
         let used = store
             .write(vec![Mutation::UseEnrollmentToken {
@@ -289,7 +292,7 @@ impl Enroller {
             token,
             audience,
             self.settings.identity_max_age,
-            unix(Utc::now()),
+            self.settings.clock.now_secs(),
         )
         .await
         .map_err(|e| match e {

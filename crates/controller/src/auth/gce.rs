@@ -12,7 +12,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::Mutex;
 
@@ -90,8 +90,9 @@ struct ComputeEngine {
 #[derive(Default)]
 struct Cache {
     keys: HashMap<String, DecodingKey>,
-    fetched_at: Option<Instant>,
-    last_attempt: Option<Instant>,
+    /// Unix ms of the last successful fetch, and of the last attempt.
+    fetched_at: Option<i64>,
+    last_attempt: Option<i64>,
 }
 
 /// Google's public keys, fetched and cached.
@@ -99,6 +100,7 @@ pub struct GoogleKeys {
     url: String,
     http: reqwest::Client,
     cache: Mutex<Cache>,
+    clock: crate::clock::Clock,
 }
 
 impl std::fmt::Debug for GoogleKeys {
@@ -110,7 +112,7 @@ impl std::fmt::Debug for GoogleKeys {
 }
 
 impl GoogleKeys {
-    pub fn new(url: String) -> GoogleKeys {
+    pub fn new(url: String, clock: crate::clock::Clock) -> GoogleKeys {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
@@ -119,6 +121,7 @@ impl GoogleKeys {
             url,
             http,
             cache: Mutex::new(Cache::default()),
+            clock,
         }
     }
 
@@ -146,21 +149,22 @@ impl GoogleKeys {
     /// The key named `kid`, from the cache or a fetch.
     pub async fn key(&self, kid: &str) -> Result<DecodingKey, GceError> {
         let mut cache = self.cache.lock().await;
-        let fresh = cache.fetched_at.is_some_and(|t| t.elapsed() < CACHE_FOR);
-        if fresh && let Some(k) = cache.keys.get(kid) {
+        let now = self.clock.now_ms();
+        let within =
+            |t: Option<i64>, d: Duration| t.is_some_and(|t| now - t < d.as_millis() as i64);
+        if within(cache.fetched_at, CACHE_FOR)
+            && let Some(k) = cache.keys.get(kid)
+        {
             return Ok(k.clone());
         }
-        if cache
-            .last_attempt
-            .is_some_and(|t| t.elapsed() < MIN_REFETCH)
-        {
+        if within(cache.last_attempt, MIN_REFETCH) {
             return cache.keys.get(kid).cloned().ok_or(GceError::UnknownKey);
         }
-        cache.last_attempt = Some(Instant::now());
+        cache.last_attempt = Some(now);
         match self.fetch().await {
             Ok(keys) => {
                 cache.keys = keys;
-                cache.fetched_at = Some(Instant::now());
+                cache.fetched_at = Some(now);
                 tracing::info!(keys = cache.keys.len(), url = %self.url, "Fetched Google's token signing keys");
             }
             // Stale keys are still better than none while Google is unreachable.

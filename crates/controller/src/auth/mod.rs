@@ -386,7 +386,7 @@ impl Gatekeeper {
                 .ok_or_else(|| {
                     Denied::Unauthenticated(operator::OperatorTokenError::Wrong.to_string())
                 })?;
-            let now = chrono::Utc::now().timestamp_millis();
+            let now = self.enroller.clock().now_ms();
             return operator::check(&record, secret, now)
                 .map(|o| Some(Principal::Operator(o)))
                 .map_err(|e| Denied::Unauthenticated(e.to_string()));

@@ -252,8 +252,18 @@ async fn reconnect_never_registers_again_and_new_stream_replaces_old() -> TestRe
     };
     assert_eq!(st.code(), tonic::Code::Aborted);
     c.expect_no_command(Duration::from_millis(300)).await;
-    // The replaced stream's end does not mark the VM disconnected.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The replaced stream's end (once recorded) does not mark the VM disconnected.
+    let store = s.app().store().clone();
+    wait_until("the replaced stream's end to be recorded", || {
+        let store = store.clone();
+        async move {
+            store
+                .vm_log_for_vm("vm-r")
+                .await
+                .is_ok_and(|l| l.iter().any(|e| e.kind == "stream_replaced"))
+        }
+    })
+    .await;
     let vm = s.app().store().vm_get("vm-r").await?.ok_or("vm")?;
     assert!(vm.connected);
     assert_eq!(vm.boot_seq, 1);

@@ -175,7 +175,9 @@ async fn base_contract_agent_gets_register_runner_exactly_once() -> TestResult {
             .filter(|c| c["type"] == "register_runner")
             .count();
     }
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Past two redelivery timeouts, with a reconciler pass.
+    s.app().clock().advance(Duration::from_millis(2500));
+    s.app().reconcile_once().await?;
     for _ in 0..3 {
         registrations += s
             .poll("vm-base")
@@ -248,7 +250,7 @@ async fn http_ack_and_redelivery_for_acknowledging_agents() -> TestResult {
         s.poll("vm-ack").await.is_empty(),
         "redelivered before the timeout"
     );
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    s.app().clock().advance(Duration::from_millis(1100));
     let again = s.poll("vm-ack").await;
     assert_eq!(again.len(), 1, "not redelivered after the timeout");
     let (status, body) = s
@@ -261,7 +263,7 @@ async fn http_ack_and_redelivery_for_acknowledging_agents() -> TestResult {
         (status, body["state"].as_str()),
         (200, Some("acknowledged"))
     );
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    s.app().clock().advance(Duration::from_millis(1100));
     assert!(s.poll("vm-ack").await.is_empty());
     let history: Vec<String> = s
         .app()

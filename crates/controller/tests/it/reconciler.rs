@@ -17,13 +17,13 @@ async fn silent_vm_becomes_unhealthy_then_lost_and_recovers() -> TestResult {
     .await;
     s.vm_started("vm-h", "p").await;
     let app = s.app().clone();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.clock().advance(Duration::from_millis(1100));
     app.reconcile_once().await?;
     assert_eq!(
         app.store().vm_get("vm-h").await?.map(|v| v.health),
         Some(Health::Unhealthy)
     );
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    app.clock().advance(Duration::from_millis(1000));
     app.reconcile_once().await?;
     assert_eq!(
         app.store().vm_get("vm-h").await?.map(|v| v.health),
@@ -85,7 +85,7 @@ async fn expired_register_runner_is_never_delivered_and_a_fresh_one_is_issued() 
         .await?
         .and_then(|v| v.registration_command_id)
         .ok_or("no registration")?;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.clock().advance(Duration::from_millis(1100));
     // Past its expiry: a poll hands out nothing stale.
     let polled = s.poll("vm-x").await;
     assert!(

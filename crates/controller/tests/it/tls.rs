@@ -52,6 +52,15 @@ fn https_client(ca: &str, identity: Option<&Pem>) -> reqwest::Client {
     b.build().unwrap_or_else(|e| panic!("client: {e}"))
 }
 
+/// Asserts `res` failed for `reason` (a TLS alert or verification error's name), not for
+/// anything else.
+fn refused<T: std::fmt::Debug>(res: Result<T, String>, reason: &str) {
+    match res {
+        Err(e) if e.contains(reason) => {}
+        other => panic!("expected a refusal for {reason}, got {other:?}"),
+    }
+}
+
 async fn https_health(s: &TestServer, ca: &str, identity: Option<&Pem>) -> Result<u16, String> {
     let url = format!("{}/health", s.base.replace("http://", "https://"));
     https_client(ca, identity)
@@ -116,18 +125,25 @@ async fn tls_on_both_listeners_right_ca_works_wrong_ca_fails() -> TestResult {
     let mut s = TestServer::start_with(|st| st.tls = Some(tls_settings(&d, false))).await;
     s.use_https(&p.ca.cert, None);
     assert_eq!(https_health(&s, &p.ca.cert, None).await, Ok(200));
-    assert!(https_health(&s, &other_ca.cert, None).await.is_err());
-    // Plain HTTP to the TLS listener gets nowhere.
+    refused(
+        https_health(&s, &other_ca.cert, None).await,
+        "InvalidCertificate(UnknownIssuer)",
+    );
+    // Plain HTTP to the TLS listener gets no answer (the TLS layer takes it for garbage).
     let plain = reqwest::Client::builder().timeout(WAIT).build()?;
+    let answer = plain
+        .get(format!("{}/health", s.base.replace("https://", "http://")))
+        .send()
+        .await;
     assert!(
-        plain
-            .get(format!("{}/health", s.base.replace("https://", "http://")))
-            .send()
-            .await
-            .is_err()
+        answer.as_ref().is_err_and(|e| !e.is_timeout()),
+        "{answer:?}"
     );
     grpc_over_tls(&s, &p.ca.cert, None).await?;
-    assert!(grpc_over_tls(&s, &other_ca.cert, None).await.is_err());
+    refused(
+        grpc_over_tls(&s, &other_ca.cert, None).await,
+        "InvalidCertificate(UnknownIssuer)",
+    );
     s.stop().await;
     Ok(())
 }
@@ -139,13 +155,22 @@ async fn mutual_tls_refuses_clients_without_a_certificate() -> TestResult {
     let d = dir.path().to_owned();
     let mut s = TestServer::start_with(|st| st.tls = Some(tls_settings(&d, true))).await;
     s.use_https(&p.ca.cert, Some(&p.client));
-    assert!(https_health(&s, &p.ca.cert, None).await.is_err());
+    refused(
+        https_health(&s, &p.ca.cert, None).await,
+        "CertificateRequired",
+    );
     assert_eq!(https_health(&s, &p.ca.cert, Some(&p.client)).await, Ok(200));
     // A client certificate from another CA is refused too.
     let other_ca = pki::new_ca("other", 30)?;
     let stranger = pki::issue(&other_ca, Usage::Client, &["x".to_owned()], 30)?;
-    assert!(https_health(&s, &p.ca.cert, Some(&stranger)).await.is_err());
-    assert!(grpc_over_tls(&s, &p.ca.cert, None).await.is_err());
+    refused(
+        https_health(&s, &p.ca.cert, Some(&stranger)).await,
+        "UnknownCA",
+    );
+    refused(
+        grpc_over_tls(&s, &p.ca.cert, None).await,
+        "CertificateRequired",
+    );
     grpc_over_tls(&s, &p.ca.cert, Some(&p.client)).await?;
     s.stop().await;
     Ok(())
@@ -173,14 +198,30 @@ async fn new_certificates_are_used_without_a_restart() -> TestResult {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(switched, "the new certificate was not picked up");
-    assert!(https_health(&s, &p.ca.cert, None).await.is_err());
+    refused(
+        https_health(&s, &p.ca.cert, None).await,
+        "InvalidCertificate(UnknownIssuer)",
+    );
     // The gRPC listener switched too.
     s.use_https(&new_ca.cert, None);
     grpc_over_tls(&s, &new_ca.cert, None).await?;
-    assert!(grpc_over_tls(&s, &p.ca.cert, None).await.is_err());
-    // A broken file is ignored; the current certificate stays in use.
+    refused(
+        grpc_over_tls(&s, &p.ca.cert, None).await,
+        "InvalidCertificate(UnknownIssuer)",
+    );
+    // A broken file is ignored (once the watcher has seen it); the current certificate
+    // stays in use.
+    let files = s
+        .server
+        .as_ref()
+        .and_then(|r| r.tls.clone())
+        .ok_or("TLS files")?;
     std::fs::write(dir.path().join("server.pem"), "garbage")?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_until("the watcher to reject the broken file", || {
+        let files = files.clone();
+        async move { files.rejected_reloads() > 0 }
+    })
+    .await;
     assert_eq!(https_health(&s, &new_ca.cert, None).await, Ok(200));
     s.stop().await;
     Ok(())
