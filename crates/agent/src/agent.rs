@@ -498,7 +498,7 @@ fn send_ack(shared: &Arc<Shared>, id: String, via: Via, success: bool, message: 
 /// Sends spooled events in order, one at a time; an event leaves the spool only once the
 /// controller answered 200.
 async fn outbox(shared: Arc<Shared>, core: mpsc::Sender<Input>, mut stop: watch::Receiver<bool>) {
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut backoff = Backoff::of(miglet_proto::backoff::EVENT_RETRY);
     loop {
         let entry = {
             let mut out = lock(&shared.spool);

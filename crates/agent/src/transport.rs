@@ -14,7 +14,6 @@ use miglet_proto::json::{
 };
 use miglet_proto::pb::command_service_client::CommandServiceClient;
 use miglet_proto::pb::{self, MiGletMessage, controller_message, mi_glet_message};
-use rand::Rng;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
@@ -111,36 +110,7 @@ pub fn grpc_tls(
     Ok(Some(c))
 }
 
-/// Capped exponential backoff with jitter: the n-th wait is uniform in [d/2, d] where
-/// d = min(base * 2^n, cap).
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, cap: Duration) -> Backoff {
-        Backoff {
-            base,
-            cap,
-            attempt: 0,
-        }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << self.attempt.min(16));
-        self.attempt = self.attempt.saturating_add(1);
-        let d = exp.min(self.cap);
-        let half = d / 2;
-        half + Duration::from_millis(rand::rng().random_range(0..=half.as_millis() as u64))
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
+pub use miglet_proto::backoff::Backoff;
 
 #[derive(Debug, Clone)]
 pub struct Http {
@@ -269,7 +239,7 @@ pub async fn run_stream(
     connected: watch::Sender<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    let mut backoff = Backoff::of(miglet_proto::backoff::STREAM_RECONNECT);
     loop {
         if *stop.borrow() {
             return;
@@ -418,18 +388,6 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_caps_and_jitters() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
-        let waits: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
-        for (i, w) in waits.iter().enumerate() {
-            let d = Duration::from_secs(1u64 << i.min(3));
-            assert!(*w >= d / 2 && *w <= d, "wait {i}: {w:?}");
-        }
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_secs(1));
-    }
 
     #[test]
     fn permanent_errors() {

@@ -12,6 +12,7 @@
 //!
 //! Encode and decode of each type sit next to each other so the two sides cannot drift.
 
+pub mod backoff;
 pub mod codec;
 pub mod command;
 pub mod event;

@@ -7,11 +7,14 @@
 //! * [`metadata`]: the GCE metadata server, including instance identity tokens.
 //! * [`google`]: Google's token signing keys: the JWKS endpoint the controller verifies
 //!   instance identity tokens against, and the minting of such tokens.
+//! * [`fleet`]: simulated agents that speak the contract like the real one (reconnecting
+//!   and replaying what was not acknowledged), for the load generator and the fault suite.
 //! * [`proxy`]: a TCP proxy that breaks the agent-controller path on command (delay,
 //!   blackhole, half-open, reset) and gives a restarted controller a stable address.
 //!
 //! Nothing here is linked into the agent or the controller.
 
+pub mod fleet;
 pub mod github;
 pub mod google;
 pub mod metadata;

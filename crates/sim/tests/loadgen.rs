@@ -7,18 +7,31 @@ use std::time::Duration;
 
 const LOADGEN: &str = env!("CARGO_BIN_EXE_miglet-loadgen");
 
+/// The controller binary next to the load generator, (re)built now so a stale one from an
+/// earlier build is never used (cargo does nothing when it is up to date).
 fn controller_binary() -> PathBuf {
     let bin = Path::new(LOADGEN).with_file_name("mig-controller");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "-p", "mig-controller", "--bin", "mig-controller"])
-            .status();
-        assert!(
-            status.is_ok_and(|s| s.success()),
-            "could not build mig-controller"
-        );
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "mig-controller",
+        "--bin",
+        "mig-controller",
+    ]);
+    if bin
+        .parent()
+        .and_then(Path::file_name)
+        .is_some_and(|d| d == "release")
+    {
+        cmd.arg("--release");
     }
+    assert!(
+        cmd.status().is_ok_and(|s| s.success()),
+        "could not build mig-controller"
+    );
     bin
 }
 
@@ -117,6 +130,15 @@ async fn small_load_run_reports_every_figure()
     assert_eq!(
         r["stored"]["events"].as_f64(),
         c["events_sent"].as_u64().map(|e| (e + started) as f64),
+        "{r}"
+    );
+    // Read back from the store after the controller stopped: every acknowledged event is
+    // there, once.
+    let k = &r["store_check"];
+    assert!(k["acknowledged"].as_u64().is_some_and(|n| n > 20), "{r}");
+    assert_eq!(
+        (k["lost"].as_u64(), k["duplicated"].as_u64()),
+        (Some(0), Some(0)),
         "{r}"
     );
     assert!(

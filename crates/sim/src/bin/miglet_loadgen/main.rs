@@ -16,11 +16,10 @@
 //! in time and count and only use loopback.
 
 mod echo;
-mod fleet;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use fleet::{AgentSpec, Conn, Fleet, Target, Via, lock};
+use miglet_sim::fleet::{AgentSpec, Conn, Fleet, Target, Via, lock};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -512,6 +511,12 @@ async fn run_phase(f: Arc<Fleet>, p: &Phase, label: &str) -> anyhow::Result<Valu
             "enqueue": c.enqueue_errors.load(Ordering::Relaxed),
             "refused_on_stream": c.stream_errors.load(Ordering::Relaxed),
         },
+        "recovered": {
+            "reconnects": c.reconnects.load(Ordering::Relaxed),
+            "retried_attempts": c.retries.load(Ordering::Relaxed),
+            "events_retried": c.events_retried.load(Ordering::Relaxed),
+        },
+        "events_acknowledged": lock(&f.acknowledged).len(),
         "server": {
             "cpu_percent_of_one_core": cpu(server0, server1),
             "peak_rss_mib": (peak_rss > 0).then(|| peak_rss as f64 / 1024.0),
@@ -522,19 +527,15 @@ async fn run_phase(f: Arc<Fleet>, p: &Phase, label: &str) -> anyhow::Result<Valu
 }
 
 fn fleet(a: &Args, target: Target, grpc: String, per_connection: usize, slots: usize) -> Fleet {
-    Fleet {
+    Fleet::new(
         target,
         grpc,
-        pool: a.pool.clone(),
-        heartbeat: Duration::from_secs(a.heartbeat_secs.max(1)),
-        poll: Duration::from_secs(a.poll_secs.max(1)),
+        a.pool.clone(),
+        Duration::from_secs(a.heartbeat_secs.max(1)),
+        Duration::from_secs(a.poll_secs.max(1)),
         per_connection,
-        channels: (0..slots).map(|_| tokio::sync::OnceCell::new()).collect(),
-        counters: Default::default(),
-        timings: Default::default(),
-        members: Default::default(),
-        agent_millis: Default::default(),
-    }
+        slots,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -711,6 +712,28 @@ fn print_report(r: &Value) {
         c["commands_not_received"],
         c["commands_not_received_states"]
     );
+    println!(
+        "{:<38} {} stream reconnects, {} retried attempts, {} events sent again",
+        "recovered (retried, not errors)",
+        c["recovered"]["reconnects"],
+        c["recovered"]["retried_attempts"],
+        c["recovered"]["events_retried"]
+    );
+    let k = &r["store_check"];
+    if !k.is_null() {
+        println!(
+            "{:<38} {} acknowledged; lost (acknowledged, not stored) {}; stored twice {} {}",
+            "acknowledged events in the store",
+            k["acknowledged"],
+            k["lost"],
+            k["duplicated"],
+            if k["lost_sample"].as_array().is_some_and(|s| !s.is_empty()) {
+                k["lost_sample"].to_string()
+            } else {
+                String::new()
+            }
+        );
+    }
     if let Some(mib) = r["storage"]["mib_per_1000_vm_hours"].as_f64() {
         println!(
             "{:<38} {:.1} MiB over {:.2} VM-hours -> {:.0} MiB per 1,000 VM-hours (before retention)",
@@ -878,8 +901,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => Value::Null,
     };
     let mut storage = Value::Null;
+    let mut store_check = Value::Null;
     if let Some(mut child) = controller_child {
         child.stop().await;
+        if let Some(data) = &data_dir {
+            let store = mig_controller::store::Store::open_sqlite(data).await?;
+            store_check = serde_json::to_value(f.check_store(&store).await?)?;
+            store.close().await;
+        }
         if let (Some(data), Some(before)) = (&data_dir, db_before) {
             let after = db_bytes(data);
             let hours = ours["agent_hours"].as_f64().unwrap_or(0.0);
@@ -907,6 +936,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "baseline": baseline,
         "controller": ours,
         "stored": stored,
+        "store_check": store_check,
         "storage": storage,
     });
     print_report(&report);

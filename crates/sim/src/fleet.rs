@@ -1,12 +1,17 @@
-//! The simulated agents and the traffic they make.
+//! Simulated agents and the traffic they make, for the load generator and the fault suite.
 //!
 //! Against a controller each agent does what the real MIGlet does: enroll with the pool's
 //! bootstrap secret, announce `vm_started` over HTTP, open its gRPC stream (or poll over HTTP),
 //! acknowledge every command, heartbeat every interval, and send job events over its stream
-//! (HTTP for pollers). Against the echo baseline it skips what needs the controller (enrolling,
-//! HTTP) and drives the stream the same way.
+//! (HTTP for pollers). Like the real agent it survives the controller going away: enrollment,
+//! `vm_started` and events are retried, a broken stream is reopened with the agent's own
+//! backoff ([`miglet_proto::backoff`]), and events not acknowledged yet are sent again. So a
+//! report can tell events *lost* (acknowledged, then missing from the store) from events
+//! *retried* (sent again because no acknowledgment came). Against the echo baseline it skips
+//! what needs the controller (enrolling, HTTP) and drives the stream the same way.
 
 use anyhow::{Context, bail};
+use miglet_proto::backoff::{Backoff, EVENT_RETRY, STREAM_RECONNECT};
 use miglet_proto::pb::command_service_client::CommandServiceClient;
 use miglet_proto::pb::{self, MiGletMessage, controller_message, mi_glet_message};
 use serde_json::{Value, json};
@@ -19,6 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 /// What the fleet talks to.
+#[derive(Debug)]
 pub enum Target {
     Controller {
         http: reqwest::Client,
@@ -37,13 +43,19 @@ pub enum Via {
     Http,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Counters {
     pub heartbeats_sent: AtomicU64,
     pub heartbeat_errors: AtomicU64,
     pub events_sent: AtomicU64,
     pub events_accepted: AtomicU64,
     pub event_errors: AtomicU64,
+    /// Events sent again because no acknowledgment came (the stream broke, or HTTP failed).
+    pub events_retried: AtomicU64,
+    /// Streams reopened after they broke.
+    pub reconnects: AtomicU64,
+    /// Attempts (enroll, `vm_started`, stream open) that failed and were retried.
+    pub retries: AtomicU64,
     pub commands_received: AtomicU64,
     pub enqueue_errors: AtomicU64,
     pub agent_errors: AtomicU64,
@@ -53,7 +65,7 @@ pub struct Counters {
     pub http_agents_up: AtomicU64,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Timings {
     /// Command id -> when the enqueue call was made.
     pub enqueued: HashMap<String, Instant>,
@@ -71,14 +83,16 @@ pub struct Timings {
 }
 
 /// An agent the event and command generators can pick.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Member {
     pub vm: String,
     pub cred: String,
-    /// The agent's stream, or `None` for a poller.
+    /// What the agent sends on its stream (whichever stream is open now), or `None` for a
+    /// poller.
     pub stream: Option<mpsc::Sender<MiGletMessage>>,
 }
 
+#[derive(Debug)]
 pub struct Fleet {
     pub target: Target,
     pub grpc: String,
@@ -93,6 +107,74 @@ pub struct Fleet {
     pub members: Mutex<Vec<Member>>,
     /// Agent-seconds connected, summed when agents stop (for VM-hours).
     pub agent_millis: AtomicU64,
+    /// Every (VM, event id) the controller acknowledged: these must be in its store.
+    pub acknowledged: Mutex<std::collections::HashSet<(String, String)>>,
+}
+
+impl Fleet {
+    /// A fleet for `target`; `slots` shared connections of `per_connection` agents each.
+    pub fn new(
+        target: Target,
+        grpc: String,
+        pool: String,
+        heartbeat: Duration,
+        poll: Duration,
+        per_connection: usize,
+        slots: usize,
+    ) -> Fleet {
+        Fleet {
+            target,
+            grpc,
+            pool,
+            heartbeat,
+            poll,
+            per_connection,
+            channels: (0..slots).map(|_| OnceCell::new()).collect(),
+            counters: Counters::default(),
+            timings: Mutex::default(),
+            members: Mutex::default(),
+            agent_millis: AtomicU64::default(),
+            acknowledged: Mutex::default(),
+        }
+    }
+
+    fn acked(&self, vm: &str, event_id: &str) {
+        lock(&self.acknowledged).insert((vm.to_owned(), event_id.to_owned()));
+    }
+}
+
+/// How a stream session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    Stopped,
+    /// The stream broke; the agent reconnects. `auth`: the credential was refused.
+    Broken {
+        reason: String,
+        auth: bool,
+    },
+}
+
+/// The agent's events the controller has not acknowledged yet, in the order sent.
+#[derive(Debug, Default)]
+struct Unacked {
+    events: std::collections::VecDeque<(String, MiGletMessage)>,
+}
+
+impl Unacked {
+    fn add(&mut self, id: String, m: MiGletMessage) {
+        self.events.push_back((id, m));
+    }
+
+    fn ack(&mut self, ids: &[String]) {
+        self.events.retain(|(id, _)| !ids.contains(id));
+    }
+}
+
+fn event_id_of(m: &MiGletMessage) -> Option<String> {
+    match &m.message {
+        Some(mi_glet_message::Message::Event(e)) => e.data.get("event_id").cloned(),
+        _ => None,
+    }
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -139,6 +221,39 @@ impl Fleet {
             .error_for_status()?
             .json()
             .await?)
+    }
+
+    /// Runs `attempt` until it succeeds (with the agent's backoff) or `stop`; `None` if
+    /// stopped first.
+    async fn retrying<T, F, Fut>(
+        &self,
+        what: &str,
+        policy: (Duration, Duration),
+        stop: &mut watch::Receiver<bool>,
+        mut attempt: F,
+    ) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<T>>,
+    {
+        let mut backoff = Backoff::of(policy);
+        loop {
+            if *stop.borrow() {
+                return None;
+            }
+            match attempt().await {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    if self.counters.retries.fetch_add(1, Ordering::Relaxed) < 5 {
+                        eprintln!("{what} failed, retrying: {e:#}");
+                    }
+                    tokio::select! {
+                        _ = stop.changed() => return None,
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+        }
     }
 
     async fn enroll(&self, vm: &str) -> anyhow::Result<String> {
@@ -226,11 +341,26 @@ impl Fleet {
     ) -> anyhow::Result<()> {
         let vm = spec.vm.clone();
         let controller = matches!(self.target, Target::Controller { .. });
-        let cred = self.enroll(&vm).await?;
+        let Some(cred) = self
+            .retrying(&format!("enroll {vm}"), STREAM_RECONNECT, &mut stop, || {
+                self.enroll(&vm)
+            })
+            .await
+        else {
+            return Ok(());
+        };
         let started = Instant::now();
         if controller {
-            self.post(&cred, &vm, "events", json!({"type":"vm_started","vm_id":vm,"pool_id":self.pool,"event_id":format!("{vm}-start")}))
-                .await?;
+            let body = json!({"type":"vm_started","vm_id":vm,"pool_id":self.pool,"event_id":format!("{vm}-start")});
+            let posted = self
+                .retrying(&format!("vm_started {vm}"), EVENT_RETRY, &mut stop, || {
+                    self.post(&cred, &vm, "events", body.clone())
+                })
+                .await;
+            if posted.is_none() {
+                return Ok(());
+            }
+            self.acked(&vm, &format!("{vm}-start"));
         }
         let posted = Instant::now();
         let offset = Duration::from_millis(spread_ms(&vm, self.heartbeat.as_millis() as u64));
@@ -240,12 +370,72 @@ impl Fleet {
             self.poll_loop(&vm, &cred, offset, started, spec.joiner, &mut stop)
                 .await
         } else {
-            self.stream_loop(&spec, &cred, offset, [started, posted], &mut stop)
+            self.stream_agent(&spec, cred, offset, [started, posted], &mut stop)
                 .await
         };
         self.agent_millis
             .fetch_add(up_at.elapsed().as_millis() as u64, Ordering::Relaxed);
         result
+    }
+
+    /// A stream agent: sessions one after the other until `stop`, reopened with the agent's
+    /// backoff when one breaks, unacknowledged events sent again on the next.
+    async fn stream_agent(
+        &self,
+        spec: &AgentSpec,
+        mut cred: String,
+        offset: Duration,
+        times: [Instant; 2],
+        stop: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let (outbox, mut queued) = mpsc::channel::<MiGletMessage>(64);
+        let mut unacked = Unacked::default();
+        let mut backoff = Backoff::of(STREAM_RECONNECT);
+        let mut next_beat = tokio::time::Instant::now() + offset;
+        let mut first = true;
+        loop {
+            let end = self
+                .session(
+                    spec,
+                    &cred,
+                    &outbox,
+                    &mut queued,
+                    &mut unacked,
+                    &mut next_beat,
+                    (times, first),
+                    &mut backoff,
+                    stop,
+                )
+                .await;
+            first = false;
+            match end {
+                SessionEnd::Stopped => return Ok(()),
+                SessionEnd::Broken { reason, auth } => {
+                    if self.counters.reconnects.fetch_add(1, Ordering::Relaxed) < 5 {
+                        eprintln!("{}: stream broke ({reason}); reconnecting", spec.vm);
+                    }
+                    let wait = backoff.next_delay();
+                    tokio::select! {
+                        _ = stop.changed() => return Ok(()),
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    if auth {
+                        match self
+                            .retrying(
+                                &format!("enroll {}", spec.vm),
+                                STREAM_RECONNECT,
+                                stop,
+                                || self.enroll(&spec.vm),
+                            )
+                            .await
+                        {
+                            Some(c) => cred = c,
+                            None => return Ok(()),
+                        }
+                    }
+                }
+            }
+        }
     }
 
     async fn poll_loop(
@@ -298,57 +488,101 @@ impl Fleet {
         }
     }
 
-    async fn stream_loop(
+    /// One stream session: open, send again what was not acknowledged, then heartbeats,
+    /// queued messages and command acknowledgments until it breaks or `stop`.
+    #[allow(clippy::too_many_arguments)]
+    async fn session(
         &self,
         spec: &AgentSpec,
         cred: &str,
-        offset: Duration,
-        [started, posted]: [Instant; 2],
+        outbox: &mpsc::Sender<MiGletMessage>,
+        queued: &mut mpsc::Receiver<MiGletMessage>,
+        unacked: &mut Unacked,
+        next_beat: &mut tokio::time::Instant,
+        ([started, posted], first): ([Instant; 2], bool),
+        backoff: &mut Backoff,
         stop: &mut watch::Receiver<bool>,
-    ) -> anyhow::Result<()> {
+    ) -> SessionEnd {
         let vm = &spec.vm;
         let controller = matches!(self.target, Target::Controller { .. });
-        let channel = self.channel(spec.conn).await?;
+        let broken = |reason: String, auth: bool| SessionEnd::Broken { reason, auth };
+        let channel = match self.channel(spec.conn).await {
+            Ok(c) => c,
+            Err(e) => return broken(format!("{e:#}"), false),
+        };
         let (tx, rx) = mpsc::channel::<MiGletMessage>(32);
-        tx.send(wrap(mi_glet_message::Message::Connect(
-            pb::ConnectRequest {
-                vm_id: vm.clone(),
-                pool_id: self.pool.clone(),
-                version: "loadgen".into(),
-                ..Default::default()
-            },
-        )))
-        .await?;
+        let connect = wrap(mi_glet_message::Message::Connect(pb::ConnectRequest {
+            vm_id: vm.clone(),
+            pool_id: self.pool.clone(),
+            version: "loadgen".into(),
+            ..Default::default()
+        }));
+        if tx.send(connect).await.is_err() {
+            return broken("stream closed".into(), false);
+        }
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
         if controller {
-            req.metadata_mut()
-                .insert("authorization", format!("Bearer {cred}").parse()?);
+            match format!("Bearer {cred}").parse() {
+                Ok(v) => {
+                    req.metadata_mut().insert("authorization", v);
+                }
+                Err(_) => return broken("credential is not header-safe".into(), true),
+            }
         }
-        let mut inbound = CommandServiceClient::new(channel)
-            .max_decoding_message_size(1 << 20)
-            .stream_commands(req)
-            .await?
-            .into_inner();
-        match inbound.message().await? {
-            Some(pb::ControllerMessage {
+        let mut client = CommandServiceClient::new(channel).max_decoding_message_size(1 << 20);
+        let opened = tokio::select! {
+            _ = stop.changed() => return SessionEnd::Stopped,
+            r = client.stream_commands(req) => r,
+        };
+        let mut inbound = match opened {
+            Ok(r) => r.into_inner(),
+            Err(st) => {
+                let auth = st.code() == tonic::Code::Unauthenticated;
+                return broken(format!("open: {st}"), auth);
+            }
+        };
+        match inbound.message().await {
+            Ok(Some(pb::ControllerMessage {
                 message: Some(controller_message::Message::ConnectAck(a)),
-            }) if a.accepted => {}
-            other => bail!("expected an accepted connect_ack, got {other:?}"),
+            })) if a.accepted => {}
+            Ok(other) => return broken(format!("no accepted connect_ack: {other:?}"), false),
+            Err(st) => {
+                let auth = st.code() == tonic::Code::Unauthenticated;
+                return broken(format!("connect: {st}"), auth);
+            }
         }
         let acked = Instant::now();
-        self.counters.streams_up.fetch_add(1, Ordering::Relaxed);
-        if !controller {
-            self.join(vm, cred, Some(&tx));
+        backoff.reset();
+        if first {
+            self.counters.streams_up.fetch_add(1, Ordering::Relaxed);
+            if !controller {
+                self.join(vm, cred, Some(outbox));
+            }
         }
-        let mut next_beat = tokio::time::Instant::now() + offset;
+        // What the last stream carried without an acknowledgment goes again, in order.
+        for (_, m) in &unacked.events {
+            self.counters.events_retried.fetch_add(1, Ordering::Relaxed);
+            if tx.send(m.clone()).await.is_err() {
+                return broken("stream closed while replaying".into(), false);
+            }
+        }
         loop {
             tokio::select! {
-                _ = stop.changed() => return Ok(()),
-                () = tokio::time::sleep_until(next_beat) => {
-                    next_beat += self.heartbeat;
+                _ = stop.changed() => return SessionEnd::Stopped,
+                () = tokio::time::sleep_until(*next_beat) => {
+                    *next_beat += self.heartbeat;
                     self.counters.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
                     if tx.send(heartbeat(vm)).await.is_err() {
                         self.counters.heartbeat_errors.fetch_add(1, Ordering::Relaxed);
+                        return broken("stream closed".into(), false);
+                    }
+                }
+                Some(m) = queued.recv() => {
+                    if let Some(id) = event_id_of(&m) {
+                        unacked.add(id, m.clone());
+                    }
+                    if tx.send(m).await.is_err() {
+                        return broken("stream closed".into(), false);
                     }
                 }
                 m = inbound.message() => match m {
@@ -359,17 +593,23 @@ impl Fleet {
                                     let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
                                     lock(&self.timings).join_phases.push([ms(started, posted), ms(posted, acked), ms(acked, Instant::now())]);
                                 }
-                                self.join(vm, cred, Some(&tx));
+                                self.join(vm, cred, Some(outbox));
                             }
                             // The echo server would answer an ack with another command.
                             if controller {
                                 let ack = wrap(mi_glet_message::Message::CommandAck(pb::CommandAck {
                                     command_id: c.id, success: true, message: "ok".into(), result: Default::default() }));
-                                let _ = tx.send(ack).await;
+                                if tx.send(ack).await.is_err() {
+                                    return broken("stream closed".into(), false);
+                                }
                             }
                         }
                         controller_message::Message::EventAck(a) => {
                             self.counters.events_accepted.fetch_add(a.event_ids.len() as u64, Ordering::Relaxed);
+                            for id in &a.event_ids {
+                                self.acked(vm, id);
+                            }
+                            unacked.ack(&a.event_ids);
                         }
                         controller_message::Message::Error(e) => {
                             if self.counters.stream_errors.fetch_add(1, Ordering::Relaxed) < 5 {
@@ -379,8 +619,11 @@ impl Fleet {
                         controller_message::Message::ConnectAck(_) => {}
                     },
                     Ok(Some(_)) => {}
-                    Ok(None) => bail!("stream closed by the server"),
-                    Err(st) => bail!("stream failed: {st}"),
+                    Ok(None) => return broken("closed by the server".into(), false),
+                    Err(st) => {
+                        let auth = st.code() == tonic::Code::Unauthenticated;
+                        return broken(format!("{st}"), auth);
+                    }
                 },
             }
         }
@@ -428,17 +671,37 @@ impl Fleet {
                         .try_send(wrap(mi_glet_message::Message::Event(ev)))
                         .is_err()
                     {
+                        // The agent's queue is full (its stream is down): the real agent
+                        // would spool it; the generator counts it as not sent.
                         self.counters.event_errors.fetch_add(1, Ordering::Relaxed);
+                        self.counters.events_sent.fetch_sub(1, Ordering::Relaxed);
                     }
                 }
                 None => {
                     let f = self.clone();
+                    let mut stop = stop.clone();
                     inflight.spawn(async move {
                         let body = json!({"type": ty, "vm_id": m.vm, "run_id": n.to_string(), "job_id": n.to_string(), "event_id": event_id});
-                        match f.post(&m.cred, &m.vm, "events", body).await {
-                            Ok(_) => f.counters.events_accepted.fetch_add(1, Ordering::Relaxed),
-                            Err(_) => f.counters.event_errors.fetch_add(1, Ordering::Relaxed),
-                        };
+                        // Like the agent's spool: sent again until the controller takes it.
+                        let mut tries = 0u64;
+                        let done = f
+                            .retrying("event over HTTP", EVENT_RETRY, &mut stop, || {
+                                tries += 1;
+                                f.post(&m.cred, &m.vm, "events", body.clone())
+                            })
+                            .await;
+                        f.counters
+                            .events_retried
+                            .fetch_add(tries.saturating_sub(1), Ordering::Relaxed);
+                        match done {
+                            Some(_) => {
+                                f.counters.events_accepted.fetch_add(1, Ordering::Relaxed);
+                                f.acked(&m.vm, &event_id);
+                            }
+                            None => {
+                                f.counters.event_errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
                     });
                     while inflight.len() > 256 {
                         let _ = inflight.join_next().await;
@@ -562,4 +825,54 @@ fn spread_ms(vm: &str, max: u64) -> u64 {
     use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
     let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(vm);
     if max == 0 { 0 } else { h % max }
+}
+
+/// What the store holds of what the fleet sent, checked after the controller stopped.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreCheck {
+    /// Events the controller acknowledged.
+    pub acknowledged: usize,
+    /// Acknowledged events missing from the store (must be 0).
+    pub lost: usize,
+    /// Events stored more than once under the same id (must be 0).
+    pub duplicated: usize,
+    /// Examples of lost events (VM, event id).
+    pub lost_sample: Vec<(String, String)>,
+}
+
+impl Fleet {
+    /// Compares what the controller acknowledged with what `store` holds.
+    pub async fn check_store(
+        &self,
+        store: &mig_controller::store::Store,
+    ) -> anyhow::Result<StoreCheck> {
+        let acked = lock(&self.acknowledged).clone();
+        let mut by_vm: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (vm, id) in &acked {
+            by_vm.entry(vm.as_str()).or_default().push(id.as_str());
+        }
+        let mut out = StoreCheck {
+            acknowledged: acked.len(),
+            ..StoreCheck::default()
+        };
+        for (vm, ids) in by_vm {
+            let stored = store.events_for_vm(vm).await?;
+            let mut count: HashMap<&str, usize> = HashMap::new();
+            for e in &stored {
+                if let Some(id) = &e.event_id {
+                    *count.entry(id.as_str()).or_default() += 1;
+                }
+            }
+            out.duplicated += count.values().filter(|n| **n > 1).count();
+            for id in ids {
+                if !count.contains_key(id) {
+                    out.lost += 1;
+                    if out.lost_sample.len() < 10 {
+                        out.lost_sample.push((vm.to_owned(), id.to_owned()));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
 }
