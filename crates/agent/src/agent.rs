@@ -106,8 +106,10 @@ struct Shared {
     connected: watch::Receiver<bool>,
 }
 
+/// The core's time: the controller's, as this VM sees it (see [`crate::clock`]), so that
+/// registration expiry is judged right even on a VM whose clock is off.
 fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+    crate::clock::controller_now_ms()
 }
 
 /// Runs the agent until it finishes. `agent_exe` is the `miglet` binary (the hooks call it).
@@ -377,7 +379,7 @@ fn emit_event(
     }
     let body = EventBody {
         event_type: event_type.into(),
-        timestamp: Some(chrono::Utc::now()),
+        timestamp: Some(crate::clock::controller_now()),
         vm_id: Some(s.vm_id.clone()),
         pool_id: Some(s.pool_id.clone()),
         org_id: Some(s.org_id.clone()).filter(|o| !o.is_empty()),
@@ -677,7 +679,7 @@ async fn heartbeats(
         let cfg = &shared.settings;
         let report = HeartbeatReport {
             vm_id: None,
-            timestamp: Some(chrono::Utc::now()),
+            timestamp: Some(crate::clock::controller_now()),
             pool_id: Some(cfg.pool_id.clone()),
             org_id: Some(cfg.org_id.clone()).filter(|o| !o.is_empty()),
             boot_id: Some(cfg.boot_id.clone()),

@@ -8,7 +8,7 @@
 //! logged: a restarted agent simply enrolls again.
 
 use crate::config::AuthMethod;
-use chrono::{DateTime, Utc};
+
 use miglet_proto::json::{EnrollMethod, EnrollRequest, EnrollResponse};
 use std::sync::RwLock;
 use std::time::Duration;
@@ -35,11 +35,13 @@ pub enum AuthError {
     TooSoon,
 }
 
+/// A credential, timed from when it arrived (the VM's clock may be off from the
+/// controller's, so the controller's absolute times are never compared with it).
 #[derive(Clone)]
 struct Held {
     token: String,
-    expires_at: DateTime<Utc>,
-    refresh_after: DateTime<Utc>,
+    expires: tokio::time::Instant,
+    refresh_at: tokio::time::Instant,
 }
 
 /// Where the agent's identity comes from and the credential it currently holds.
@@ -69,6 +71,30 @@ fn error_message(body: &str) -> String {
         .ok()
         .and_then(|v| v["error"].as_str().map(str::to_owned))
         .unwrap_or_else(|| body.chars().take(200).collect())
+}
+
+fn observe_date(r: &reqwest::Response) {
+    if let Some(date) = r
+        .headers()
+        .get(reqwest::header::DATE)
+        .and_then(|d| d.to_str().ok())
+    {
+        crate::clock::observe_date(date);
+    }
+}
+
+/// Times a credential from its arrival: the controller says when to refresh and when it
+/// expires in its own time; only the span between the two (half the lifetime) is used.
+fn held(r: EnrollResponse) -> Held {
+    let half = (r.expires_at - r.refresh_after)
+        .to_std()
+        .unwrap_or(Duration::ZERO);
+    let now = tokio::time::Instant::now();
+    Held {
+        token: r.credential,
+        refresh_at: now + half,
+        expires: now + half * 2,
+    }
 }
 
 impl Credentials {
@@ -109,9 +135,11 @@ impl Credentials {
             .clone()
             .filter(|h| {
                 // Short-lived credentials get a proportionally smaller margin.
-                let margin =
-                    EXPIRY_MARGIN_SECS.min((h.expires_at - h.refresh_after).num_seconds() / 2);
-                h.expires_at.timestamp() - Utc::now().timestamp() > margin
+                let margin = Duration::from_secs(EXPIRY_MARGIN_SECS as u64)
+                    .min(h.expires.saturating_duration_since(h.refresh_at) / 2);
+                h.expires
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    > margin
             })
     }
 
@@ -120,11 +148,7 @@ impl Credentials {
         *self
             .held
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Held {
-            token: r.credential,
-            expires_at: r.expires_at,
-            refresh_after: r.refresh_after,
-        });
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(held(r));
         token
     }
 
@@ -236,6 +260,7 @@ impl Credentials {
             .send()
             .await
             .map_err(|e| AuthError::Request(crate::transport::error_chain(&e)))?;
+        observe_date(&r);
         let code = r.status().as_u16();
         let body = r
             .text()
@@ -269,6 +294,7 @@ impl Credentials {
             .send()
             .await
             .map_err(|e| AuthError::Request(crate::transport::error_chain(&e)))?;
+        observe_date(&r);
         let code = r.status().as_u16();
         let body = r.text().await.unwrap_or_default();
         if code == 401 {
@@ -298,9 +324,9 @@ impl Credentials {
             crate::transport::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         loop {
             let wait = match self.current() {
-                Some(h) => (h.refresh_after - Utc::now())
-                    .to_std()
-                    .unwrap_or(Duration::ZERO),
+                Some(h) => h
+                    .refresh_at
+                    .saturating_duration_since(tokio::time::Instant::now()),
                 // Nothing held yet: the first request enrolls; look again shortly.
                 None => Duration::from_secs(1),
             };
@@ -308,7 +334,10 @@ impl Credentials {
                 _ = stop.changed() => if *stop.borrow() { return },
                 () = tokio::time::sleep(wait) => {}
             }
-            if self.current().is_none_or(|h| h.refresh_after > Utc::now()) {
+            if self
+                .current()
+                .is_none_or(|h| h.refresh_at > tokio::time::Instant::now())
+            {
                 continue;
             }
             match self.refresh().await {

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod health;
 pub mod hooks;

@@ -147,6 +147,13 @@ impl Http {
             None => rb,
         };
         let r = rb.send().await?;
+        if let Some(date) = r
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|d| d.to_str().ok())
+        {
+            crate::clock::observe_date(date);
+        }
         if r.status().as_u16() == 401
             && let Some(t) = &token
         {

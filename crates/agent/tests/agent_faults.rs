@@ -348,3 +348,82 @@ async fn a_broken_path_heals_with_nothing_lost_or_duplicated() -> R {
     ctl.stop().await;
     Ok(())
 }
+
+/// The VM's clock is three hours ahead, or behind, the controller's (and credentials live
+/// 4 s, so they are refreshed during the job): the agent judges every expiry in the
+/// controller's time, so it registers, refreshes, runs its job and reports it, once, with
+/// event times in the controller's time (from its first answer on); it says its clock is
+/// off. Needs `faketime` (Debian's
+/// package; `.ci/run` installs it).
+#[tokio::test]
+async fn a_vm_clock_off_by_hours_changes_nothing() -> R {
+    let has_faketime = std::process::Command::new("faketime")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_faketime {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install faketime (see .ci/run)"
+        );
+        eprintln!("SKIPPED: faketime not installed (apt-get install faketime)");
+        return Ok(());
+    }
+    for (vm, skew) in [("vm-ahead", "+3h"), ("vm-behind", "-3h")] {
+        let env = env().await;
+        let cfg = CtlConfig {
+            credential_ttl: std::time::Duration::from_secs(4),
+            ..env.ctl()
+        };
+        let mut ctl = Controller::start(&env.dir.path().join("ctl"), &cfg).await;
+        env.github.enqueue_job(job("skewed", "Succeeded", 6_000));
+        let mut agent = Agent::spawn_skewed(&env, vm, ctl.http, Some(ctl.grpc), skew);
+        assert_eq!(
+            agent.wait_exit(60).await,
+            Some(0),
+            "{skew}: log:\n{}",
+            agent.log_text()
+        );
+        let types = ctl.event_types(vm).await;
+        for ty in [
+            "vm_started",
+            "runner_registered",
+            "job_started",
+            "job_completed",
+            "vm_shutting_down",
+        ] {
+            assert_eq!(count(&types, ty), 1, "{skew}: {ty} in {types:?}");
+        }
+        assert_eq!(env.github.registrations(), 1, "{skew}");
+        let log = agent.log_text();
+        assert!(
+            log.contains("clock is off from the controller's"),
+            "{skew}: {log}"
+        );
+        assert_eq!(
+            log.matches("Enrolled with the controller").count(),
+            1,
+            "{skew}: refreshed, not re-enrolled"
+        );
+        // Event times are the controller's, within the time the test took (all but
+        // vm_started: it is stamped before the agent has heard from the controller).
+        for e in ctl
+            .app()
+            .store()
+            .events_for_vm(vm)
+            .await?
+            .into_iter()
+            .filter(|e| e.event_type != "vm_started")
+        {
+            let at = e.occurred_at.ok_or("occurred_at")?;
+            assert!(
+                (at - e.received_at).abs() < 60_000,
+                "{skew}: {} stamped {} ms from its arrival",
+                e.event_type,
+                at - e.received_at
+            );
+        }
+        ctl.stop().await;
+    }
+    Ok(())
+}

@@ -379,6 +379,41 @@ impl Agent {
         Self::spawn_with(env, vm, "https", http, grpc, &all)
     }
 
+    /// [`Agent::spawn`] on a VM whose clock is off by `skew` (faketime's syntax, e.g.
+    /// `+3h`); monotonic time is left alone, as on a real VM with a wrong wall clock.
+    pub fn spawn_skewed(
+        env: &Env,
+        vm: &str,
+        http: SocketAddr,
+        grpc: Option<SocketAddr>,
+        skew: &str,
+    ) -> Agent {
+        let secure = [
+            ("MIGLET_CA_FILE", env.tls("ca.pem")),
+            ("MIGLET_CLIENT_CERT", env.tls("client.pem")),
+            ("MIGLET_CLIENT_KEY", env.tls("client-key.pem")),
+            (
+                "MIGLET_BOOTSTRAP_SECRET_FILE",
+                env.dir.path().join("pool.secret"),
+            ),
+        ];
+        let secure: Vec<(&str, String)> = secure
+            .iter()
+            .map(|(k, v)| (*k, v.display().to_string()))
+            .collect();
+        let mut all: Vec<(&str, &str)> = secure.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        all.push(("FAKETIME_DONT_FAKE_MONOTONIC", "1"));
+        Self::spawn_wrapped(
+            env,
+            vm,
+            "https",
+            http,
+            grpc,
+            &all,
+            &["faketime", "-f", skew],
+        )
+    }
+
     /// An agent speaking the base contract over plain HTTP with no credential.
     pub fn spawn_plain(
         env: &Env,
@@ -400,10 +435,30 @@ impl Agent {
         grpc: Option<SocketAddr>,
         extra: &[(&str, &str)],
     ) -> Agent {
+        Self::spawn_wrapped(env, vm, scheme, http, grpc, extra, &[])
+    }
+
+    /// [`Agent::spawn_with`], run under `wrapper` (e.g. `faketime -f +3h`).
+    pub fn spawn_wrapped(
+        env: &Env,
+        vm: &str,
+        scheme: &str,
+        http: SocketAddr,
+        grpc: Option<SocketAddr>,
+        extra: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Agent {
         let data = env.dir.path().join(format!("agent-{vm}"));
         let log = env.dir.path().join(format!("agent-{vm}.log"));
         let log_file = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
-        let mut cmd = tokio::process::Command::new(MIGLET);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = tokio::process::Command::new(program);
+                c.args(args).arg(MIGLET);
+                c
+            }
+            None => tokio::process::Command::new(MIGLET),
+        };
         if !extra.iter().any(|(k, _)| *k == "MIGLET_RUNNER_USER") {
             cmd.arg("--runner-user=");
         }
