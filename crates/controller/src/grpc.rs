@@ -248,6 +248,9 @@ async fn run_session(
                 Ok(None) => return "stream ended by the agent",
                 Err(status) => {
                     debug!(vm_id, code = ?status.code(), message = status.message(), "Stream receive failed");
+                    // Tell the agent why, if it can still hear (a message over the size limit
+                    // ends the stream with RESOURCE_EXHAUSTED / OUT_OF_RANGE).
+                    let _ = tx.try_send(Err(status));
                     return "stream broken";
                 }
             },
@@ -367,14 +370,15 @@ async fn handle_message(
 /// input gets `code`. Store failures are logged and reported as internal.
 fn reject(code: &str, e: ApiError) -> ControllerMessage {
     let code = match &e {
-        ApiError::Forbidden(_) | ApiError::Unauthorized(_) | ApiError::TooManyRequests(_) => {
-            e.code()
-        }
+        ApiError::Forbidden(_)
+        | ApiError::Unauthorized(_)
+        | ApiError::TooManyRequests(_)
+        | ApiError::Store(_) => e.code(),
         _ => code,
     };
     let text = match &e {
         ApiError::Store(inner) => {
-            warn!(error = %crate::error::chain(inner), "Store failure on the stream");
+            crate::error::log_store_failure(inner, "on the stream");
             "internal error; send again".to_owned()
         }
         other => other.to_string(),

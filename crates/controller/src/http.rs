@@ -47,7 +47,7 @@ impl IntoResponse for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Store(e) => {
-                tracing::error!(error = %crate::error::chain(e), "Store failure while serving a request");
+                crate::error::log_store_failure(e, "while serving a request");
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
@@ -105,7 +105,13 @@ pub fn router(app: AppState) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
-        .layer(TraceLayer::new_for_http())
+        // Failures are logged where their cause is known (once a second for store failures);
+        // the trace layer's own line for every 5xx would repeat them per request.
+        .layer(
+            TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ),
+        )
         .with_state(app)
 }
 

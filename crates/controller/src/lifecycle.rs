@@ -4,7 +4,7 @@
 
 use crate::store::{
     CommandRecord, CommandState, Health, HeartbeatInput, HeartbeatRow, HeartbeatVmUpdate, Millis,
-    VmRecord,
+    VmLogRow, VmRecord,
 };
 use miglet_proto::event::{CurrentJob, EventKind, HeartbeatReport, JobDetails};
 use miglet_proto::state::MigletState;
@@ -158,6 +158,18 @@ pub fn adopt(
         }
     }
     vm
+}
+
+/// The line for the VM's controller log when a contact made a silent VM healthy again
+/// (`old` is the record before, `new` after).
+pub fn recovery_log(old: Option<&VmRecord>, new: &VmRecord, now: Millis) -> Option<VmLogRow> {
+    let old = old?;
+    (old.health != Health::Healthy && new.health == Health::Healthy).then(|| VmLogRow {
+        vm_id: new.vm_id.clone(),
+        at: now,
+        kind: "health_changed".into(),
+        detail: Some(format!("{} -> healthy", old.health.as_str())),
+    })
 }
 
 /// Whether an event or heartbeat that names `boot_id` belongs to the VM's current boot.
@@ -502,6 +514,20 @@ mod tests {
         let (after, new_boot) = on_contact(Some(&vm), "vm-9", &c, 2);
         assert!(!new_boot);
         assert!(needs_registration(&after));
+    }
+
+    #[test]
+    fn a_silent_vm_heard_from_again_is_logged_healthy() {
+        let mut silent = fresh(1);
+        silent.health = Health::Unhealthy;
+        let back = on_event(&silent, &EventKind::Other, 5);
+        let log = recovery_log(Some(&silent), &back, 5);
+        assert_eq!(
+            log.and_then(|l| l.detail),
+            Some("unhealthy -> healthy".to_owned())
+        );
+        assert!(recovery_log(Some(&back), &back, 6).is_none());
+        assert!(recovery_log(None, &back, 6).is_none());
     }
 
     #[test]

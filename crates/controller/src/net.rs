@@ -126,6 +126,7 @@ struct ShedLog {
     last: Option<Instant>,
     per_addr: u64,
     total: u64,
+    evicted: u64,
     accept_errors: u64,
     example: Option<IpAddr>,
 }
@@ -225,6 +226,13 @@ impl ConnTracker {
                 return Err(Refusal::Total);
             }
             self.metrics.count("evicted");
+            let mut log = self
+                .shed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            log.evicted += 1;
+            log.example.get_or_insert(ip);
+            self.maybe_log(&mut log);
         }
         let n = addrs.entry(ip).or_insert(0);
         *n += 1;
@@ -282,16 +290,17 @@ impl ConnTracker {
         }
         log.last = Some(now);
         let p = &self.policy;
-        if log.per_addr + log.total > 0 {
+        if log.per_addr + log.total + log.evicted > 0 {
             warn!(
                 listener = p.listener,
                 over_per_addr = log.per_addr,
                 over_total = log.total,
+                evicted_silent = log.evicted,
                 example_addr = ?log.example,
                 open = self.open(),
                 max_per_addr = p.max_per_addr,
                 max_total = p.max_total,
-                "Shedding load: closed new connections at once over the connection caps (max_connections_per_addr / max_connections in [limits]); a NAT'd fleet bigger than the per-address cap needs it raised"
+                "Shedding load: closed new connections at once over the connection caps (max_connections_per_addr / max_connections in [limits]), or closed the oldest connections that had sent nothing to make room; a NAT'd fleet bigger than the per-address cap needs it raised"
             );
         }
         if log.accept_errors > 1 {

@@ -63,6 +63,11 @@ pub struct Counters {
     pub stream_errors: AtomicU64,
     pub streams_up: AtomicU64,
     pub http_agents_up: AtomicU64,
+    /// Streams open right now (up at reconnects, down when one breaks).
+    pub streams_open: AtomicU64,
+    /// Commands received again after an agent had executed them (acknowledged again, not
+    /// executed again).
+    pub commands_redelivered: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -80,6 +85,10 @@ pub struct Timings {
     pub join_phases: Vec<[f64; 3]>,
     /// Agents that received their `register_runner`.
     pub registered: std::collections::HashSet<String>,
+    /// Command ids each agent has executed (an id runs at most once per agent).
+    pub executed: std::collections::HashSet<String>,
+    /// Heartbeats the controller answered 200 over HTTP, per VM (they must all be stored).
+    pub http_heartbeats_acked: HashMap<String, u64>,
 }
 
 /// An agent the event and command generators can pick.
@@ -140,6 +149,15 @@ impl Fleet {
 
     fn acked(&self, vm: &str, event_id: &str) {
         lock(&self.acknowledged).insert((vm.to_owned(), event_id.to_owned()));
+    }
+}
+
+/// Counts an open stream down when its session ends, however it ends.
+struct OpenStream<'a>(&'a AtomicU64);
+
+impl Drop for OpenStream<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -279,12 +297,19 @@ impl Fleet {
         .await
     }
 
-    /// Records a received command; true for the agent's first `register_runner`.
+    /// Records a received command; true for the agent's first `register_runner`. A command
+    /// the agent executed before is only acknowledged again, as the real agent does.
     fn note_command(&self, vm: &str, id: &str, via: Via, started: Instant, joiner: bool) -> bool {
         self.counters
             .commands_received
             .fetch_add(1, Ordering::Relaxed);
         let mut t = lock(&self.timings);
+        if !t.executed.insert(id.to_owned()) {
+            self.counters
+                .commands_redelivered
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
         if id.starts_with("register-") {
             if !t.registered.insert(vm.to_owned()) {
                 // A redelivery: the first receipt counted.
@@ -461,8 +486,10 @@ impl Fleet {
                     let body = match body {
                         Ok(b) => b,
                         Err(e) => {
-                            self.counters.agent_errors.fetch_add(1, Ordering::Relaxed);
-                            eprintln!("poll {vm}: {e:#}");
+                            // The next poll is the retry, as for the real agent.
+                            if self.counters.retries.fetch_add(1, Ordering::Relaxed) < 5 {
+                                eprintln!("poll {vm} failed, polling again: {e:#}");
+                            }
                             continue;
                         }
                     };
@@ -472,16 +499,19 @@ impl Fleet {
                             self.join(vm, cred, None);
                         }
                         if let Err(e) = self.post(cred, vm, &format!("commands/{id}/ack"), json!({"success": true})).await {
-                            self.counters.agent_errors.fetch_add(1, Ordering::Relaxed);
-                            eprintln!("ack {vm}: {e:#}");
+                            // The controller delivers it again; the agent acknowledges again.
+                            if self.counters.retries.fetch_add(1, Ordering::Relaxed) < 5 {
+                                eprintln!("ack {vm} failed, the command will come again: {e:#}");
+                            }
                         }
                     }
                 }
                 () = tokio::time::sleep_until(next_beat) => {
                     next_beat += self.heartbeat;
                     self.counters.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
-                    if self.post(cred, vm, "heartbeat", json!({"type":"job_heartbeat","vm_id":vm,"miglet_state":"idle"})).await.is_err() {
-                        self.counters.heartbeat_errors.fetch_add(1, Ordering::Relaxed);
+                    match self.post(cred, vm, "heartbeat", json!({"type":"job_heartbeat","vm_id":vm,"miglet_state":"idle"})).await {
+                        Ok(_) => *lock(&self.timings).http_heartbeats_acked.entry(vm.to_owned()).or_default() += 1,
+                        Err(_) => { self.counters.heartbeat_errors.fetch_add(1, Ordering::Relaxed); }
                     }
                 }
             }
@@ -553,6 +583,8 @@ impl Fleet {
         }
         let acked = Instant::now();
         backoff.reset();
+        self.counters.streams_open.fetch_add(1, Ordering::Relaxed);
+        let _open = OpenStream(&self.counters.streams_open);
         if first {
             self.counters.streams_up.fetch_add(1, Ordering::Relaxed);
             if !controller {
@@ -838,6 +870,10 @@ pub struct StoreCheck {
     pub duplicated: usize,
     /// Examples of lost events (VM, event id).
     pub lost_sample: Vec<(String, String)>,
+    /// Heartbeats the controller answered 200 over HTTP.
+    pub http_heartbeats_acknowledged: u64,
+    /// Of those, missing from the store (must be 0).
+    pub http_heartbeats_lost: u64,
 }
 
 impl Fleet {
@@ -872,6 +908,17 @@ impl Fleet {
                     }
                 }
             }
+        }
+        let beats = lock(&self.timings).http_heartbeats_acked.clone();
+        for (vm, acked) in beats {
+            let stored = store
+                .heartbeats_for_vm(&vm)
+                .await?
+                .iter()
+                .filter(|h| h.transport == "http")
+                .count() as u64;
+            out.http_heartbeats_acknowledged += acked;
+            out.http_heartbeats_lost += acked.saturating_sub(stored);
         }
         Ok(out)
     }

@@ -303,6 +303,7 @@ impl Controller {
         if new_boot {
             self.push_new_boot(&mut batch, existing.as_ref(), &vm, now, "vm_started");
         }
+        batch.extend(lifecycle::recovery_log(existing.as_ref(), &vm, now).map(Mutation::VmLog));
         let data =
             serde_json::to_string(&report).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         // A type this version does not know is accepted (forward compatibility) but stored
@@ -837,6 +838,7 @@ impl Controller {
         if new_boot {
             self.push_new_boot(&mut batch, existing.as_ref(), &vm, now, "connect");
         }
+        batch.extend(lifecycle::recovery_log(existing.as_ref(), &vm, now).map(Mutation::VmLog));
         // What is already waiting (a registration queued at vm_started, commands queued
         // while the VM was away) goes out with the connect_ack, marked in the same write.
         let via = lifecycle::stream_via(&handle.stream_id);

@@ -64,6 +64,49 @@ pub enum StoreError {
     Closed,
 }
 
+impl StoreError {
+    /// What an operator should do about this failure, for the ERROR line that reports it.
+    pub fn advice(&self) -> &'static str {
+        let code = match self {
+            StoreError::Query(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+            StoreError::Open { .. } => {
+                return "check that the data dir exists, is writable by the controller, and is not used by another controller process";
+            }
+            StoreError::Migrate { .. } => {
+                return "the data dir's schema could not be upgraded: restore the data dir from a backup or report the error";
+            }
+            StoreError::Closed => return "the controller is shutting down; the client retries",
+            StoreError::Corrupt(_) => {
+                return "a stored row does not read back: restore the data dir from a backup or report the error";
+            }
+            // A failure replayed to a group's callers keeps only its text.
+            StoreError::Query(e) => {
+                let text = e.to_string();
+                text.split("(code: ")
+                    .nth(1)
+                    .and_then(|rest| rest.split(')').next())
+                    .map(str::to_owned)
+            }
+        };
+        // SQLite's primary result codes (the extended ones keep them in the low byte).
+        match code
+            .as_deref()
+            .and_then(|c| c.parse::<i64>().ok())
+            .map(|c| c & 0xff)
+        {
+            Some(13) => {
+                "the disk holding the data dir is full: free space there; writes resume by themselves, clients retry, and nothing was acknowledged that is not stored"
+            }
+            Some(8) => "the data dir is read-only: make it writable by the controller",
+            Some(10) => "the disk holding the data dir failed an I/O: check the disk",
+            Some(5 | 6) => "the database is locked: is another process using the data dir?",
+            _ => {
+                "the write was not stored and the client retries; if this repeats, check the data dir's disk"
+            }
+        }
+    }
+}
+
 /// Whether a VM is reporting as expected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

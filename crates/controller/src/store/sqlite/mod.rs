@@ -790,7 +790,8 @@ async fn finish(
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, "Store commit failed; the whole group is rejected");
+            let advice = StoreError::Query(clone_err(&e)).advice();
+            tracing::error!(error = %e, advice, "Store commit failed; the whole group is rejected");
             let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
             for (reply, _) in results {
                 let _ = reply.send(Err(StoreError::Query(clone_err(&e))));
