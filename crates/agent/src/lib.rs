@@ -4,6 +4,8 @@ pub mod agent;
 pub mod auth;
 pub mod clock;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod hooks;
 pub mod machine;

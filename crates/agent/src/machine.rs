@@ -743,4 +743,6 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 }
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;

@@ -9,6 +9,8 @@ pub mod config;
 pub mod dashboard;
 pub mod error;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod http;
 pub mod lifecycle;

@@ -367,6 +367,9 @@ pub fn select_deliverable<'c>(
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::Map;

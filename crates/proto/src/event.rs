@@ -357,8 +357,23 @@ pub struct HeartbeatReport {
 const MIB: i64 = 1 << 20;
 const GIB: i64 = 1 << 30;
 
+/// A byte count off the wire: zero means "not reported" on the stream; negative is nonsense.
 fn nonzero_i(v: i64) -> Option<i64> {
-    (v != 0).then_some(v)
+    (v > 0).then_some(v)
+}
+
+fn bytes(v: Option<i64>) -> Option<i64> {
+    v.filter(|b| *b >= 0)
+}
+
+/// A count in MiB/GiB (the base contract's units) in bytes; `None` when it would not fit.
+fn scaled(v: Option<i64>, unit: i64) -> Option<i64> {
+    v.filter(|n| *n >= 0).and_then(|n| n.checked_mul(unit))
+}
+
+/// A CPU figure off the wire: NaN, infinities and negatives are dropped, not stored.
+fn cpu(v: Option<f64>) -> Option<f64> {
+    v.filter(|c| c.is_finite() && *c >= 0.0)
 }
 
 fn non_empty(s: &str) -> Option<String> {
@@ -369,11 +384,11 @@ impl HeartbeatReport {
     pub fn from_json(b: HeartbeatBody) -> HeartbeatReport {
         let h = b.vm_health.unwrap_or_default();
         let health = HealthFigures {
-            cpu_percent: h.cpu_usage_percent.or(h.cpu_load),
-            memory_used_bytes: h.memory_used_bytes.or(h.memory_used.map(|m| m * MIB)),
-            memory_total_bytes: h.memory_total_bytes.or(h.memory_total.map(|m| m * MIB)),
-            disk_used_bytes: h.disk_used_bytes.or(h.disk_used.map(|g| g * GIB)),
-            disk_total_bytes: h.disk_total_bytes.or(h.disk_total.map(|g| g * GIB)),
+            cpu_percent: cpu(h.cpu_usage_percent).or(cpu(h.cpu_load)),
+            memory_used_bytes: bytes(h.memory_used_bytes).or(scaled(h.memory_used, MIB)),
+            memory_total_bytes: bytes(h.memory_total_bytes).or(scaled(h.memory_total, MIB)),
+            disk_used_bytes: bytes(h.disk_used_bytes).or(scaled(h.disk_used, GIB)),
+            disk_total_bytes: bytes(h.disk_total_bytes).or(scaled(h.disk_total, GIB)),
         };
         HeartbeatReport {
             vm_id: b.vm_id.filter(|s| !s.is_empty()),
@@ -445,7 +460,7 @@ impl HeartbeatReport {
             .health
             .as_ref()
             .map(|h| HealthFigures {
-                cpu_percent: Some(h.cpu_usage_percent),
+                cpu_percent: cpu(Some(h.cpu_usage_percent)),
                 memory_used_bytes: nonzero_i(h.memory_used_bytes),
                 memory_total_bytes: nonzero_i(h.memory_total_bytes),
                 disk_used_bytes: nonzero_i(h.disk_used_bytes),

@@ -19,6 +19,8 @@ pub enum IdError {
     BadCharacters { what: &'static str },
     #[error("{what} must not contain '..'")]
     DotDot { what: &'static str },
+    #[error("{what} must be lower-case letters, digits and '_' (e.g. job_started)")]
+    BadTypeName { what: &'static str },
 }
 
 /// Checks `value` against `[A-Za-z0-9][A-Za-z0-9._-]{0,127}` with no `..` anywhere, so it is
@@ -61,7 +63,7 @@ pub fn validate_type_name(what: &'static str, value: &str) -> Result<(), IdError
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     {
-        return Err(IdError::BadCharacters { what });
+        return Err(IdError::BadTypeName { what });
     }
     Ok(())
 }

@@ -16,6 +16,8 @@ pub mod backoff;
 pub mod codec;
 pub mod command;
 pub mod event;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod json;
 pub mod state;

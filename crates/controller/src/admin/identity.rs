@@ -5,7 +5,7 @@ use super::{AppState, VmView, actor, audit_action, vm_id_of};
 use crate::auth::Principal;
 use crate::auth::enrollment_token::MAX_TTL_SECS;
 use crate::error::ApiError;
-use crate::http::{body_bytes, parse_json};
+use crate::http::body_bytes;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{ConnectInfo, Path, State};
@@ -59,7 +59,7 @@ pub(super) async fn move_pool(
     let vm_id = vm_id_of(vm_id)?;
     let mut reason = String::new();
     let result = async {
-        let body: MovePoolBody = parse_json(&body_bytes(body)?)?;
+        let body: MovePoolBody = super::contract::parse_body(&body_bytes(body)?)?;
         reason = body.reason.unwrap_or_default();
         if reason.len() > MAX_REASON {
             return Err(ApiError::BadRequest(format!(
@@ -127,7 +127,7 @@ pub(super) async fn create_enrollment_token(
     let who = actor(principal.as_ref());
     let mut target = "vm:?".to_owned();
     let result = async {
-        let body: EnrollmentTokenBody = parse_json(&body_bytes(body)?)?;
+        let body: EnrollmentTokenBody = super::contract::parse_body(&body_bytes(body)?)?;
         target = format!("vm:{}", body.vm_id);
         let ttl = body.ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
         if ttl == 0 || ttl > MAX_TTL_SECS {

@@ -7,12 +7,13 @@
 //! the OpenAPI document ([`openapi`], checked in as `docs/openapi.json`) cannot miss one.
 //! Answers are views made for the API, not the store's records.
 
+mod contract;
 mod identity;
 
 use crate::app::Controller;
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::http::{body_bytes, parse_json, path_one};
+use crate::http::{body_bytes, path_one};
 use crate::store::{
     AuditRow, CommandFilter, CommandRecord, CommandState, EventFilter, EventRow, Health,
     HeartbeatRow, Millis, VmFilter, VmRecord,
@@ -73,7 +74,7 @@ impl utoipa::Modify for BearerAuth {
 }
 
 fn router_and_doc() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(whoami))
         .routes(routes!(list_vms))
         .routes(routes!(get_vm))
@@ -90,7 +91,9 @@ fn router_and_doc() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(identity::create_enrollment_token))
         .routes(routes!(audit))
         .routes(routes!(openapi_json))
-        .split_for_parts()
+        .split_for_parts();
+    utoipa::Modify::modify(&contract::Contract, &mut doc);
+    (router, doc)
 }
 
 pub fn routes() -> axum::Router<AppState> {
@@ -320,7 +323,7 @@ pub struct TimelineEntry {
     /// The event type, the observation, or `<command type> <new state>`.
     pub what: String,
     pub detail: Option<String>,
-    /// The event's fields, or the command id.
+    /// The event's fields; `command_id` for a command; empty for an observation.
     #[schema(value_type = Object)]
     pub data: Value,
 }
@@ -410,9 +413,14 @@ fn vm_id_of(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> 
     Ok(vm_id)
 }
 
-/// RFC 3339 time or Unix milliseconds.
+/// RFC 3339 time or Unix milliseconds (an optional sign and 1 to 18 digits, as the
+/// OpenAPI document's pattern says).
 fn parse_time(name: &str, v: &str) -> Result<Millis, ApiError> {
-    if let Ok(ms) = v.parse::<i64>() {
+    let digits = v.strip_prefix(['+', '-']).unwrap_or(v);
+    if (1..=18).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(ms) = v.parse::<i64>()
+    {
         return Ok(ms);
     }
     chrono::DateTime::parse_from_rfc3339(v)
@@ -427,7 +435,7 @@ fn parse_time(name: &str, v: &str) -> Result<Millis, ApiError> {
 /// A VM page's cursor (the last VM id of the previous page); anything else is refused
 /// rather than silently ignored.
 fn cursor(v: Option<String>) -> Result<Option<String>, ApiError> {
-    let Some(c) = non_empty(v) else {
+    let Some(c) = given(v) else {
         return Ok(None);
     };
     miglet_proto::ids::validate_vm_id(&c).map_err(|_| {
@@ -438,6 +446,22 @@ fn cursor(v: Option<String>) -> Result<Option<String>, ApiError> {
     Ok(Some(c))
 }
 
+/// A filter that must match exactly (ids, enums, times): absent or empty means "any"; it is
+/// not trimmed, so what the document's pattern refuses, the server refuses too.
+fn given(v: Option<String>) -> Option<String> {
+    v.filter(|s| !s.is_empty())
+}
+
+/// A VM id filter (`vm=`): empty means any VM.
+fn vm_filter(v: Option<String>) -> Result<Option<String>, ApiError> {
+    let vm = given(v);
+    if let Some(v) = &vm {
+        miglet_proto::ids::validate_vm_id(v).map_err(bad)?;
+    }
+    Ok(vm)
+}
+
+/// A free-text filter: trimmed; empty means any.
 fn non_empty(v: Option<String>) -> Option<String> {
     v.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
 }
@@ -510,7 +534,7 @@ async fn list_vms(
 ) -> Result<Json<VmPage>, ApiError> {
     let q = query(q)?;
     let limit = page_limit(q.limit)?;
-    let health = non_empty(q.health)
+    let health = given(q.health)
         .map(|h| {
             h.parse::<Health>()
                 .map_err(|_| bad(format!("unknown health {h:?} (healthy, unhealthy, lost)")))
@@ -642,7 +666,7 @@ async fn vm_timeline(
                 source: "controller".into(),
                 what: l.kind,
                 detail: l.detail,
-                data: Value::Null,
+                data: Value::Object(Map::new()),
             },
         ));
     }
@@ -662,7 +686,7 @@ async fn vm_timeline(
                     source: "command".into(),
                     what: format!("{} {}", c.command_type, t.to_state),
                     detail: t.detail,
-                    data: Value::String(c.id.clone()),
+                    data: serde_json::json!({ "command_id": c.id }),
                 },
             ));
         }
@@ -708,7 +732,7 @@ async fn vm_heartbeats(
     let vm_id = vm_id_of(vm_id)?;
     let q = query(q)?;
     let limit = page_limit(q.limit)?;
-    let since = non_empty(q.since)
+    let since = given(q.since)
         .map(|s| parse_time("since", &s))
         .transpose()?;
     let rows = app
@@ -746,12 +770,16 @@ fn parse_enqueue(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(Command, Option<Duration>), ApiError> {
     let bytes = body_bytes(body)?;
-    let body: EnqueueBody = parse_json(&bytes)?;
-    let command =
-        Command::from_json_parameters(&body.command_type, &body.parameters).map_err(bad)?;
+    let body: EnqueueBody = contract::parse_body(&bytes)?;
+    let command = contract::parse_command(&body.command_type, &body.parameters).map_err(bad)?;
     let ttl = match body.ttl_secs {
-        Some(0) => return Err(bad("ttl_secs must be at least 1")),
-        Some(s) => Some(Duration::from_secs(s.min(30 * 86_400))),
+        Some(s) if !(1..=contract::MAX_COMMAND_TTL_SECS).contains(&s) => {
+            return Err(bad(format!(
+                "ttl_secs must be 1 to {}",
+                contract::MAX_COMMAND_TTL_SECS
+            )));
+        }
+        Some(s) => Some(Duration::from_secs(s)),
         None => None,
     };
     Ok((command, ttl))
@@ -920,25 +948,22 @@ pub struct EventPage {
 }
 
 fn event_filter(q: EventQuery) -> Result<EventFilter, ApiError> {
-    let types: Vec<String> = non_empty(q.event_type)
-        .map(|t| {
-            t.split(',')
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect()
-        })
-        .unwrap_or_default();
+    let types: Vec<String> = q
+        .event_type
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
     for t in &types {
         miglet_proto::ids::validate_type_name("type", t).map_err(bad)?;
     }
-    let vm_id = non_empty(q.vm);
-    if let Some(v) = &vm_id {
-        miglet_proto::ids::validate_vm_id(v).map_err(bad)?;
-    }
-    let since = non_empty(q.since)
+    let vm_id = vm_filter(q.vm)?;
+    let since = given(q.since)
         .map(|s| parse_time("since", &s))
         .transpose()?;
-    let until = non_empty(q.until)
+    let until = given(q.until)
         .map(|s| parse_time("until", &s))
         .transpose()?;
     if let (Some(a), Some(b)) = (since, until)
@@ -1108,16 +1133,13 @@ async fn list_commands(
     q: Result<Query<CommandQuery>, QueryRejection>,
 ) -> Result<Json<CommandPage>, ApiError> {
     let q = query(q)?;
-    let state = non_empty(q.state)
+    let state = given(q.state)
         .map(|s| {
             s.parse::<CommandState>()
                 .map_err(|_| bad(format!("unknown command state {s:?}")))
         })
         .transpose()?;
-    let vm_id = non_empty(q.vm);
-    if let Some(v) = &vm_id {
-        miglet_proto::ids::validate_vm_id(v).map_err(bad)?;
-    }
+    let vm_id = vm_filter(q.vm)?;
     let filter = CommandFilter {
         vm_id,
         state,

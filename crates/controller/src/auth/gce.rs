@@ -177,6 +177,20 @@ impl GoogleKeys {
     }
 }
 
+/// The id of the key an identity token claims to be signed with, once its shape is right
+/// (bounded size, a JWT header, RS256 only, a `kid`): what is checked before any key is
+/// looked up or fetched.
+pub fn signing_key_id(token: &str) -> Result<String, GceError> {
+    if token.len() > 8192 {
+        return Err(GceError::Malformed);
+    }
+    let header = jsonwebtoken::decode_header(token).map_err(|_| GceError::Malformed)?;
+    if header.alg != Algorithm::RS256 {
+        return Err(GceError::Malformed);
+    }
+    header.kid.ok_or(GceError::Malformed)
+}
+
 /// Verifies `token` for `audience` at `now` (Unix seconds); `max_age` bounds how long ago it
 /// may have been issued.
 pub async fn verify(
@@ -186,14 +200,7 @@ pub async fn verify(
     max_age: Duration,
     now: i64,
 ) -> Result<GceIdentity, GceError> {
-    if token.len() > 8192 {
-        return Err(GceError::Malformed);
-    }
-    let header = jsonwebtoken::decode_header(token).map_err(|_| GceError::Malformed)?;
-    if header.alg != Algorithm::RS256 {
-        return Err(GceError::Malformed);
-    }
-    let kid = header.kid.ok_or(GceError::Malformed)?;
+    let kid = signing_key_id(token)?;
     let key = keys.key(&kid).await?;
     let mut v = Validation::new(Algorithm::RS256);
     v.set_issuer(&ISSUERS);

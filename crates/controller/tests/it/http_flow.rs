@@ -203,7 +203,8 @@ async fn base_contract_agent_gets_register_runner_exactly_once() -> TestResult {
 /// redelivery timeout, and never after its ack.
 #[tokio::test]
 async fn http_ack_and_redelivery_for_acknowledging_agents() -> TestResult {
-    let mut s = TestServer::start_with(|st| st.redelivery_timeout = Duration::from_secs(1)).await;
+    // Long enough that a loaded machine's pauses never reach it; the test moves the clock.
+    let mut s = TestServer::start_with(|st| st.redelivery_timeout = Duration::from_secs(60)).await;
     s.vm_started("vm-ack", "p").await;
     let reg = s.poll("vm-ack").await;
     let reg_id = reg[0]["id"].as_str().ok_or("id")?.to_owned();
@@ -250,7 +251,7 @@ async fn http_ack_and_redelivery_for_acknowledging_agents() -> TestResult {
         s.poll("vm-ack").await.is_empty(),
         "redelivered before the timeout"
     );
-    s.app().clock().advance(Duration::from_millis(1100));
+    s.app().clock().advance(Duration::from_secs(61));
     let again = s.poll("vm-ack").await;
     assert_eq!(again.len(), 1, "not redelivered after the timeout");
     let (status, body) = s
@@ -263,7 +264,7 @@ async fn http_ack_and_redelivery_for_acknowledging_agents() -> TestResult {
         (status, body["state"].as_str()),
         (200, Some("acknowledged"))
     );
-    s.app().clock().advance(Duration::from_millis(1100));
+    s.app().clock().advance(Duration::from_secs(61));
     assert!(s.poll("vm-ack").await.is_empty());
     let history: Vec<String> = s
         .app()

@@ -1,9 +1,11 @@
 mod admin;
+mod api_fuzz;
 mod auth;
 mod bad_input;
 mod binary;
 mod common;
 mod floods;
+mod fuzz_corpus;
 mod grpc_flow;
 mod hardening;
 mod http_flow;
