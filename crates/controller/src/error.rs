@@ -69,22 +69,10 @@ impl From<ApiError> for tonic::Status {
 /// Logs a store failure at ERROR with what to do about it, at most once a second (a full
 /// disk fails every write, and every write would say so), counting the ones not logged.
 pub fn log_store_failure(e: &StoreError, what: &str) {
-    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-    static LAST: AtomicI64 = AtomicI64::new(0);
-    static QUIET: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    let last = LAST.load(Ordering::Relaxed);
-    if now - last < 1_000
-        || LAST
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-    {
-        QUIET.fetch_add(1, Ordering::Relaxed);
+    static LINES: crate::throttle::LogThrottle = crate::throttle::LogThrottle::new(1_000);
+    let Some(more) = LINES.allow_now() else {
         return;
-    }
-    let more = QUIET.swap(0, Ordering::Relaxed);
+    };
     tracing::error!(
         error = %chain(e),
         advice = e.advice(),

@@ -27,6 +27,8 @@ use tracing::{debug, warn};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Outbound messages buffered per stream before the session waits for the peer.
 const OUTBOUND_DEPTH: usize = 64;
+/// How soon a stream tries again to deliver after the store refused the delivery.
+const DELIVERY_RETRY: Duration = Duration::from_secs(1);
 /// Largest accepted inbound message.
 pub const MAX_MESSAGE: usize = 1 << 20;
 
@@ -192,11 +194,17 @@ async fn run_session(
     let mut tick = tokio::time::interval(redelivery.max(Duration::from_secs(1)) / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut deliver = deliver_now;
+    // After a failed delivery (the store refused the write), try again soon whatever else
+    // happens: the command stays pending and nothing else would wake this stream for it.
+    let retry = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(retry);
+    let mut retrying = false;
     loop {
         if deliver {
             deliver = false;
             match app.stream_deliverable(caller, vm_id, handle).await {
                 Ok((commands, still_open)) => {
+                    retrying = false;
                     open = still_open;
                     for c in commands {
                         if tx
@@ -208,7 +216,17 @@ async fn run_session(
                         }
                     }
                 }
-                Err(e) => warn!(vm_id, error = %e, "Command delivery failed; will retry"),
+                Err(e) => {
+                    static FAILED: crate::throttle::LogThrottle =
+                        crate::throttle::LogThrottle::new(1_000);
+                    if let Some(similar_failures_not_logged) = FAILED.allow_now() {
+                        warn!(vm_id, error = %e, retry_in_secs = DELIVERY_RETRY.as_secs(), similar_failures_not_logged, "Command delivery on a stream failed; it stays queued and will be tried again");
+                    }
+                    retry
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + DELIVERY_RETRY);
+                    retrying = true;
+                }
             }
         }
         tokio::select! {
@@ -227,6 +245,10 @@ async fn run_session(
                 return "ended by the controller: the VM moved to another pool";
             }
             () = handle.nudge.notified() => deliver = true,
+            () = &mut retry, if retrying => {
+                retrying = false;
+                deliver = true;
+            }
             _ = tick.tick(), if open > 0 => deliver = true,
             next = inbound.message() => match next {
                 Ok(Some(m)) => {

@@ -20,5 +20,6 @@ pub mod pki;
 pub mod server;
 pub mod store;
 pub mod streams;
+pub mod throttle;
 pub mod tls;
 pub mod token;

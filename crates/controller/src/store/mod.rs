@@ -68,7 +68,7 @@ impl StoreError {
     /// What an operator should do about this failure, for the ERROR line that reports it.
     pub fn advice(&self) -> &'static str {
         let code = match self {
-            StoreError::Query(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+            StoreError::Query(_) => self.sqlite_code(),
             StoreError::Open { .. } => {
                 return "check that the data dir exists, is writable by the controller, and is not used by another controller process";
             }
@@ -79,21 +79,8 @@ impl StoreError {
             StoreError::Corrupt(_) => {
                 return "a stored row does not read back: restore the data dir from a backup or report the error";
             }
-            // A failure replayed to a group's callers keeps only its text.
-            StoreError::Query(e) => {
-                let text = e.to_string();
-                text.split("(code: ")
-                    .nth(1)
-                    .and_then(|rest| rest.split(')').next())
-                    .map(str::to_owned)
-            }
         };
-        // SQLite's primary result codes (the extended ones keep them in the low byte).
-        match code
-            .as_deref()
-            .and_then(|c| c.parse::<i64>().ok())
-            .map(|c| c & 0xff)
-        {
+        match code {
             Some(13) => {
                 "the disk holding the data dir is full: free space there; writes resume by themselves, clients retry, and nothing was acknowledged that is not stored"
             }
@@ -104,6 +91,32 @@ impl StoreError {
                 "the write was not stored and the client retries; if this repeats, check the data dir's disk"
             }
         }
+    }
+}
+
+impl StoreError {
+    /// SQLite's primary result code of a failed query, if it has one (the extended codes
+    /// keep it in the low byte). A failure replayed to a group's callers keeps only its
+    /// text, so the code is read from that too.
+    pub fn sqlite_code(&self) -> Option<i64> {
+        let StoreError::Query(e) = self else {
+            return None;
+        };
+        let code = match e {
+            sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+            other => other
+                .to_string()
+                .split("(code: ")
+                .nth(1)
+                .and_then(|rest| rest.split(')').next())
+                .map(str::to_owned),
+        };
+        code.and_then(|c| c.parse::<i64>().ok()).map(|c| c & 0xff)
+    }
+
+    /// Whether the disk holding the store is full (`SQLITE_FULL`).
+    pub fn is_disk_full(&self) -> bool {
+        self.sqlite_code() == Some(13)
     }
 }
 
@@ -677,6 +690,13 @@ impl Store {
     /// The write latency histogram (for the metrics registry).
     pub fn write_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
         self.write_seconds.clone()
+    }
+
+    /// Fault injection for tests: the next `writes` writes (batches) holding a mutation that
+    /// `hits` (from those not yet committed) fail as on a full disk.
+    #[doc(hidden)]
+    pub async fn fail_next_writes(&self, writes: usize, hits: fn(&Mutation) -> bool) {
+        self.backend.fail_next_writes(writes, hits).await;
     }
 
     /// Commits everything queued, then stops the writer. Later writes fail with `Closed`.

@@ -174,3 +174,33 @@ async fn restart_on_the_same_data_dir_keeps_vms_events_and_pending_commands() ->
     drop(guard);
     Ok(())
 }
+
+#[tokio::test]
+async fn delivery_the_store_refused_is_tried_again_on_the_open_stream() -> TestResult {
+    // The stream marks a command delivered before sending it; when that write fails (a full
+    // disk), the command stays pending and the stream must try again by itself: nothing else
+    // (no ack, no new command, no redelivery timer: nothing is open) would wake it.
+    let mut s = TestServer::start().await;
+    let mut a = s.grpc_connect("vm-refused", "p", "").await;
+    let reg = a.recv_command().await;
+    a.ack(&reg.id, true, "ok").await;
+    wait_command_state(s.app(), &reg.id, "acknowledged").await;
+    s.app()
+        .store()
+        .fail_next_writes(1, |m| {
+            matches!(m, mig_controller::store::Mutation::MarkDelivered { .. })
+        })
+        .await;
+    let queued = s.app().enqueue("vm-refused", drain(), "test", None).await?;
+    let got = a.recv_command().await;
+    assert_eq!(got.id, queued.id);
+    let c = s
+        .app()
+        .store()
+        .command_get(&queued.id)
+        .await?
+        .ok_or("command")?;
+    assert_eq!(c.delivery_count, 1, "the refused delivery is not counted");
+    s.stop().await;
+    Ok(())
+}

@@ -10,6 +10,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection, QueryBuilder, Row, Sqlite};
 use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -43,6 +44,16 @@ const WRITER_CACHE: &str = "-65536";
 /// WAL pages before the writer checkpoints by itself (SQLite's default is 1,000): only if the
 /// background checkpointer (every [`CHECKPOINT_EVERY`]) falls far behind.
 const WAL_CHECKPOINT_PAGES: &str = "65536";
+/// Bytes the WAL file keeps after a checkpoint resets it (it is truncated to this), so a
+/// burst's WAL does not hold disk space for ever.
+const WAL_SIZE_LIMIT: &str = "4194304";
+/// WAL frames (about 4 KiB each) above which the checkpointer empties the WAL file once it is
+/// fully copied back. Under continuous writes SQLite never starts the WAL over by itself (a
+/// writer only rewinds a WAL that was completely backfilled when its transaction began), so
+/// without this the file grows for as long as the fleet writes.
+const WAL_RESET_FRAMES: i64 = 1024;
+/// How long the checkpointer's TRUNCATE may wait for readers (and hold up the writer).
+const RESET_WAIT: Duration = Duration::from_millis(250);
 /// How often the background checkpointer copies the WAL back. Fleet writes dirty many index
 /// pages per commit; copying once a second writes a hot page back once, not once per commit.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
@@ -54,12 +65,17 @@ const SLOW_COMMIT: Duration = Duration::from_millis(100);
 const QUEUE_DEPTH: usize = 8192;
 
 type Reply = oneshot::Sender<Result<Vec<Outcome>, StoreError>>;
+/// Which writes an injected fault hits.
+pub type FaultMatch = fn(&Mutation) -> bool;
 /// The answer to a submitted write.
 pub type Pending = oneshot::Receiver<Result<Vec<Outcome>, StoreError>>;
 
 enum Msg {
     Write(Vec<Mutation>, Reply),
     Close(oneshot::Sender<()>),
+    /// Fail the next `n` writes that hold a mutation matching the predicate, as a full disk
+    /// would (fault injection for tests).
+    FailNext(usize, FaultMatch, oneshot::Sender<()>),
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +117,7 @@ impl SqliteStore {
             .clone()
             .pragma("cache_size", WRITER_CACHE)
             .pragma("wal_autocheckpoint", WAL_CHECKPOINT_PAGES)
+            .pragma("journal_size_limit", WAL_SIZE_LIMIT)
             .connect()
             .await
             .map_err(open_err)?;
@@ -111,11 +128,23 @@ impl SqliteStore {
             .connect_with(opts.clone().read_only(true))
             .await
             .map_err(open_err)?;
-        let checkpoints = opts.connect().await.map_err(open_err)?;
+        let checkpoints = opts
+            .clone()
+            .busy_timeout(RESET_WAIT)
+            .connect()
+            .await
+            .map_err(open_err)?;
         let stop = CancellationToken::new();
-        let checkpointer = tokio::spawn(checkpoint_loop(checkpoints, stop.clone()));
+        // Set by the writer while writes fail because the disk is full; the checkpointer then
+        // truncates the WAL, which is what gives the space back after a burst.
+        let disk_full = Arc::new(AtomicBool::new(false));
+        let checkpointer = tokio::spawn(checkpoint_loop(
+            checkpoints,
+            stop.clone(),
+            disk_full.clone(),
+        ));
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let handle = tokio::spawn(writer_loop(writer, rx));
+        let handle = tokio::spawn(writer_loop(writer, rx, disk_full));
         Ok(SqliteStore {
             reads,
             writes: tx,
@@ -133,6 +162,21 @@ impl SqliteStore {
             .await
             .map_err(|_| StoreError::Closed)?;
         Ok(rx)
+    }
+
+    /// Fault injection for tests: the next `writes` writes holding a mutation that `hits`
+    /// fail as on a full disk.
+    #[doc(hidden)]
+    pub async fn fail_next_writes(&self, writes: usize, hits: FaultMatch) {
+        let (done, rx) = oneshot::channel();
+        if self
+            .writes
+            .send(Msg::FailNext(writes, hits, done))
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
     }
 
     pub async fn close(&self) {
@@ -588,16 +632,46 @@ async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
 
 /// Copies the WAL back into the database from a connection of its own, so the writer never
 /// pays for a checkpoint inside a commit (its own automatic checkpoint is only a safety net).
-/// PASSIVE: never waits for, nor blocks, readers or the writer.
-async fn checkpoint_loop(mut conn: SqliteConnection, stop: CancellationToken) {
+/// PASSIVE: never waits for, nor blocks, readers or the writer. Once the WAL holds more than
+/// [`WAL_RESET_FRAMES`], RESTART: it waits (at most [`RESET_WAIT`]) for readers so that the
+/// next write starts the WAL over. While the disk is full (`disk_full`), TRUNCATE: the same,
+/// and it empties the WAL file, whose space is usually what the database needs to take writes
+/// again.
+async fn checkpoint_loop(
+    mut conn: SqliteConnection,
+    stop: CancellationToken,
+    disk_full: Arc<AtomicBool>,
+) {
+    static FREED: crate::throttle::LogThrottle = crate::throttle::LogThrottle::new(10_000);
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
             _ = tick.tick() => {
-                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut conn).await {
-                    tracing::debug!(error = %e, "Background WAL checkpoint failed; will retry");
+                let full = disk_full.load(Ordering::Relaxed);
+                let reset = full || match checkpoint(&mut conn, Checkpoint::Passive).await {
+                    Ok((_, frames, copied)) => wal_needs_reset(frames, copied),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "Background WAL checkpoint failed; will retry");
+                        false
+                    }
+                };
+                if !reset {
+                    continue;
+                }
+                // RESTART makes the next writer start the WAL over (and cut the file to
+                // WAL_SIZE_LIMIT) without giving the file's blocks back and allocating them
+                // again; TRUNCATE empties the file, for when the disk needs that space.
+                let mode = if full { Checkpoint::Truncate } else { Checkpoint::Restart };
+                match checkpoint(&mut conn, mode).await {
+                    Ok((0, _, _)) => {
+                        if full && FREED.allow_now().is_some() {
+                            tracing::warn!("The data dir's disk is full: emptied the WAL file to give its space to new writes");
+                        }
+                    }
+                    Ok(_) => tracing::debug!("WAL truncation waited for readers; will retry"),
+                    Err(e) => tracing::debug!(error = %e, "WAL truncation failed; will retry"),
                 }
             }
         }
@@ -605,10 +679,50 @@ async fn checkpoint_loop(mut conn: SqliteConnection, stop: CancellationToken) {
     let _ = conn.close().await;
 }
 
+#[derive(Clone, Copy)]
+enum Checkpoint {
+    Passive,
+    Restart,
+    Truncate,
+}
+
+/// Runs `PRAGMA wal_checkpoint(mode)`: (busy, frames in the WAL, frames copied back).
+async fn checkpoint(
+    conn: &mut SqliteConnection,
+    mode: Checkpoint,
+) -> Result<(i64, i64, i64), sqlx::Error> {
+    let sql = match mode {
+        Checkpoint::Passive => "PRAGMA wal_checkpoint(PASSIVE)",
+        Checkpoint::Restart => "PRAGMA wal_checkpoint(RESTART)",
+        Checkpoint::Truncate => "PRAGMA wal_checkpoint(TRUNCATE)",
+    };
+    let row = sqlx::query(sql).fetch_one(conn).await?;
+    Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+}
+
+/// Whether the WAL has grown past [`WAL_RESET_FRAMES`]. The PASSIVE checkpoint just before
+/// copied back whatever readers allowed (`copied`), so emptying it costs little more than the
+/// wait for readers; SQLite reports -1 frames when the connection is not in WAL mode.
+fn wal_needs_reset(frames: i64, copied: i64) -> bool {
+    frames > WAL_RESET_FRAMES && copied >= 0
+}
+
+/// Notes a failed write: a full disk sets `disk_full` (see [`checkpoint_loop`]).
+fn note_failure(disk_full: &AtomicBool, e: &StoreError) {
+    if e.is_disk_full() {
+        disk_full.store(true, Ordering::Relaxed);
+    }
+}
+
 /// The single writer: takes every queued write, applies each in its own savepoint inside one
 /// transaction, commits (one fsync for the group), then answers every caller.
-async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>) {
+async fn writer_loop(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::Receiver<Msg>,
+    disk_full: Arc<AtomicBool>,
+) {
     let mut closing: Option<oneshot::Sender<()>> = None;
+    let mut fault: (usize, FaultMatch) = (0, |_| false);
     while let Some(first) = rx.recv().await {
         let mut group: Vec<(Vec<Mutation>, Reply)> = Vec::new();
         let mut next = Some(first);
@@ -616,13 +730,30 @@ async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>) {
             match msg {
                 Msg::Write(batch, reply) => group.push((batch, reply)),
                 Msg::Close(done) => closing = Some(done),
+                Msg::FailNext(n, hits, done) => {
+                    fault = (n, hits);
+                    let _ = done.send(());
+                }
             }
             if group.len() < MAX_GROUP && closing.is_none() {
                 next = rx.try_recv().ok();
             }
         }
+        if fault.0 > 0 {
+            group.retain_mut(|(batch, reply)| {
+                if fault.0 == 0 || !batch.iter().any(fault.1) {
+                    return true;
+                }
+                fault.0 -= 1;
+                let (dead, _) = oneshot::channel();
+                let injected = std::io::Error::from(std::io::ErrorKind::StorageFull);
+                let _ = std::mem::replace(reply, dead)
+                    .send(Err(StoreError::Query(sqlx::Error::Io(injected))));
+                false
+            });
+        }
         if !group.is_empty() {
-            commit_group(&mut conn, group).await;
+            commit_group(&mut conn, group, &disk_full).await;
         }
         if closing.is_some() {
             // Commit whatever is still queued, then stop.
@@ -634,7 +765,7 @@ async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>) {
                 }
             }
             if !rest.is_empty() {
-                commit_group(&mut conn, rest).await;
+                commit_group(&mut conn, rest, &disk_full).await;
             }
             break;
         }
@@ -651,10 +782,15 @@ async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>) {
     }
 }
 
-async fn commit_group(conn: &mut SqliteConnection, group: Vec<(Vec<Mutation>, Reply)>) {
+async fn commit_group(
+    conn: &mut SqliteConnection,
+    group: Vec<(Vec<Mutation>, Reply)>,
+    disk_full: &AtomicBool,
+) {
     let started = std::time::Instant::now();
     let size = group.len();
     if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
+        note_failure(disk_full, &StoreError::Query(clone_err(&e)));
         for (_, reply) in group {
             let _ = reply.send(Err(StoreError::Query(clone_err(&e))));
         }
@@ -723,6 +859,9 @@ async fn commit_group(conn: &mut SqliteConnection, group: Vec<(Vec<Mutation>, Re
     }
     if let Some(index) = failed {
         let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        if let Some((_, Err(e))) = results.get(index) {
+            note_failure(disk_full, e);
+        }
         match retry {
             None => {
                 for (reply, res) in results {
@@ -736,12 +875,12 @@ async fn commit_group(conn: &mut SqliteConnection, group: Vec<(Vec<Mutation>, Re
                     "A write in a group failed; applying the group again with savepoints"
                 );
                 let replies = results.into_iter().map(|(r, _)| r).collect();
-                commit_with_savepoints(conn, batches, replies).await;
+                commit_with_savepoints(conn, batches, replies, disk_full).await;
             }
         }
         return;
     }
-    finish(conn, results).await;
+    finish(conn, results, disk_full).await;
     let elapsed = started.elapsed();
     if elapsed > SLOW_COMMIT {
         tracing::warn!(
@@ -763,8 +902,10 @@ async fn commit_with_savepoints(
     conn: &mut SqliteConnection,
     batches: Vec<Vec<Mutation>>,
     replies: Vec<Reply>,
+    disk_full: &AtomicBool,
 ) {
     if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
+        note_failure(disk_full, &StoreError::Query(clone_err(&e)));
         for reply in replies {
             let _ = reply.send(Err(StoreError::Query(clone_err(&e))));
         }
@@ -775,23 +916,34 @@ async fn commit_with_savepoints(
         let res = apply_in_savepoint(conn, batch).await;
         results.push((reply, res));
     }
-    finish(conn, results).await;
+    finish(conn, results, disk_full).await;
 }
 
 /// Commits, then answers every caller: each its own result, or all the commit's failure.
 async fn finish(
     conn: &mut SqliteConnection,
     results: Vec<(Reply, Result<Vec<Outcome>, StoreError>)>,
+    disk_full: &AtomicBool,
 ) {
+    static FAILED: crate::throttle::LogThrottle = crate::throttle::LogThrottle::new(1_000);
     match sqlx::query("COMMIT").execute(&mut *conn).await {
         Ok(_) => {
+            disk_full.store(false, Ordering::Relaxed);
             for (reply, res) in results {
                 let _ = reply.send(res);
             }
         }
         Err(e) => {
-            let advice = StoreError::Query(clone_err(&e)).advice();
-            tracing::error!(error = %e, advice, "Store commit failed; the whole group is rejected");
+            let failure = StoreError::Query(clone_err(&e));
+            note_failure(disk_full, &failure);
+            if let Some(more) = FAILED.allow_now() {
+                tracing::error!(
+                    error = %e,
+                    advice = failure.advice(),
+                    similar_failures_not_logged = more,
+                    "Store commit failed; the whole group is rejected"
+                );
+            }
             let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
             for (reply, _) in results {
                 let _ = reply.send(Err(StoreError::Query(clone_err(&e))));
@@ -1921,7 +2073,7 @@ mod tests {
             items.push((b, tx));
             replies.push(rx);
         }
-        commit_group(conn, items).await;
+        commit_group(conn, items, &AtomicBool::new(false)).await;
         let mut out = Vec::new();
         for r in replies {
             out.push(r.await.ok().and_then(Result::ok));

@@ -59,6 +59,22 @@ impl Drop for Tmpfs {
     }
 }
 
+/// The files of a directory with their sizes, and the free space of its filesystem.
+fn sizes(dir: &Path) -> serde_json::Value {
+    let mut files = serde_json::Map::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let len = e.metadata().map_or(0, |m| m.len());
+        files.insert(e.file_name().to_string_lossy().into_owned(), json!(len));
+    }
+    if let Ok(st) = nix::sys::statvfs::statvfs(dir) {
+        files.insert(
+            "(free bytes)".into(),
+            json!(st.blocks_available().saturating_mul(st.fragment_size())),
+        );
+    }
+    serde_json::Value::Object(files)
+}
+
 /// Whether this process may mount (root, with the capability).
 pub fn can_mount(dir: &Path) -> bool {
     nix::unistd::Uid::effective().is_root() && Tmpfs::mount(&dir.join("probe"), "1m").is_ok()
@@ -69,7 +85,13 @@ pub async fn run(o: &Opts, dir: &Path) -> anyhow::Result<(serde_json::Value, Vec
     let data = Tmpfs::mount(&dir.join("ctl").join("data"), "24m")?;
     let mut ctl = Ctl::start(
         &dir.join("ctl"),
-        &["--heartbeat-interval-secs", "2"],
+        // A command whose acknowledgment could not be stored goes out again soon.
+        &[
+            "--heartbeat-interval-secs",
+            "2",
+            "--redelivery-timeout-secs",
+            "2",
+        ],
         &github_url,
     )
     .await?;
@@ -117,6 +139,7 @@ pub async fn run(o: &Opts, dir: &Path) -> anyhow::Result<(serde_json::Value, Vec
     std::fs::remove_file(&agent_filler)?;
     eprintln!("[disk] space back");
     tokio::time::sleep(Duration::from_secs(5)).await;
+    let files_after = sizes(&data.0);
     let acked_after = c.events_accepted.load(std::sync::atomic::Ordering::Relaxed);
     sim.stop_generating().await;
     let exit = real.wait(Duration::from_secs(90)).await?;
@@ -187,6 +210,7 @@ pub async fn run(o: &Opts, dir: &Path) -> anyhow::Result<(serde_json::Value, Vec
         "events_acknowledged": stored.acknowledged,
         "retried_while_full": retried_while_full,
         "real_agent_events": real_types,
+        "controller_data_5s_after_space_came_back": files_after,
     });
     Ok((figures, checks))
 }

@@ -177,6 +177,16 @@ pub async fn run(
         connected = metric(&ctl, "mig_streams_connected").await;
     }
 
+    // Their connections count against this address's cap (200 here); close them, and give
+    // the controller a moment to see it, before the next part opens more.
+    drop(streams);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&ctl, "mig_connections_open{listener=\"grpc\"}").await > 10.0
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // 3. An oversized message ends its stream and nobody else's.
     let big = enroll(&http, &ctl.direct_http, &secret, "flood-big").await?;
     let (tx, mut inbound) = open_stream(&grpc_direct, "flood-big", &big).await?;
@@ -274,7 +284,6 @@ pub async fn run(
     let sim = SimFleet::start(&ctl, 50, 0.2, Duration::from_secs(2)).await?;
     let fleet_up = sim.wait_up(50, Duration::from_secs(60)).await;
     sim.stop().await;
-    drop(streams);
     ctl.stop().await?;
     let logs = ctl.logs();
     let shed_logged = logs.contains("Shedding load");

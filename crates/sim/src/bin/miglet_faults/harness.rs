@@ -494,6 +494,10 @@ impl SimFleet {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+        for id in &left {
+            let state = self.fleet.command_state(id).await;
+            eprintln!("command {id} not acknowledged: {state}");
+        }
         left.len()
     }
 
