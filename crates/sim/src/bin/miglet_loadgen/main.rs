@@ -231,6 +231,15 @@ async fn wait_for_file(path: &Path, child: &mut tokio::process::Child) -> anyhow
 async fn spawn_controller(bin: &Path, dir: PathBuf) -> anyhow::Result<(Child, Value)> {
     std::fs::create_dir_all(&dir)?;
     let addr_file = dir.join("addr.json");
+    // Every simulated agent connects from 127.0.0.1, and this sandbox's open-file limit
+    // (20,000) is what the 20,000-agent scenario needs: the per-address cap (a NAT'd
+    // fleet's 4,096) and the total kept below the limit would refuse the fleet being
+    // measured. Past the real limit the controller backs off accepting, as before the caps.
+    let config = dir.join("loadgen.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nmax_connections = 100000\nmax_connections_per_addr = 100000\n",
+    )?;
     let mut child = tokio::process::Command::new(bin)
         .args([
             "serve",
@@ -239,6 +248,8 @@ async fn spawn_controller(bin: &Path, dir: PathBuf) -> anyhow::Result<(Child, Va
             "--grpc-addr",
             "127.0.0.1:0",
         ])
+        .arg("--config")
+        .arg(&config)
         .args(["--metrics-addr", "127.0.0.1:0", "--log-level", "warn"])
         // Load from one address is the point here; the abuse limits would refuse it.
         .args(["--rate-limit-per-addr", "0", "--rate-limit-per-vm", "0"])
