@@ -3,7 +3,7 @@
 //! credential lifetimes, VM health and retention are tested by advancing time, not by
 //! sleeping. Every rule that depends on time reads it here.
 
-use crate::store::Millis;
+use crate::model::Millis;
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -22,7 +22,6 @@ use miglet_proto::json::{
     CommandAckBody, CommandAckResponse, CommandsResponse, EnrollRequest, EnrollResponse, ErrorBody,
     EventBody, HealthBody, HeartbeatBody, Received, RegistrationTokenRequest, VmStartedAck,
 };
-use serde::de::DeserializeOwned;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,8 +29,8 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::warn;
 
-/// Largest accepted request body.
-pub const MAX_BODY: usize = 1 << 20;
+pub use crate::extract::MAX_BODY;
+use crate::extract::{body_bytes, parse_json, path_one};
 /// A request that takes longer than this is answered 408.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -270,26 +269,6 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
                 )
             })
     }
-}
-
-pub(crate) fn path_one(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    p.map(|Path(v)| v)
-        .map_err(|e| ApiError::BadRequest(e.body_text()))
-}
-
-pub(crate) fn body_bytes(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    b.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(format!("request body is larger than {MAX_BODY} bytes"))
-        } else {
-            ApiError::BadRequest(e.body_text())
-        }
-    })
-}
-
-pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))
 }
 
 fn body_text(bytes: &Bytes) -> String {

@@ -9,12 +9,14 @@ pub mod config;
 pub mod dashboard;
 pub mod error;
 pub mod export;
+pub mod extract;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod grpc;
 pub mod http;
 pub mod lifecycle;
 pub mod metrics;
+pub mod model;
 pub mod net;
 pub mod pki;
 pub mod server;

@@ -2,7 +2,7 @@
 //! (current record, observation, now) that return the new record and what to do. No I/O;
 //! the [`crate::app`] layer reads the store, calls these, and writes the result.
 
-use crate::store::{
+use crate::model::{
     CommandRecord, CommandState, Health, HeartbeatInput, HeartbeatRow, HeartbeatVmUpdate, Millis,
     VmLogRow, VmRecord,
 };

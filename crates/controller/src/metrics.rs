@@ -54,11 +54,7 @@ pub struct ListenerLabel {
     pub listener: String,
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RefusedLabels {
-    pub listener: String,
-    pub reason: String,
-}
+pub use crate::net::RefusedLabels;
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 

@@ -62,19 +62,26 @@ pub struct ConnPolicy {
     pub idle_timeout: Option<Duration>,
 }
 
+/// Labels of refused connections: which listener, and why.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub listener: String,
+    pub reason: String,
+}
+
 /// Connection counters of one listener, for the metrics.
 #[derive(Debug, Clone, Default)]
 pub struct ConnMetrics {
     pub listener: &'static str,
     pub open: Gauge,
     /// By listener and reason: `per_addr`, `total`, `evicted`, `handshake`.
-    pub refused: Family<crate::metrics::RefusedLabels, Counter>,
+    pub refused: Family<RefusedLabels, Counter>,
 }
 
 impl ConnMetrics {
     fn count(&self, reason: &str) {
         self.refused
-            .get_or_create(&crate::metrics::RefusedLabels {
+            .get_or_create(&RefusedLabels {
                 listener: self.listener.to_owned(),
                 reason: reason.to_owned(),
             })

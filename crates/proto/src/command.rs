@@ -30,6 +30,20 @@ pub const UPDATE_CONFIG: &str = "update_config";
 /// The value written in place of a secret wherever a command is stored or logged.
 pub const REDACTED: &str = "[REDACTED]";
 
+/// Fields that carry a GitHub secret, wherever they appear in a stored JSON object.
+pub const SECRET_FIELDS: [&str; 2] = ["registration_token", "jit_config"];
+
+/// Replaces every [`SECRET_FIELDS`] value of `object` with [`REDACTED`]: the one place the
+/// controller redacts before it stores or logs a command's parameters or a registration
+/// answer.
+pub fn redact_secrets(object: &mut Map<String, Value>) {
+    for key in SECRET_FIELDS {
+        if let Some(v) = object.get_mut(key) {
+            *v = Value::String(REDACTED.into());
+        }
+    }
+}
+
 /// A command with its identity, as queued and delivered.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommandEnvelope {
@@ -195,11 +209,7 @@ impl Command {
     /// The same parameters with every secret replaced by [`REDACTED`], for storage and logs.
     pub fn redacted_json_parameters(&self) -> Map<String, Value> {
         let mut p = self.to_json_parameters();
-        for key in ["registration_token", "jit_config"] {
-            if let Some(v) = p.get_mut(key) {
-                *v = Value::String(REDACTED.into());
-            }
-        }
+        redact_secrets(&mut p);
         p
     }
 
@@ -728,5 +738,21 @@ mod tests {
         assert_eq!(red["registration_token"], REDACTED);
         assert_eq!(red["runner_url"], "https://github.com/org/repo");
         assert!(!format!("{c:?}").contains("AHT123"));
+    }
+
+    #[test]
+    fn a_registration_answer_is_redacted_by_the_same_rule() {
+        let mut answer = serde_json::json!({
+            "registration_token": "AHT123",
+            "jit_config": "base64",
+            "runner_url": "https://github.com/org",
+        });
+        let Value::Object(fields) = &mut answer else {
+            panic!("object")
+        };
+        redact_secrets(fields);
+        assert_eq!(answer["registration_token"], REDACTED);
+        assert_eq!(answer["jit_config"], REDACTED);
+        assert_eq!(answer["runner_url"], "https://github.com/org");
     }
 }

@@ -5,7 +5,7 @@ use super::{AppState, VmView, actor, audit_action, vm_id_of};
 use crate::auth::Principal;
 use crate::auth::enrollment_token::MAX_TTL_SECS;
 use crate::error::ApiError;
-use crate::http::body_bytes;
+use crate::extract::body_bytes;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{ConnectInfo, Path, State};

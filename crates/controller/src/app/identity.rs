@@ -167,9 +167,13 @@ impl Controller {
         remote: Option<SocketAddr>,
     ) -> Result<EnrollResponse, ApiError> {
         let enroller = &self.gate.enroller;
-        let proof = enroller
-            .prove(&self.store, &self.settings.pools, req)
-            .await?;
+        let rules = self
+            .settings
+            .pools
+            .get(&req.pool_id)
+            .map(|p| p.enrollment.clone())
+            .unwrap_or_default();
+        let proof = enroller.prove(&self.store, &rules, req).await?;
         let from = remote.map(|a| a.ip().to_string()).unwrap_or_default();
         let now = self.now_ms();
         let _guard = self.locks.lock(&req.vm_id).await;

@@ -18,7 +18,9 @@ use crate::store::{
     RegistrationRow, Store, VmLogRow, VmRecord, millis,
 };
 use crate::streams::{StreamHandle, Streams, VmLocks};
-use miglet_proto::command::{Command, CommandEnvelope, REDACTED, REGISTER_RUNNER, RegisterRunner};
+use miglet_proto::command::{
+    Command, CommandEnvelope, REDACTED, REGISTER_RUNNER, RegisterRunner, redact_secrets,
+};
 use miglet_proto::event::{EventKind, EventReport, HeartbeatReport};
 use miglet_proto::ids::{validate_id, validate_type_name, validate_vm_id};
 use miglet_proto::json::{CommandJson, RegistrationTokenRequest, RegistrationTokenResponse};
@@ -768,7 +770,9 @@ impl Controller {
             labels: reg.labels.clone(),
         };
         let mut stored = serde_json::to_value(&response).map_err(bad)?;
-        stored["registration_token"] = Value::String(REDACTED.into());
+        if let Value::Object(fields) = &mut stored {
+            redact_secrets(fields);
+        }
         let now = self.now_ms();
         let mut batch = vec![Mutation::InsertRegistration(RegistrationRow {
             seq: 0,

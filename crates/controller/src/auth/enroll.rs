@@ -9,7 +9,6 @@ use super::enrollment_token;
 use super::gce::{self, GceError, GceRule, GoogleKeys};
 use super::sha256_hex;
 use crate::store::{Mutation, Outcome, Store, StoreError};
-use crate::token::Pools;
 use chrono::{DateTime, Utc};
 use miglet_proto::ids::{validate_id, validate_vm_id};
 use miglet_proto::json::{EnrollMethod, EnrollRequest, EnrollResponse};
@@ -148,15 +147,11 @@ impl Enroller {
     pub async fn prove(
         &self,
         store: &Store,
-        pools: &Pools,
+        rules: &PoolEnrollment,
         req: &EnrollRequest,
     ) -> Result<Proof, EnrollError> {
         validate_vm_id(&req.vm_id).map_err(|e| EnrollError::BadRequest(e.to_string()))?;
         validate_id("pool_id", &req.pool_id).map_err(|e| EnrollError::BadRequest(e.to_string()))?;
-        let rules = pools
-            .get(&req.pool_id)
-            .map(|p| p.enrollment.clone())
-            .unwrap_or_default();
         if let Some(prefix) = &rules.vm_id_prefix
             && !req.vm_id.starts_with(prefix.as_str())
         {
@@ -171,14 +166,14 @@ impl Enroller {
                 let secret = req.bootstrap_secret.as_deref().ok_or_else(|| {
                     EnrollError::BadRequest("method bootstrap needs bootstrap_secret".into())
                 })?;
-                self.check_secret(&rules, &req.pool_id, secret).await?;
+                self.check_secret(rules, &req.pool_id, secret).await?;
                 "method=bootstrap".to_owned()
             }
             EnrollMethod::Token => {
                 let token = req.enrollment_token.as_deref().ok_or_else(|| {
                     EnrollError::BadRequest("method token needs enrollment_token".into())
                 })?;
-                let id = self.use_enrollment_token(store, &rules, req, token).await?;
+                let id = self.use_enrollment_token(store, rules, req, token).await?;
                 format!("method=token token_id={id}")
             }
             EnrollMethod::Gce => {
@@ -186,7 +181,7 @@ impl Enroller {
                     EnrollError::BadRequest("method gce needs identity_token".into())
                 })?;
                 let identity = self
-                    .check_gce(&rules, &req.pool_id, &req.vm_id, token)
+                    .check_gce(rules, &req.pool_id, &req.vm_id, token)
                     .await?;
                 // One exchange per token: a copied token is worthless once used.
                 let outcome = store

@@ -20,8 +20,6 @@ pub mod secret_token;
 
 use axum::http;
 use serde::{Deserialize, Serialize};
-use std::fmt;
-use std::str::FromStr;
 
 /// `authenticated` (the default) or `open` (development only: nobody is asked who they are).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize, Serialize)]
@@ -41,43 +39,7 @@ impl AuthMode {
     }
 }
 
-/// An operator token's role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Role {
-    /// May read everything the admin API shows.
-    ReadOnly,
-    /// May also enqueue commands and change things.
-    Admin,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::ReadOnly => "read-only",
-            Role::Admin => "admin",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Role, String> {
-        match s {
-            "read-only" | "readonly" | "read_only" => Ok(Role::ReadOnly),
-            "admin" => Ok(Role::Admin),
-            other => Err(format!(
-                "unknown role {other:?} (expected read-only or admin)"
-            )),
-        }
-    }
-}
+pub use crate::model::Role;
 
 /// A verified operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -380,7 +342,7 @@ impl Gatekeeper {
                 .operator_token_get(id)
                 .await
                 .map_err(|e| {
-                    tracing::error!(error = %crate::error::chain(&e), "Operator token lookup failed");
+                    tracing::error!(error = %miglet_proto::error_chain(&e), "Operator token lookup failed");
                     Denied::Unauthenticated("operator token could not be checked; retry".into())
                 })?
                 .ok_or_else(|| {

@@ -10,7 +10,7 @@
 //!   one behind, in queue order.
 
 use super::*;
-use crate::store::CommandRecord;
+use crate::model::CommandRecord;
 use proptest::prelude::*;
 
 const BOOTS: &[&str] = &["b1", "b2", "b3"];
