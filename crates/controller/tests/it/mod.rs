@@ -9,6 +9,7 @@ mod fuzz_corpus;
 mod grpc_flow;
 mod hardening;
 mod http_flow;
+mod layers;
 mod metrics;
 mod queue;
 mod reconciler;

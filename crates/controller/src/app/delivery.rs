@@ -1,0 +1,258 @@
+//! The command queue: enqueue, what goes out to a VM now (HTTP polling and the delivery
+//! plan both transports share), secrets filled back in at delivery, and acknowledgments.
+
+use super::*;
+
+impl Controller {
+    /// `GET .../commands`: the commands to hand out now over HTTP, marked delivered.
+    pub async fn poll_commands(
+        &self,
+        caller: &Principal,
+        vm_id: &str,
+    ) -> Result<Vec<CommandJson>, ApiError> {
+        validate_vm_id(vm_id).map_err(bad)?;
+        crate::auth::check_names(caller, vm_id, &Named::default(), None)?;
+        let _guard = self.locks.lock(vm_id).await;
+        let stored = self.store.vm_get(vm_id).await?;
+        self.check_caller(caller, vm_id, stored.as_ref()).await?;
+        let Some(mut vm) = stored else {
+            // Nothing is ever queued for a VM we have not heard of.
+            return Ok(Vec::new());
+        };
+        if lifecycle::needs_registration(&vm) {
+            self.issue_registration_locked(&mut vm).await?;
+        }
+        let now = self.now_ms();
+        let (envelopes, _open) = self
+            .deliver_locked(
+                &vm,
+                Channel::Http {
+                    acks: vm.acks_commands,
+                },
+                "http",
+                now,
+            )
+            .await?;
+        Ok(envelopes.iter().map(CommandEnvelope::to_json).collect())
+    }
+
+    /// Picks, fills in and marks delivered the commands for `channel`. Also returns how many
+    /// commands stay open (delivering does not close any).
+    pub(super) async fn deliver_locked(
+        &self,
+        vm: &VmRecord,
+        channel: Channel<'_>,
+        via: &str,
+        now: Millis,
+    ) -> Result<(Vec<CommandEnvelope>, usize), ApiError> {
+        let plan = self.plan_delivery(vm, channel, via, now).await?;
+        let mut batch = vec![Mutation::TouchVm {
+            vm_id: vm.vm_id.clone(),
+            at: now,
+        }];
+        batch.extend(plan.mutation.clone());
+        self.store.write(batch).await?;
+        self.delivered(vm, &plan, via, now);
+        Ok((plan.envelopes, plan.open.len()))
+    }
+
+    /// Picks and fills in the commands to hand out on `channel` now, and the write that marks
+    /// them delivered (for the caller's batch).
+    pub(super) async fn plan_delivery(
+        &self,
+        vm: &VmRecord,
+        channel: Channel<'_>,
+        via: &str,
+        now: Millis,
+    ) -> Result<DeliveryPlan, ApiError> {
+        let open = self.store.commands_open_for_vm(&vm.vm_id).await?;
+        let chosen = lifecycle::select_deliverable(&open, channel, now, self.redeliver_after());
+        let mut envelopes = Vec::with_capacity(chosen.len());
+        for c in chosen {
+            match self.materialize(vm, c).await {
+                Ok(env) => envelopes.push(env),
+                Err(reason) => {
+                    warn!(vm_id = %vm.vm_id, command_id = %c.id, %reason, "Command held back: it could not be prepared for delivery");
+                }
+            }
+        }
+        let mutation = (!envelopes.is_empty()).then(|| Mutation::MarkDelivered {
+            ids: envelopes.iter().map(|e| e.id.clone()).collect(),
+            at: now,
+            via: via.to_owned(),
+        });
+        Ok(DeliveryPlan {
+            open,
+            envelopes,
+            mutation,
+        })
+    }
+
+    /// After a planned delivery is stored: logs it and ends the vm_started-to-registration
+    /// wait if a boot's registration went out for the first time.
+    pub(super) fn delivered(&self, vm: &VmRecord, plan: &DeliveryPlan, via: &str, now: Millis) {
+        for env in &plan.envelopes {
+            info!(vm_id = %vm.vm_id, command_id = %env.id, command_type = env.command.type_name(), via, "Command delivered");
+        }
+        for c in &plan.open {
+            if c.command_type == REGISTER_RUNNER
+                && c.delivery_count == 0
+                && plan.envelopes.iter().any(|e| e.id == c.id)
+            {
+                self.metrics
+                    .registration_latency
+                    .observe((now - vm.booted_at).max(0) as f64 / 1000.0);
+            }
+        }
+    }
+
+    /// Turns a stored command back into the typed command, filling in secrets that are never
+    /// stored (the registration token comes fresh from the pool's token source).
+    pub(super) async fn materialize(
+        &self,
+        vm: &VmRecord,
+        c: &CommandRecord,
+    ) -> Result<CommandEnvelope, String> {
+        let mut command = Command::from_json_parameters(&c.command_type, &c.parameters)
+            .map_err(|e| e.to_string())?;
+        if let Command::RegisterRunner(r) = &mut command
+            && r.registration_token.as_deref() == Some(REDACTED)
+        {
+            if vm.job_started_at.is_some() {
+                return Err(JOB_STARTED.into());
+            }
+            let reg = self
+                .settings
+                .pools
+                .get(&vm.pool_id)
+                .map_err(|e| e.to_string())?;
+            let token = reg
+                .token
+                .registration_token(self.clock().now())
+                .await
+                .map_err(|e| crate::error::chain(&e))?;
+            r.registration_token = Some(token.token);
+            let stored = c.expires_at.map(crate::store::from_millis);
+            r.expires_at = Some(stored.map_or(token.expires_at, |s| s.min(token.expires_at)));
+        }
+        Ok(CommandEnvelope {
+            id: c.id.clone(),
+            created_at: crate::store::from_millis(c.created_at),
+            command,
+        })
+    }
+
+    /// Records an agent's acknowledgment. Idempotent: acknowledging a finished command again
+    /// changes nothing and answers its state. A VM may acknowledge only its own commands.
+    pub async fn ack_command(
+        &self,
+        caller: &Principal,
+        vm_id: &str,
+        ack: Ack<'_>,
+    ) -> Result<CommandState, ApiError> {
+        let Ack {
+            command_id,
+            success,
+            message,
+            result,
+            via,
+        } = ack;
+        validate_vm_id(vm_id).map_err(bad)?;
+        validate_id("command_id", command_id).map_err(bad)?;
+        crate::auth::check_names(caller, vm_id, &Named::default(), None)?;
+        let _guard = self.locks.lock(vm_id).await;
+        let stored = self.store.vm_get(vm_id).await?;
+        self.check_caller(caller, vm_id, stored.as_ref()).await?;
+        let cmd = match self.store.command_get(command_id).await? {
+            Some(c) if c.vm_id == vm_id => c,
+            _ => {
+                return Err(ApiError::NotFound(format!(
+                    "no command {command_id:?} for VM {vm_id:?}"
+                )));
+            }
+        };
+        let to = if success {
+            CommandState::Acknowledged
+        } else {
+            CommandState::Failed
+        };
+        let mut msg = message.to_owned();
+        if msg.len() > MAX_ACK_MESSAGE {
+            let mut cut = MAX_ACK_MESSAGE;
+            while !msg.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            msg.truncate(cut);
+        }
+        let now = self.now_ms();
+        let mut batch = vec![Mutation::CommandTransition {
+            id: cmd.id.clone(),
+            from: &[
+                CommandState::Pending,
+                CommandState::Delivered,
+                CommandState::Expired,
+            ],
+            to,
+            at: now,
+            detail: Some(format!("ack via {via}")),
+            result_message: Some(msg.clone()),
+            result: (!result.is_empty()).then_some(result),
+        }];
+        if let Some(mut vm) = stored
+            && !vm.acks_commands
+        {
+            vm.acks_commands = true;
+            vm.updated_at = now;
+            batch.push(Mutation::PutVm(vm));
+        }
+        let outcomes = self.store.write(batch).await?;
+        if outcomes.first() == Some(&Outcome::Applied(true)) {
+            self.metrics
+                .command_acked(&cmd.command_type, now - cmd.created_at);
+            info!(vm_id, command_id, success, message = %msg, via, "Command acknowledged");
+            Ok(to)
+        } else {
+            Ok(cmd.state)
+        }
+    }
+
+    /// Queues a command for a known VM (internal API; the operator API builds on it).
+    /// `register_runner` is reserved to the controller itself.
+    pub async fn enqueue(
+        &self,
+        vm_id: &str,
+        command: Command,
+        source: &str,
+        ttl: Option<Duration>,
+    ) -> Result<CommandRecord, ApiError> {
+        validate_vm_id(vm_id).map_err(bad)?;
+        if matches!(command, Command::RegisterRunner(_)) {
+            return Err(ApiError::BadRequest(
+                "register_runner is issued by the controller itself".into(),
+            ));
+        }
+        let _guard = self.locks.lock(vm_id).await;
+        let vm = self
+            .store
+            .vm_get(vm_id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("unknown VM {vm_id:?}")))?;
+        let now = self.now_ms();
+        let ttl = ttl.unwrap_or(self.settings.command_ttl);
+        let record = CommandRecord::pending(
+            format!("{}-{}", command.type_name(), uuid::Uuid::now_v7().simple()),
+            vm_id,
+            &vm.boot_id,
+            &command,
+            source,
+            now,
+            now + ttl.as_millis() as Millis,
+        );
+        self.store
+            .write(vec![Mutation::InsertCommand(record.clone())])
+            .await?;
+        info!(vm_id, command_id = %record.id, command_type = %record.command_type, source, "Command queued");
+        self.streams.nudge(vm_id);
+        Ok(record)
+    }
+}
