@@ -84,6 +84,15 @@ pub fn log_store_failure(e: &StoreError, what: &str) {
 /// Formats an error with its whole source chain (`a: b: c`), for logs.
 pub use miglet_proto::error_chain as chain;
 
+impl From<crate::auth::Refused> for ApiError {
+    fn from(r: crate::auth::Refused) -> ApiError {
+        match r {
+            crate::auth::Refused::Limited(wait) => ApiError::TooManyRequests(wait),
+            crate::auth::Refused::Denied(d) => ApiError::from(d),
+        }
+    }
+}
+
 impl From<crate::auth::Denied> for ApiError {
     fn from(d: crate::auth::Denied) -> ApiError {
         match d {

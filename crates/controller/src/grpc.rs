@@ -74,11 +74,8 @@ impl CommandService for GrpcService {
         // The stream keeps its connection from idling out for as long as it lasts.
         let busy = conn.map(|c| c.activity.begin());
         let gate = self.app.gate();
-        if let Some(addr) = remote
-            && let Err(wait) = gate.limits.check_addr(addr.ip())
-        {
-            return Err(ApiError::TooManyRequests(wait).into());
-        }
+        gate.check_peer(remote.map(|a| a.ip()))
+            .map_err(ApiError::from)?;
         // The credential is checked before anything is read from the stream, by the same
         // gate as every HTTP request.
         let token = request
@@ -105,11 +102,8 @@ impl CommandService for GrpcService {
                 "the first message on the stream must be connect",
             ));
         };
-        crate::auth::authorize(&Route::Vm(connect.vm_id.clone()), Some(&caller))
+        gate.admit(&Route::Vm(connect.vm_id.clone()), Some(&caller))
             .map_err(ApiError::from)?;
-        if let Err(wait) = gate.limits.check_vm(&connect.vm_id) {
-            return Err(ApiError::TooManyRequests(wait).into());
-        }
 
         let opened = self
             .app
@@ -254,8 +248,8 @@ async fn run_session(
                 Ok(Some(m)) => {
                     // The per-VM limit holds on the stream too: over it, a message is refused
                     // (not stored) with a notice, and the stream stays up.
-                    if let Err(wait) = app.gate().limits.check_vm(vm_id) {
-                        let notice = error_msg("rate_limited", ApiError::TooManyRequests(wait).to_string());
+                    if let Err(refused) = app.gate().check_vm_rate(vm_id) {
+                        let notice = error_msg("rate_limited", ApiError::from(refused).to_string());
                         if tx.send(Ok(notice)).await.is_err() {
                             return "peer gone";
                         }

@@ -159,10 +159,8 @@ async fn gate(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    if let Some(peer) = peer
-        && let Err(wait) = gate.limits.check_addr(peer.ip())
-    {
-        return ApiError::TooManyRequests(wait).into_response();
+    if let Err(refused) = gate.check_peer(peer.map(|p| p.ip())) {
+        return ApiError::from(refused).into_response();
     }
     let route = auth::route(req.method(), req.uri().path());
     let admin_write = matches!(route, Route::Admin { write: true });
@@ -192,10 +190,12 @@ async fn gate(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
             }
         }
     };
-    if let Err(denied) = auth::authorize(&route, principal.as_ref()) {
-        if admin_write {
+    if let Err(refused) = gate.admit(&route, principal.as_ref()) {
+        if let auth::Refused::Denied(denied) = &refused
+            && admin_write
+        {
             match &principal {
-                Some(p) => app.audit().denied(p, action, peer, &denied).await,
+                Some(p) => app.audit().denied(p, action, peer, denied).await,
                 None => {
                     app.audit()
                         .unauthenticated("anonymous".into(), action, peer, &denied.to_string())
@@ -203,12 +203,7 @@ async fn gate(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
                 }
             }
         }
-        return ApiError::from(denied).into_response();
-    }
-    if let Route::Vm(vm_id) = &route
-        && let Err(wait) = gate.limits.check_vm(vm_id)
-    {
-        return ApiError::TooManyRequests(wait).into_response();
+        return ApiError::from(refused).into_response();
     }
     if let Some(p) = principal {
         req.extensions_mut().insert(p);

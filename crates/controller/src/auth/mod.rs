@@ -313,7 +313,20 @@ pub fn random_bytes(n: usize) -> Result<Vec<u8>, aws_lc_rs::error::Unspecified> 
     Ok(buf)
 }
 
-/// Everything a front end needs to decide about a caller.
+/// Why the gate turned a caller away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// Over a rate limit (per address or per VM): retry after this long.
+    Limited(std::time::Duration),
+    /// Not authenticated, or not allowed on this route.
+    Denied(Denied),
+}
+
+/// Everything a front end needs to decide about a caller. Both transports go through the
+/// same three steps, in this order: [`Gatekeeper::check_peer`] (per-address limit),
+/// [`Gatekeeper::principal`] (who the credential proves), [`Gatekeeper::admit`] (may that
+/// caller use this route, and the per-VM limit). The app's operations then check the names
+/// each message carries against the caller ([`check_names`]).
 #[derive(Debug)]
 pub struct Gatekeeper {
     pub mode: AuthMode,
@@ -322,6 +335,29 @@ pub struct Gatekeeper {
 }
 
 impl Gatekeeper {
+    /// The per-address rate limit, before anything else is read.
+    pub fn check_peer(&self, peer: Option<std::net::IpAddr>) -> Result<(), Refused> {
+        match peer {
+            Some(ip) => self.limits.check_addr(ip).map_err(Refused::Limited),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `caller` may use `route` ([`authorize`]), then, for a VM's route, that VM's
+    /// rate limit (also applied to every message on its stream).
+    pub fn admit(&self, route: &Route, caller: Option<&Principal>) -> Result<(), Refused> {
+        authorize(route, caller).map_err(Refused::Denied)?;
+        match route {
+            Route::Vm(vm_id) => self.check_vm_rate(vm_id),
+            _ => Ok(()),
+        }
+    }
+
+    /// The per-VM rate limit alone: for each message on a stream already admitted.
+    pub fn check_vm_rate(&self, vm_id: &str) -> Result<(), Refused> {
+        self.limits.check_vm(vm_id).map_err(Refused::Limited)
+    }
+
     /// Verifies `token` (the bearer token, if any). `Ok(None)`: no credential came. In `open`
     /// mode everyone is [`Principal::Open`].
     pub async fn principal(
