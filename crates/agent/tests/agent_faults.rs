@@ -194,14 +194,10 @@ async fn a_killed_agent_replays_its_spool_and_runs_no_command_twice() -> R {
     // The controller forgets the acknowledgment (as after a restore from backup), so it will
     // hand the command out again.
     app.store()
-        .write(vec![mig_controller::store::Mutation::CommandTransition {
+        .write(vec![mig_controller::store::Mutation::RestoreCommandState {
             id: cmd.id.clone(),
-            from: &[mig_controller::store::CommandState::Acknowledged],
-            to: mig_controller::store::CommandState::Delivered,
+            state: mig_controller::store::CommandState::Delivered,
             at: chrono::Utc::now().timestamp_millis() - 60_000,
-            detail: Some("test: ack lost".into()),
-            result_message: None,
-            result: None,
         }])
         .await?;
     ctl.http_proxy.set_mode(Mode::Pass);

@@ -228,7 +228,6 @@ fn bench(c: &mut Criterion) {
                 let acked = store
                     .write(vec![Mutation::CommandTransition {
                         id,
-                        from: CommandState::OPEN,
                         to: CommandState::Acknowledged,
                         at: 3,
                         detail: None,

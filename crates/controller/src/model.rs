@@ -72,6 +72,14 @@ pub enum CommandState {
 
 impl CommandState {
     pub const OPEN: &'static [CommandState] = &[CommandState::Pending, CommandState::Delivered];
+    /// Every state.
+    pub const ALL: [CommandState; 5] = [
+        CommandState::Pending,
+        CommandState::Delivered,
+        CommandState::Acknowledged,
+        CommandState::Failed,
+        CommandState::Expired,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -187,11 +187,6 @@ impl Controller {
         let now = self.now_ms();
         let mut batch = vec![Mutation::CommandTransition {
             id: cmd.id.clone(),
-            from: &[
-                CommandState::Pending,
-                CommandState::Delivered,
-                CommandState::Expired,
-            ],
             to,
             at: now,
             detail: Some(format!("ack via {via}")),

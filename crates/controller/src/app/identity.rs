@@ -278,7 +278,6 @@ impl Controller {
             if let Some(old) = vm.registration_command_id.take() {
                 batch.push(Mutation::CommandTransition {
                     id: old,
-                    from: CommandState::OPEN,
                     to: CommandState::Expired,
                     at: now,
                     detail: Some("superseded: the VM moved to another pool".into()),

@@ -143,7 +143,6 @@ impl Controller {
         if let Some(old_reg) = old.and_then(|o| o.registration_command_id.clone()) {
             batch.push(Mutation::CommandTransition {
                 id: old_reg,
-                from: CommandState::OPEN,
                 to: CommandState::Expired,
                 at: now,
                 detail: Some("superseded by a new boot".into()),

@@ -216,15 +216,23 @@ pub enum Mutation {
     IngestHeartbeat(Box<HeartbeatInput>),
     InsertRegistration(RegistrationRow),
     InsertCommand(CommandRecord),
-    /// Move a command to `to` if it is in one of `from`: [`Outcome::Applied`] says whether.
+    /// Move a command to `to` if the transition table ([`crate::lifecycle::may_transition`])
+    /// allows it from its current state: [`Outcome::Applied`] says whether.
     CommandTransition {
         id: String,
-        from: &'static [CommandState],
         to: CommandState,
         at: Millis,
         detail: Option<String>,
         result_message: Option<String>,
         result: Option<Map<String, Value>>,
+    },
+    /// Fault injection for tests: put a command back in `state` as a restore from an older
+    /// backup would (the transition table does not apply; nothing in the controller sends it).
+    #[doc(hidden)]
+    RestoreCommandState {
+        id: String,
+        state: CommandState,
+        at: Millis,
     },
     /// Record that open commands went out on `via`.
     MarkDelivered {

@@ -44,7 +44,6 @@ pub(super) async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Ou
         Mutation::InsertCommand(c) => command::insert_command(conn, c).await,
         Mutation::CommandTransition {
             id,
-            from,
             to,
             at,
             detail,
@@ -53,7 +52,6 @@ pub(super) async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Ou
         } => {
             let t = command::Transition {
                 id,
-                from,
                 to,
                 at,
                 detail,
@@ -64,6 +62,9 @@ pub(super) async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Ou
         }
         Mutation::MarkDelivered { ids, at, via } => {
             command::mark_delivered(conn, ids, at, via).await
+        }
+        Mutation::RestoreCommandState { id, state, at } => {
+            command::restore_state(conn, id, state, at).await
         }
         Mutation::ExpireCommands { now } => command::expire_commands(conn, now).await,
         Mutation::InsertOperatorToken(t) => auth::insert_operator_token(conn, t).await,

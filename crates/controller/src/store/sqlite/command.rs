@@ -46,8 +46,6 @@ pub(super) async fn insert_command(
 /// A command transition as the caller asked for it.
 pub(super) struct Transition {
     pub id: String,
-    /// The states the command may be in; in any other the transition is not applied.
-    pub from: &'static [CommandState],
     pub to: CommandState,
     pub at: Millis,
     pub detail: Option<String>,
@@ -55,15 +53,14 @@ pub(super) struct Transition {
     pub result: Option<Map<String, Value>>,
 }
 
-/// Moves a command from one of `t.from` to `t.to`: `Applied(false)` when it is unknown or in
-/// another state.
+/// Moves a command to `t.to` if [`crate::lifecycle::may_transition`] allows it from the state
+/// it is in: `Applied(false)` when it is unknown or the table refuses.
 pub(super) async fn transition(
     conn: &mut SqliteConnection,
     t: Transition,
 ) -> Result<Outcome, StoreError> {
     let Transition {
         id,
-        from,
         to,
         at,
         detail,
@@ -78,7 +75,7 @@ pub(super) async fn transition(
         return Ok(Outcome::Applied(false));
     };
     let current: CommandState = current.parse()?;
-    if !from.contains(&current) {
+    if !crate::lifecycle::may_transition(current, to) {
         return Ok(Outcome::Applied(false));
     }
     let finished = (!to.is_open()).then_some(at);
@@ -97,6 +94,53 @@ pub(super) async fn transition(
     Ok(Outcome::Applied(true))
 }
 
+/// `('pending', 'delivered')`: the states the transition table lets a command leave for
+/// `to`, as an SQL list, so the set-wise statements below follow the same table.
+fn states_into(to: CommandState) -> String {
+    let names: Vec<String> = crate::lifecycle::from_states(to)
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    format!("({})", names.join(", "))
+}
+
+static MARK_DELIVERED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE commands SET state = 'delivered', delivered_at = ?, delivered_via = ?, \
+         delivery_count = delivery_count + 1 WHERE id = ? AND state IN {}",
+        states_into(CommandState::Delivered)
+    )
+});
+
+static EXPIRE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE commands SET state = 'expired', finished_at = ?1, \
+         result_message = COALESCE(result_message, 'expired before acknowledgment') \
+         WHERE state IN {} AND expires_at IS NOT NULL AND expires_at <= ?1 \
+         RETURNING id, vm_id, command_type",
+        states_into(CommandState::Expired)
+    )
+});
+
+/// A command put back in `state` (and its delivery time to `at`), outside the transition table:
+/// fault injection only, for what a restore from an older backup does.
+pub(super) async fn restore_state(
+    conn: &mut SqliteConnection,
+    id: String,
+    state: CommandState,
+    at: Millis,
+) -> Result<Outcome, StoreError> {
+    let done = sqlx::query(
+        "UPDATE commands SET state = ?, delivered_at = ?, finished_at = NULL WHERE id = ?",
+    )
+    .bind(state.as_str())
+    .bind(at)
+    .bind(&id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Outcome::Applied(done.rows_affected() > 0))
+}
+
 /// Commands sent on a transport: pending or delivered → delivered, counted.
 pub(super) async fn mark_delivered(
     conn: &mut SqliteConnection,
@@ -105,15 +149,12 @@ pub(super) async fn mark_delivered(
     via: String,
 ) -> Result<Outcome, StoreError> {
     for id in ids {
-        let res = sqlx::query(
-            "UPDATE commands SET state = 'delivered', delivered_at = ?, delivered_via = ?, \
-             delivery_count = delivery_count + 1 WHERE id = ? AND state IN ('pending', 'delivered')",
-        )
-        .bind(at)
-        .bind(&via)
-        .bind(&id)
-        .execute(&mut *conn)
-        .await?;
+        let res = sqlx::query(sqlx::AssertSqlSafe(MARK_DELIVERED.as_str()))
+            .bind(at)
+            .bind(&via)
+            .bind(&id)
+            .execute(&mut *conn)
+            .await?;
         if res.rows_affected() == 1 {
             sqlx::query(
                 "INSERT INTO command_transitions (command_id, at, from_state, to_state, detail) \
@@ -134,15 +175,10 @@ pub(super) async fn expire_commands(
     conn: &mut SqliteConnection,
     now: Millis,
 ) -> Result<Outcome, StoreError> {
-    let rows = sqlx::query(
-        "UPDATE commands SET state = 'expired', finished_at = ?1, \
-         result_message = COALESCE(result_message, 'expired before acknowledgment') \
-         WHERE state IN ('pending', 'delivered') AND expires_at IS NOT NULL AND expires_at <= ?1 \
-         RETURNING id, vm_id, command_type",
-    )
-    .bind(now)
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(EXPIRE.as_str()))
+        .bind(now)
+        .fetch_all(&mut *conn)
+        .await?;
     let mut expired = Vec::with_capacity(rows.len());
     for r in rows {
         let e = ExpiredCommand {
@@ -191,4 +227,23 @@ pub(super) async fn insert_transition(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_set_wise_statements_follow_the_transition_table() {
+        assert_eq!(
+            states_into(CommandState::Delivered),
+            "('pending', 'delivered')"
+        );
+        assert_eq!(
+            states_into(CommandState::Expired),
+            "('pending', 'delivered')"
+        );
+        assert!(MARK_DELIVERED.contains("state IN ('pending', 'delivered')"));
+        assert!(EXPIRE.contains("WHERE state IN ('pending', 'delivered') AND"));
+    }
 }

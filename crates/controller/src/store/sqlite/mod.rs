@@ -595,7 +595,6 @@ mod tests {
             .await?;
         let ack = |to| Mutation::CommandTransition {
             id: "c".into(),
-            from: CommandState::OPEN,
             to,
             at: 5,
             detail: None,
