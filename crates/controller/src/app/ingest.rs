@@ -2,6 +2,77 @@
 
 use super::*;
 
+/// The ids an event names, each valid if present.
+fn check_event_ids(vm_id: &str, report: &EventReport) -> Result<(), ApiError> {
+    validate_vm_id(vm_id).map_err(bad)?;
+    validate_type_name("type", &report.event_type).map_err(bad)?;
+    check_optional_id("vm_id", report.vm_id.as_deref())?;
+    check_optional_id("pool_id", report.pool_id.as_deref())?;
+    check_optional_id("org_id", report.org_id.as_deref())?;
+    check_optional_id("event_id", report.event_id.as_deref())?;
+    check_optional_id("boot_id", report.boot_id.as_deref())
+}
+
+/// The VM after an event that is not an announcement: applied if it is of the current boot
+/// (an unknown VM is adopted); a late event of an earlier boot is stored but says nothing
+/// about now.
+fn after_event(
+    existing: Option<&VmRecord>,
+    vm_id: &str,
+    report: &EventReport,
+    kind: &EventKind,
+    now: Millis,
+) -> VmRecord {
+    let base = match existing {
+        Some(v) => v.clone(),
+        None => lifecycle::adopt(
+            vm_id,
+            report.pool_id.as_deref(),
+            report.org_id.as_deref(),
+            report.boot_id.as_deref(),
+            None,
+            now,
+        ),
+    };
+    if lifecycle::is_current_boot(&base, report.boot_id.as_deref()) {
+        lifecycle::on_event(&base, kind, now)
+    } else {
+        let mut v = base;
+        v.last_seen_at = v.last_seen_at.max(now);
+        v
+    }
+}
+
+/// The stored row of an event. A type this version does not know is accepted (forward
+/// compatibility) but stored as `unknown` (its name stays in the report) and changes no
+/// state.
+fn event_row(
+    vm_id: &str,
+    report: &EventReport,
+    transport: Transport,
+    now: Millis,
+    raw: String,
+) -> Result<EventRow, ApiError> {
+    let data = serde_json::to_string(report).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let known_type = miglet_proto::event::is_known_event_type(&report.event_type);
+    Ok(EventRow {
+        seq: 0,
+        vm_id: vm_id.to_owned(),
+        event_id: report.event_id.clone(),
+        event_type: if known_type {
+            report.event_type.clone()
+        } else {
+            miglet_proto::event::UNKNOWN.to_owned()
+        },
+        boot_id: report.boot_id.clone(),
+        transport: transport.as_str().to_owned(),
+        occurred_at: report.timestamp.map(millis),
+        received_at: now,
+        data,
+        raw,
+    })
+}
+
 impl Controller {
     /// Stores an event (once per `event_id`) from `caller` and applies it to the VM.
     pub async fn ingest_event(
@@ -12,13 +83,7 @@ impl Controller {
         raw: String,
         transport: Transport,
     ) -> Result<EventAccepted, ApiError> {
-        validate_vm_id(vm_id).map_err(bad)?;
-        validate_type_name("type", &report.event_type).map_err(bad)?;
-        check_optional_id("vm_id", report.vm_id.as_deref())?;
-        check_optional_id("pool_id", report.pool_id.as_deref())?;
-        check_optional_id("org_id", report.org_id.as_deref())?;
-        check_optional_id("event_id", report.event_id.as_deref())?;
-        check_optional_id("boot_id", report.boot_id.as_deref())?;
+        check_event_ids(vm_id, &report)?;
         fill_pool(caller, &mut report.pool_id);
         let named = Named {
             vm_id: report.vm_id.as_deref(),
@@ -53,66 +118,22 @@ impl Controller {
                 org_id: report.org_id.as_deref(),
                 version,
             };
-            lifecycle::on_contact(existing.as_ref(), vm_id, &contact, now)
+            self.announce(&mut batch, existing.as_ref(), vm_id, &contact, now)
         } else {
-            let base = match &existing {
-                Some(v) => v.clone(),
-                None => lifecycle::adopt(
-                    vm_id,
-                    report.pool_id.as_deref(),
-                    report.org_id.as_deref(),
-                    report.boot_id.as_deref(),
-                    None,
-                    now,
-                ),
-            };
-            if lifecycle::is_current_boot(&base, report.boot_id.as_deref()) {
-                (lifecycle::on_event(&base, &kind, now), false)
-            } else {
-                // A late event of an earlier boot: stored, but it says nothing about now.
-                let mut v = base;
-                v.last_seen_at = v.last_seen_at.max(now);
-                (v, false)
-            }
+            (
+                after_event(existing.as_ref(), vm_id, &report, &kind, now),
+                false,
+            )
         };
-        if new_boot {
-            self.push_new_boot(&mut batch, existing.as_ref(), &vm, now, "vm_started");
-        }
         batch.extend(lifecycle::recovery_log(existing.as_ref(), &vm, now).map(Mutation::VmLog));
-        let data =
-            serde_json::to_string(&report).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        // A type this version does not know is accepted (forward compatibility) but stored
-        // as `unknown` (its name stays in the report) and changes no state.
-        let known_type = miglet_proto::event::is_known_event_type(&report.event_type);
-        batch.push(Mutation::InsertEvent(EventRow {
-            seq: 0,
-            vm_id: vm_id.to_owned(),
-            event_id: report.event_id.clone(),
-            event_type: if known_type {
-                report.event_type.clone()
-            } else {
-                miglet_proto::event::UNKNOWN.to_owned()
-            },
-            boot_id: report.boot_id.clone(),
-            transport: transport.as_str().to_owned(),
-            occurred_at: report.timestamp.map(millis),
-            received_at: now,
-            data,
-            raw,
-        }));
+        batch.push(Mutation::InsertEvent(event_row(
+            vm_id, &report, transport, now, raw,
+        )?));
         vm.connected = self.streams.is_connected(vm_id);
         // The registration a new boot needs goes in the same atomic write as its vm_started.
-        let registration = if lifecycle::needs_registration(&vm) {
-            self.prepare_registration(&mut vm, now).await
-        } else {
-            None
-        };
-        batch.push(Mutation::PutVm(vm.clone()));
-        batch.extend(
-            registration
-                .iter()
-                .map(|r| Mutation::InsertCommand(r.clone())),
-        );
+        let registration = self
+            .put_vm_with_registration(&mut batch, &mut vm, now)
+            .await;
         let event_type = report.event_type.clone();
         self.store.write(batch).await?;
         self.names.remember(&vm);
@@ -128,36 +149,6 @@ impl Controller {
             vm,
             duplicate: false,
         })
-    }
-
-    /// The writes that open a new boot: the old boot's unfinished registration is superseded
-    /// and the boot is logged.
-    pub(super) fn push_new_boot(
-        &self,
-        batch: &mut Vec<Mutation>,
-        old: Option<&VmRecord>,
-        vm: &VmRecord,
-        now: Millis,
-        via: &str,
-    ) {
-        if let Some(old_reg) = old.and_then(|o| o.registration_command_id.clone()) {
-            batch.push(Mutation::CommandTransition {
-                id: old_reg,
-                to: CommandState::Expired,
-                at: now,
-                detail: Some("superseded by a new boot".into()),
-                result_message: Some("superseded by a new boot of the VM".into()),
-                result: None,
-            });
-        }
-        batch.push(Mutation::VmLog(VmLogRow {
-            vm_id: vm.vm_id.clone(),
-            at: now,
-            kind: "boot_started".into(),
-            detail: Some(
-                json!({"boot_id": vm.boot_id, "boot_seq": vm.boot_seq, "via": via}).to_string(),
-            ),
-        }));
     }
 
     /// Stores a heartbeat from `caller` and applies it to the VM. Every part of the

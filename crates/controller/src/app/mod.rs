@@ -5,6 +5,7 @@
 //! store batch, and only then answer. Work on different VMs runs in parallel and shares the
 //! store's group commits.
 
+mod announce;
 mod delivery;
 mod identity;
 mod ingest;

@@ -10,15 +10,12 @@ impl Controller {
         &self,
         vm: &mut VmRecord,
     ) -> Result<(), ApiError> {
-        let Some(record) = self.prepare_registration(vm, self.now_ms()).await else {
+        let mut batch = Vec::with_capacity(2);
+        let now = self.now_ms();
+        let Some(record) = self.put_vm_with_registration(&mut batch, vm, now).await else {
             return Ok(());
         };
-        self.store
-            .write(vec![
-                Mutation::InsertCommand(record.clone()),
-                Mutation::PutVm(vm.clone()),
-            ])
-            .await?;
+        self.store.write(batch).await?;
         self.registration_queued(vm, &record);
         Ok(())
     }

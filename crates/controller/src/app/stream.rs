@@ -3,6 +3,41 @@
 
 use super::*;
 
+/// The ids and version a `ConnectRequest` carries, each valid.
+fn check_connect(c: &pb::ConnectRequest) -> Result<(), ApiError> {
+    validate_vm_id(&c.vm_id).map_err(bad)?;
+    check_optional_id("pool_id", Some(&c.pool_id))?;
+    check_optional_id("org_id", Some(&c.org_id))?;
+    check_optional_id("boot_id", Some(&c.boot_id))?;
+    if c.version.len() > 128 {
+        return Err(ApiError::BadRequest(
+            "version is longer than 128 characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The VM's log line of a stream that opened.
+fn connected_log(
+    vm_id: &str,
+    handle: &StreamHandle,
+    remote: Option<SocketAddr>,
+    version: &str,
+    now: Millis,
+) -> Mutation {
+    let detail = json!({
+        "stream_id": handle.stream_id,
+        "remote": remote.map(|r| r.to_string()),
+        "version": version,
+    });
+    Mutation::VmLog(VmLogRow {
+        vm_id: vm_id.to_owned(),
+        at: now,
+        kind: "stream_connected".into(),
+        detail: Some(detail.to_string()),
+    })
+}
+
 impl Controller {
     /// Opens a stream session for a `ConnectRequest`. A connect from an unknown VM counts as
     /// its `vm_started`; a reconnect never causes a second registration.
@@ -11,21 +46,17 @@ impl Controller {
     /// left in flight in [`StreamOpened::commit`]: what it hands out was stored before, and
     /// a delivery that is never recorded is only delivered again, which the agent
     /// de-duplicates. That keeps a group commit off the agent's wait for its commands.
+    ///
+    /// Longer than most (about 90 lines) on purpose: the stream registration it makes must
+    /// be undone on each of its early returns while the VM's lock is held, and that is
+    /// easiest to check in one place.
     pub async fn stream_open(
         &self,
         caller: &Principal,
         c: &pb::ConnectRequest,
         remote: Option<SocketAddr>,
     ) -> Result<StreamOpened, ApiError> {
-        validate_vm_id(&c.vm_id).map_err(bad)?;
-        check_optional_id("pool_id", Some(&c.pool_id))?;
-        check_optional_id("org_id", Some(&c.org_id))?;
-        check_optional_id("boot_id", Some(&c.boot_id))?;
-        if c.version.len() > 128 {
-            return Err(ApiError::BadRequest(
-                "version is longer than 128 characters".into(),
-            ));
-        }
+        check_connect(c)?;
         let vm_id = c.vm_id.as_str();
         let mut pool_id = Some(c.pool_id.clone());
         fill_pool(caller, &mut pool_id);
@@ -47,54 +78,27 @@ impl Controller {
             org_id: Some(c.org_id.as_str()),
             version: Some(c.version.as_str()),
         };
-        let (mut vm, new_boot) = lifecycle::on_contact(existing.as_ref(), vm_id, &contact, now);
+        let mut batch = Vec::with_capacity(6);
+        let (mut vm, new_boot) = self.announce(&mut batch, existing.as_ref(), vm_id, &contact, now);
         vm.connected = true;
         self.names.remember(&vm);
         let handle = self.streams.register(vm_id);
-        let mut batch = Vec::with_capacity(6);
-        if new_boot {
-            self.push_new_boot(&mut batch, existing.as_ref(), &vm, now, "connect");
-        }
         batch.extend(lifecycle::recovery_log(existing.as_ref(), &vm, now).map(Mutation::VmLog));
         // What is already waiting (a registration queued at vm_started, commands queued
         // while the VM was away) goes out with the connect_ack, marked in the same write.
         let via = lifecycle::stream_via(&handle.stream_id);
-        let plan = if new_boot {
-            // A new boot's old commands were just superseded; nothing to hand out yet.
-            None
-        } else {
-            let channel = Channel::Stream {
-                stream_id: &handle.stream_id,
-            };
-            match self.plan_delivery(&vm, channel, &via, now).await {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    self.streams.unregister(vm_id, handle.generation);
-                    return Err(e);
-                }
+        let plan = match self.plan_for_open(&vm, &handle, new_boot, &via, now).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.streams.unregister(vm_id, handle.generation);
+                return Err(e);
             }
         };
-        let registration = if lifecycle::needs_registration(&vm) {
-            self.prepare_registration(&mut vm, now).await
-        } else {
-            None
-        };
-        batch.push(Mutation::PutVm(vm.clone()));
-        batch.extend(
-            registration
-                .iter()
-                .map(|r| Mutation::InsertCommand(r.clone())),
-        );
+        let registration = self
+            .put_vm_with_registration(&mut batch, &mut vm, now)
+            .await;
         batch.extend(plan.as_ref().and_then(|p| p.mutation.clone()));
-        batch.push(Mutation::VmLog(VmLogRow {
-            vm_id: vm_id.to_owned(),
-            at: now,
-            kind: "stream_connected".into(),
-            detail: Some(
-                json!({"stream_id": handle.stream_id, "remote": remote.map(|r| r.to_string()), "version": c.version})
-                    .to_string(),
-            ),
-        }));
+        batch.push(connected_log(vm_id, &handle, remote, &c.version, now));
         let write = match self.store.submit(batch).await {
             Ok(w) => w,
             Err(e) => {
@@ -139,6 +143,27 @@ impl Controller {
             deliver_now,
             commit,
         })
+    }
+
+    /// What a reconnect hands out with its `connect_ack`: the commands already waiting (a
+    /// registration queued at `vm_started`, commands queued while the VM was away), marked
+    /// delivered in the open's write. A new boot's old commands were just superseded, so
+    /// it has nothing to hand out yet.
+    async fn plan_for_open(
+        &self,
+        vm: &VmRecord,
+        handle: &StreamHandle,
+        new_boot: bool,
+        via: &str,
+        now: Millis,
+    ) -> Result<Option<DeliveryPlan>, ApiError> {
+        if new_boot {
+            return Ok(None);
+        }
+        let channel = Channel::Stream {
+            stream_id: &handle.stream_id,
+        };
+        self.plan_delivery(vm, channel, via, now).await.map(Some)
     }
 
     /// Waits for a stream open's write to be committed, then logs the connect and the
