@@ -83,7 +83,7 @@ impl CommandService for GrpcService {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(crate::auth::bearer);
-        let caller = match gate.principal(self.app.store(), token).await {
+        let caller = match gate.principal(self.app.reads(), token).await {
             Ok(Some(p)) => p,
             Ok(None) => {
                 return Err(Status::unauthenticated(

@@ -177,7 +177,7 @@ async fn gate(State(app): State<AppState>, mut req: Request, next: Next) -> Resp
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(auth::bearer);
-        match gate.principal(app.store(), token).await {
+        match gate.principal(app.reads(), token).await {
             Ok(p) => p,
             Err(denied) => {
                 if admin_write {

@@ -3,10 +3,10 @@
 //! and nothing of the controller but [`crate::model`]; the [`crate::app`] layer reads the
 //! store, calls these, and writes the result. One home per rule:
 //!
-//! * [`vm`]: contact (`vm_started`, a stream connect), boots, what an event or a heartbeat
+//! * `vm.rs`: contact (`vm_started`, a stream connect), boots, what an event or a heartbeat
 //!   does to the VM, recovery;
-//! * [`command`]: the command transition table and which commands go out on a channel now;
-//! * [`registration`]: when a VM is due a `register_runner`.
+//! * `command.rs`: the command transition table and which commands go out on a channel now;
+//! * `registration.rs`: when a VM is due a `register_runner`.
 
 mod command;
 mod registration;

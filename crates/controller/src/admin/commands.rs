@@ -113,7 +113,7 @@ pub(super) async fn enqueue_pool(
         let mut after = None;
         loop {
             let page = app
-                .store()
+                .reads()
                 .vms_page(&VmFilter {
                     pools: Some(vec![pool_id.clone()]),
                     after: after.clone(),
@@ -218,7 +218,7 @@ pub(super) async fn list_commands(
         before_seq: q.before,
         limit: page_limit(q.limit)?,
     };
-    let rows = app.store().commands_page(&filter).await?;
+    let rows = app.reads().commands_page(&filter).await?;
     let next_before = next_page(&rows, filter.limit, |r| r.seq);
     Ok(Json(CommandPage {
         commands: rows.iter().map(CommandView::from).collect(),
@@ -252,11 +252,11 @@ pub(super) async fn get_command(
     let id = path_one(id)?;
     miglet_proto::ids::validate_id("command_id", &id).map_err(bad)?;
     let command = app
-        .store()
+        .reads()
         .command_get(&id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("unknown command {id:?}")))?;
-    let transitions = app.store().command_transitions(&id).await?;
+    let transitions = app.reads().command_transitions(&id).await?;
     Ok(Json(CommandDetail {
         command: CommandView::from(&command),
         transitions: transitions

@@ -79,7 +79,7 @@ pub(super) async fn search_events(
     q: Result<Query<EventQuery>, QueryRejection>,
 ) -> Result<Json<EventPage>, ApiError> {
     let filter = event_filter(query(q)?)?;
-    let rows = app.store().events_page(&filter).await?;
+    let rows = app.reads().events_page(&filter).await?;
     let next_before = next_page(&rows, filter.limit, |r| r.seq);
     Ok(Json(EventPage {
         events: rows.iter().map(EventView::from).collect(),
@@ -137,7 +137,7 @@ pub(super) async fn event_stream(
     let mut last = match resume.or(q.after) {
         Some(seq) => seq,
         None => app
-            .store()
+            .reads()
             .events_page(&EventFilter {
                 limit: 1,
                 ..EventFilter::default()
@@ -152,7 +152,7 @@ pub(super) async fn event_stream(
     tokio::spawn(async move {
         loop {
             filter.after_seq = Some(last);
-            let rows = match app.store().events_page(&filter).await {
+            let rows = match app.reads().events_page(&filter).await {
                 Ok(rows) => rows,
                 Err(e) => {
                     tracing::warn!(error = %crate::error::chain(&e), "Event stream read failed; retrying");

@@ -83,7 +83,7 @@ pub(super) async fn audit(
 ) -> Result<Json<AuditPage>, ApiError> {
     let q = query(q)?;
     let limit = page_limit(q.limit)?;
-    let rows = app.store().audit_list(q.before, limit).await?;
+    let rows = app.reads().audit_list(q.before, limit).await?;
     let next_before = next_page(&rows, limit, |r| r.seq);
     Ok(Json(AuditPage {
         entries: rows.iter().map(AuditView::from).collect(),

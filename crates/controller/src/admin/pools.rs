@@ -27,7 +27,7 @@ pub struct PoolList {
     responses((status = 200, body = PoolList)))]
 pub(super) async fn list_pools(State(app): State<AppState>) -> Result<Json<PoolList>, ApiError> {
     let mut pools: BTreeMap<String, PoolSummary> = BTreeMap::new();
-    for c in app.store().pool_counts().await? {
+    for c in app.reads().pool_counts().await? {
         let p = pools
             .entry(c.pool_id.clone())
             .or_insert_with(|| PoolSummary {

@@ -48,7 +48,7 @@ pub(super) async fn list_vms(
     if let Some(label) = non_empty(q.label) {
         let with_label = app.settings().pools.with_label(&label);
         let seen: Vec<String> = app
-            .store()
+            .reads()
             .pool_counts()
             .await?
             .into_iter()
@@ -68,7 +68,7 @@ pub(super) async fn list_vms(
         after: cursor(q.cursor)?,
         limit,
     };
-    let vms = app.store().vms_page(&filter).await?;
+    let vms = app.reads().vms_page(&filter).await?;
     let next_cursor = next_page(&vms, limit, |v| v.vm_id.clone());
     Ok(Json(VmPage {
         vms: vms.iter().map(VmView::from).collect(),
@@ -93,12 +93,12 @@ pub(super) async fn get_vm(
 ) -> Result<Json<VmDetail>, ApiError> {
     let vm_id = vm_id_of(vm_id)?;
     let vm = app
-        .store()
+        .reads()
         .vm_get(&vm_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("unknown VM {vm_id:?}")))?;
     let commands = app
-        .store()
+        .reads()
         .commands_page(&CommandFilter {
             vm_id: Some(vm_id),
             limit: 50,
@@ -140,7 +140,7 @@ pub(super) async fn vm_timeline(
 ) -> Result<Json<Timeline>, ApiError> {
     let vm_id = vm_id_of(vm_id)?;
     let limit = page_limit(query(q)?.limit)? as usize;
-    let store = app.store();
+    let store = app.reads();
     if store.vm_get(&vm_id).await?.is_none() {
         return Err(ApiError::NotFound(format!("unknown VM {vm_id:?}")));
     }
@@ -240,7 +240,7 @@ pub(super) async fn vm_heartbeats(
         .map(|s| parse_time("since", &s))
         .transpose()?;
     let rows = app
-        .store()
+        .reads()
         .heartbeats_page(&vm_id, since, q.before, limit)
         .await?;
     let next_before = next_page(&rows, limit, |r| r.seq);

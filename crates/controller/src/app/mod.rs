@@ -216,6 +216,14 @@ impl Controller {
         &self.gate
     }
 
+    /// The store's read side: all the admin API and the metrics may use.
+    pub fn reads(&self) -> &crate::store::Reads {
+        &self.store
+    }
+
+    /// The whole store, writes included: for the controller's own wiring and for tests. Front
+    /// ends read through [`Controller::reads`] and write through the operations of this
+    /// type (`tests/it/layers.rs` checks it).
     pub fn store(&self) -> &Store {
         &self.store
     }

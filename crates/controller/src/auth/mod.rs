@@ -362,7 +362,7 @@ impl Gatekeeper {
     /// mode everyone is [`Principal::Open`].
     pub async fn principal(
         &self,
-        store: &crate::store::Store,
+        store: &crate::store::Reads,
         token: Option<&str>,
     ) -> Result<Option<Principal>, Denied> {
         if self.mode == AuthMode::Open {

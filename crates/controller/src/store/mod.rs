@@ -1,8 +1,8 @@
 //! The controller's durable store: every VM, event, heartbeat, registration and command.
 //!
 //! All SQL of the controller lives in this module, behind the one [`Store`] type; nothing
-//! else in the crate knows there is a database. Method names are resource-first
-//! (`vm_get`, `events_for_vm`, `commands_open_for_vm`, ...).
+//! else in the crate knows there is a database. Read method names are resource-first
+//! (`vm_get`, `events_for_vm`, `commands_open_for_vm`, ...), declared once on [`Reads`].
 //!
 //! Writes are expressed as data ([`Mutation`]) and handed to a single writer task that
 //! group-commits: every [`Store::write`] call is one atomic unit (it fails or succeeds alone),
@@ -15,6 +15,31 @@
 //! Today the backend is SQLite (WAL, `synchronous=FULL`). A PostgreSQL backend will be a
 //! second implementation of the same methods, selected when the store is opened; the rest of
 //! the controller does not change.
+//!
+//! # What a backend guarantees
+//!
+//! * **Atomic, durable, ordered writes.** A [`Store::write`] batch is applied entirely or
+//!   not at all, and its answer comes only once it is durable (a crash after the answer
+//!   loses nothing); batches are applied in the order they were submitted
+//!   ([`Store::submit`] returns once queued, so a caller holding a VM's lock keeps its order).
+//!   A failed batch fails alone, never its neighbours in a group commit.
+//! * **Reads see every answered write** ([`Reads`], a pool of read connections).
+//! * **Row operations, no rules.** Each [`Mutation`] is one row operation whose result is
+//!   reported in its [`Outcome`]. Those that must be idempotent say so on their variant:
+//!   an event is stored once per `(vm_id, event_id)` (`Inserted(false)` for a repeat); a
+//!   used identity token or enrollment token is claimed once; a command moves only along
+//!   [`crate::lifecycle::may_transition`], whatever the caller asks (`Applied(false)`);
+//!   `MarkDelivered` and `ExpireCommands` touch only commands the same table allows. The
+//!   decisions themselves (which VM is silent, what a heartbeat does to a VM) are computed by
+//!   [`crate::lifecycle`] and passed in, or applied by calling it in the writer
+//!   (`IngestHeartbeat`). One exception is left: the silent-VM sweep (`MarkSilentVms`) gets
+//!   its thresholds from the app, but its progression (healthy → unhealthy → lost, and
+//!   shutting_down → terminated) is still written in SQL, set-wise, so that a pass over
+//!   20,000 VMs reads none of them; a second backend must copy it until it moves.
+//! * **Errors say what happened, not what was stored**: [`StoreError`] never carries row
+//!   data (which may hold secrets); a full disk is recognisable ([`StoreError::is_disk_full`]).
+//! * **Schema history is append-only**: numbered migrations, each applied once; an
+//!   existing data dir keeps opening.
 
 mod sqlite;
 
@@ -25,7 +50,7 @@ use std::path::Path;
 use thiserror::Error;
 
 pub use crate::model::*;
-pub use sqlite::SqliteStore;
+pub use sqlite::{Reads, SqliteStore};
 
 /// Store failures. Messages never contain stored data (which may hold secrets).
 #[derive(Debug, Error)]
@@ -319,7 +344,8 @@ impl PendingWrite {
     }
 }
 
-/// The store handle. Cheap to clone.
+/// The store handle. Cheap to clone. Reads are the methods of [`Reads`], which the handle
+/// derefs to; writes go through [`Store::write`] / [`Store::submit`].
 #[derive(Debug, Clone)]
 pub struct Store {
     backend: SqliteStore,
@@ -372,128 +398,12 @@ impl Store {
     pub async fn close(&self) {
         self.backend.close().await;
     }
+}
 
-    pub async fn vm_get(&self, vm_id: &str) -> Result<Option<VmRecord>, StoreError> {
-        self.backend.vm_get(vm_id).await
-    }
+impl std::ops::Deref for Store {
+    type Target = Reads;
 
-    pub async fn vms_list(&self) -> Result<Vec<VmRecord>, StoreError> {
-        self.backend.vms_list().await
-    }
-
-    /// VMs waiting in a pre-registration state with no live `register_runner`.
-    pub async fn vms_needing_registration(&self) -> Result<Vec<VmRecord>, StoreError> {
-        self.backend.vms_needing_registration().await
-    }
-
-    pub async fn event_exists(&self, vm_id: &str, event_id: &str) -> Result<bool, StoreError> {
-        self.backend.event_exists(vm_id, event_id).await
-    }
-
-    pub async fn events_for_vm(&self, vm_id: &str) -> Result<Vec<EventRow>, StoreError> {
-        self.backend.events_for_vm(vm_id).await
-    }
-
-    pub async fn heartbeats_for_vm(&self, vm_id: &str) -> Result<Vec<HeartbeatRow>, StoreError> {
-        self.backend.heartbeats_for_vm(vm_id).await
-    }
-
-    pub async fn registrations_for_vm(
-        &self,
-        vm_id: &str,
-    ) -> Result<Vec<RegistrationRow>, StoreError> {
-        self.backend.registrations_for_vm(vm_id).await
-    }
-
-    pub async fn command_get(&self, id: &str) -> Result<Option<CommandRecord>, StoreError> {
-        self.backend.command_get(id).await
-    }
-
-    /// Every command of a VM, oldest first.
-    pub async fn commands_for_vm(&self, vm_id: &str) -> Result<Vec<CommandRecord>, StoreError> {
-        self.backend.commands_for_vm(vm_id, false).await
-    }
-
-    /// Pending and delivered commands of a VM, in queue order.
-    pub async fn commands_open_for_vm(
-        &self,
-        vm_id: &str,
-    ) -> Result<Vec<CommandRecord>, StoreError> {
-        self.backend.commands_for_vm(vm_id, true).await
-    }
-
-    pub async fn command_transitions(
-        &self,
-        command_id: &str,
-    ) -> Result<Vec<CommandTransition>, StoreError> {
-        self.backend.command_transitions(command_id).await
-    }
-
-    pub async fn vm_log_for_vm(&self, vm_id: &str) -> Result<Vec<VmLogRow>, StoreError> {
-        self.backend.vm_log_for_vm(vm_id).await
-    }
-
-    pub async fn vms_page(&self, f: &VmFilter) -> Result<Vec<VmRecord>, StoreError> {
-        self.backend.vms_page(f).await
-    }
-
-    pub async fn events_page(&self, f: &EventFilter) -> Result<Vec<EventRow>, StoreError> {
-        self.backend.events_page(f).await
-    }
-
-    /// A VM's heartbeats, newest first.
-    pub async fn heartbeats_page(
-        &self,
-        vm_id: &str,
-        since: Option<Millis>,
-        before_seq: Option<i64>,
-        limit: u32,
-    ) -> Result<Vec<HeartbeatRow>, StoreError> {
-        self.backend
-            .heartbeats_page(vm_id, since, before_seq, limit)
-            .await
-    }
-
-    pub async fn pool_counts(&self) -> Result<Vec<PoolCount>, StoreError> {
-        self.backend.pool_counts().await
-    }
-
-    pub async fn fleet_gauges(&self) -> Result<FleetGauges, StoreError> {
-        self.backend.fleet_gauges().await
-    }
-
-    pub async fn commands_page(&self, f: &CommandFilter) -> Result<Vec<CommandRecord>, StoreError> {
-        self.backend.commands_page(f).await
-    }
-
-    pub async fn operator_token_get(
-        &self,
-        id: &str,
-    ) -> Result<Option<OperatorTokenRecord>, StoreError> {
-        self.backend.operator_token_get(id).await
-    }
-
-    pub async fn operator_tokens_list(&self) -> Result<Vec<OperatorTokenRecord>, StoreError> {
-        self.backend.operator_tokens_list().await
-    }
-
-    pub async fn vm_binding_get(&self, vm_id: &str) -> Result<Option<VmBinding>, StoreError> {
-        self.backend.vm_binding_get(vm_id).await
-    }
-
-    pub async fn enrollment_token_get(
-        &self,
-        id: &str,
-    ) -> Result<Option<EnrollmentTokenRecord>, StoreError> {
-        self.backend.enrollment_token_get(id).await
-    }
-
-    /// Audit entries, newest first, with `seq` below `before_seq`.
-    pub async fn audit_list(
-        &self,
-        before_seq: Option<i64>,
-        limit: u32,
-    ) -> Result<Vec<AuditRow>, StoreError> {
-        self.backend.audit_list(before_seq, limit).await
+    fn deref(&self) -> &Reads {
+        self.backend.reads()
     }
 }

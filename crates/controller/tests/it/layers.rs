@@ -208,3 +208,26 @@ fn the_checker_sees_a_circle() {
     );
     assert_eq!(crate_paths("x = my_crate::store;").count(), 0);
 }
+
+#[test]
+fn front_ends_read_through_the_read_handle_and_write_through_the_app() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src.join("admin"), &mut files);
+    files.extend(["http.rs", "grpc.rs", "dashboard.rs"].map(|f| src.join(f)));
+    let mut leaks = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for line in production(&text) {
+            if line.contains(".store()") || line.contains("Mutation::") {
+                leaks.push(format!("{}: {}", file.display(), line.trim()));
+            }
+        }
+    }
+    assert!(files.len() > 5, "found only {files:?}");
+    assert!(
+        leaks.is_empty(),
+        "front ends use Controller::reads() and the app's operations:\n{}",
+        leaks.join("\n")
+    );
+}

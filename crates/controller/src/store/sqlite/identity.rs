@@ -2,7 +2,6 @@
 //! connection flags a restart resets.
 
 use super::super::{EnrollmentTokenRecord, Outcome, StoreError, VmBinding};
-use super::SqliteStore;
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
 
@@ -114,11 +113,11 @@ fn enrollment_token_from_row(r: &SqliteRow) -> Result<EnrollmentTokenRecord, Sto
     })
 }
 
-impl SqliteStore {
+impl super::Reads {
     pub async fn vm_binding_get(&self, vm_id: &str) -> Result<Option<VmBinding>, StoreError> {
         sqlx::query("SELECT * FROM vm_bindings WHERE vm_id = ?")
             .bind(vm_id)
-            .fetch_optional(&self.reads)
+            .fetch_optional(&self.pool)
             .await?
             .map(|r| binding_from_row(&r))
             .transpose()
@@ -130,7 +129,7 @@ impl SqliteStore {
     ) -> Result<Option<EnrollmentTokenRecord>, StoreError> {
         sqlx::query("SELECT * FROM enrollment_tokens WHERE id = ?")
             .bind(id)
-            .fetch_optional(&self.reads)
+            .fetch_optional(&self.pool)
             .await?
             .map(|r| enrollment_token_from_row(&r))
             .transpose()

@@ -61,9 +61,16 @@ enum Msg {
     FailNext(usize, FaultMatch, oneshot::Sender<()>),
 }
 
+/// The read side of the store: a pool of read-only connections that see every committed
+/// write. Every query is a method of this type (`read.rs`, `identity.rs`).
+#[derive(Debug, Clone)]
+pub struct Reads {
+    pool: SqlitePool,
+}
+
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    reads: SqlitePool,
+    reads: Reads,
     writes: mpsc::Sender<Msg>,
     writer: Arc<Mutex<Option<JoinHandle<()>>>>,
     checkpointer: Arc<Mutex<Option<Background>>>,
@@ -73,6 +80,10 @@ pub struct SqliteStore {
 type Background = (CancellationToken, JoinHandle<()>);
 
 impl SqliteStore {
+    /// The read side.
+    pub fn reads(&self) -> &Reads {
+        &self.reads
+    }
     pub async fn open(data_dir: &Path) -> Result<SqliteStore, StoreError> {
         let path = data_dir.join("controller.db");
         let open_err = |source| StoreError::Open {
@@ -129,7 +140,7 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let handle = tokio::spawn(writer_loop(writer, rx, disk_full));
         Ok(SqliteStore {
-            reads,
+            reads: Reads { pool: reads },
             writes: tx,
             writer: Arc::new(Mutex::new(Some(handle))),
             checkpointer: Arc::new(Mutex::new(Some((stop, checkpointer)))),
@@ -174,7 +185,7 @@ impl SqliteStore {
         if let Some(handle) = self.writer.lock().await.take() {
             let _ = handle.await;
         }
-        self.reads.close().await;
+        self.reads.pool.close().await;
     }
 }
 
@@ -345,7 +356,7 @@ mod tests {
         let store = Store::open_sqlite(dir.path()).await?;
         assert!(store.command_get("c1").await?.is_some());
         let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM schema_migrations")
-            .fetch_one(&store.backend.reads)
+            .fetch_one(&store.backend.reads.pool)
             .await?;
         assert_eq!(applied, MIGRATIONS.len() as i64);
         store.close().await;

@@ -1,13 +1,14 @@
 //! The read side: queries on the read-only pool, one method per question the app, the
-//! admin API and the metrics ask.
+//! admin API and the metrics ask. Declared once, here: [`super::super::Store`] derefs to
+//! [`Reads`], and the admin API holds only a `&Reads`.
 
 use super::*;
 
-impl SqliteStore {
+impl Reads {
     pub async fn vm_get(&self, vm_id: &str) -> Result<Option<VmRecord>, StoreError> {
         sqlx::query("SELECT * FROM vms WHERE vm_id = ?")
             .bind(vm_id)
-            .fetch_optional(&self.reads)
+            .fetch_optional(&self.pool)
             .await?
             .map(|r| vm_from_row(&r))
             .transpose()
@@ -15,7 +16,7 @@ impl SqliteStore {
 
     pub async fn vms_list(&self) -> Result<Vec<VmRecord>, StoreError> {
         sqlx::query("SELECT * FROM vms ORDER BY vm_id")
-            .fetch_all(&self.reads)
+            .fetch_all(&self.pool)
             .await?
             .iter()
             .map(vm_from_row)
@@ -28,7 +29,7 @@ impl SqliteStore {
              AND state = 'ready' \
              AND health != 'lost' ORDER BY vm_id",
         )
-        .fetch_all(&self.reads)
+        .fetch_all(&self.pool)
         .await?
         .iter()
         .map(vm_from_row)
@@ -40,7 +41,7 @@ impl SqliteStore {
             sqlx::query("SELECT 1 FROM events WHERE vm_id = ? AND event_id = ?")
                 .bind(vm_id)
                 .bind(event_id)
-                .fetch_optional(&self.reads)
+                .fetch_optional(&self.pool)
                 .await?
                 .is_some(),
         )
@@ -49,7 +50,7 @@ impl SqliteStore {
     pub async fn events_for_vm(&self, vm_id: &str) -> Result<Vec<EventRow>, StoreError> {
         sqlx::query("SELECT * FROM events WHERE vm_id = ? ORDER BY seq")
             .bind(vm_id)
-            .fetch_all(&self.reads)
+            .fetch_all(&self.pool)
             .await?
             .iter()
             .map(event_from_row)
@@ -59,7 +60,7 @@ impl SqliteStore {
     pub async fn heartbeats_for_vm(&self, vm_id: &str) -> Result<Vec<HeartbeatRow>, StoreError> {
         sqlx::query("SELECT * FROM heartbeats WHERE vm_id = ? ORDER BY seq")
             .bind(vm_id)
-            .fetch_all(&self.reads)
+            .fetch_all(&self.pool)
             .await?
             .iter()
             .map(heartbeat_from_row)
@@ -105,7 +106,7 @@ impl SqliteStore {
         q.push(" ORDER BY vm_id LIMIT ")
             .push_bind(i64::from(f.limit));
         q.build()
-            .fetch_all(&self.reads)
+            .fetch_all(&self.pool)
             .await?
             .iter()
             .map(vm_from_row)
@@ -163,7 +164,7 @@ impl SqliteStore {
         }
         q.push_bind(i64::from(f.limit));
         q.build()
-            .fetch_all(&self.reads)
+            .fetch_all(&self.pool)
             .await?
             .iter()
             .map(event_from_row)
@@ -185,7 +186,7 @@ impl SqliteStore {
         .bind(since.unwrap_or(0))
         .bind(before_seq.unwrap_or(i64::MAX))
         .bind(i64::from(limit))
-        .fetch_all(&self.reads)
+        .fetch_all(&self.pool)
         .await?
         .iter()
         .map(heartbeat_from_row)
@@ -197,7 +198,7 @@ impl SqliteStore {
             "SELECT pool_id, MIN(COALESCE(last_heartbeat_at, booted_at)) AS oldest FROM vms \
              WHERE health != 'lost' AND state != 'terminated' GROUP BY pool_id",
         )
-        .fetch_all(&self.reads)
+        .fetch_all(&self.pool)
         .await?
         .iter()
         .map(|r| Ok((r.try_get("pool_id")?, r.try_get("oldest")?)))
@@ -206,13 +207,13 @@ impl SqliteStore {
             "SELECT state, MIN(COALESCE(state_since, updated_at)) AS oldest FROM vms \
              WHERE health != 'lost' GROUP BY state",
         )
-        .fetch_all(&self.reads)
+        .fetch_all(&self.pool)
         .await?
         .iter()
         .map(|r| Ok((r.try_get("state")?, r.try_get("oldest")?)))
         .collect::<Result<Vec<(String, Millis)>, StoreError>>()?;
         let commands = sqlx::query("SELECT state, COUNT(*) AS n FROM commands GROUP BY state")
-            .fetch_all(&self.reads)
+            .fetch_all(&self.pool)
             .await?
             .iter()
             .map(|r| Ok((r.try_get("state")?, r.try_get("n")?)))
@@ -229,7 +230,7 @@ impl SqliteStore {
             "SELECT pool_id, state, health, COUNT(*) AS n, SUM(connected) AS connected \
              FROM vms GROUP BY pool_id, state, health ORDER BY pool_id, state, health",
         )
-        .fetch_all(&self.reads)
+        .fetch_all(&self.pool)
         .await?
         .iter()
         .map(|r| {
@@ -262,7 +263,7 @@ impl SqliteStore {
         q.push(" ORDER BY seq DESC LIMIT ")
             .push_bind(i64::from(f.limit));
         q.build()
-            .fetch_all(&self.reads)
+            .fetch_all(&self.pool)
             .await?
             .iter()
             .map(command_from_row)
@@ -275,7 +276,7 @@ impl SqliteStore {
     ) -> Result<Vec<RegistrationRow>, StoreError> {
         sqlx::query("SELECT * FROM registrations WHERE vm_id = ? ORDER BY seq")
             .bind(vm_id)
-            .fetch_all(&self.reads)
+            .fetch_all(&self.pool)
             .await?
             .iter()
             .map(|r| {
@@ -293,13 +294,26 @@ impl SqliteStore {
     pub async fn command_get(&self, id: &str) -> Result<Option<CommandRecord>, StoreError> {
         sqlx::query("SELECT * FROM commands WHERE id = ?")
             .bind(id)
-            .fetch_optional(&self.reads)
+            .fetch_optional(&self.pool)
             .await?
             .map(|r| command_from_row(&r))
             .transpose()
     }
 
-    pub async fn commands_for_vm(
+    /// Every command of a VM, oldest first.
+    pub async fn commands_for_vm(&self, vm_id: &str) -> Result<Vec<CommandRecord>, StoreError> {
+        self.commands_of(vm_id, false).await
+    }
+
+    /// Pending and delivered commands of a VM, in queue order.
+    pub async fn commands_open_for_vm(
+        &self,
+        vm_id: &str,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        self.commands_of(vm_id, true).await
+    }
+
+    async fn commands_of(
         &self,
         vm_id: &str,
         open_only: bool,
@@ -311,7 +325,7 @@ impl SqliteStore {
         };
         sqlx::query(sql)
             .bind(vm_id)
-            .fetch_all(&self.reads)
+            .fetch_all(&self.pool)
             .await?
             .iter()
             .map(command_from_row)
@@ -324,7 +338,7 @@ impl SqliteStore {
     ) -> Result<Vec<CommandTransition>, StoreError> {
         sqlx::query("SELECT * FROM command_transitions WHERE command_id = ? ORDER BY seq")
             .bind(command_id)
-            .fetch_all(&self.reads)
+            .fetch_all(&self.pool)
             .await?
             .iter()
             .map(|r| {
@@ -345,7 +359,7 @@ impl SqliteStore {
     ) -> Result<Option<OperatorTokenRecord>, StoreError> {
         sqlx::query("SELECT * FROM operator_tokens WHERE id = ?")
             .bind(id)
-            .fetch_optional(&self.reads)
+            .fetch_optional(&self.pool)
             .await?
             .map(|r| operator_token_from_row(&r))
             .transpose()
@@ -353,7 +367,7 @@ impl SqliteStore {
 
     pub async fn operator_tokens_list(&self) -> Result<Vec<OperatorTokenRecord>, StoreError> {
         sqlx::query("SELECT * FROM operator_tokens ORDER BY created_at, id")
-            .fetch_all(&self.reads)
+            .fetch_all(&self.pool)
             .await?
             .iter()
             .map(operator_token_from_row)
@@ -368,7 +382,7 @@ impl SqliteStore {
         sqlx::query("SELECT * FROM audit_log WHERE seq < ? ORDER BY seq DESC LIMIT ?")
             .bind(before_seq.unwrap_or(i64::MAX))
             .bind(i64::from(limit))
-            .fetch_all(&self.reads)
+            .fetch_all(&self.pool)
             .await?
             .iter()
             .map(|r| {
@@ -389,7 +403,7 @@ impl SqliteStore {
     pub async fn vm_log_for_vm(&self, vm_id: &str) -> Result<Vec<VmLogRow>, StoreError> {
         sqlx::query("SELECT * FROM vm_log WHERE vm_id = ? ORDER BY seq")
             .bind(vm_id)
-            .fetch_all(&self.reads)
+            .fetch_all(&self.pool)
             .await?
             .iter()
             .map(|r| {
