@@ -441,32 +441,11 @@ impl Settings {
         Ok(settings)
     }
 
+    /// Flags over the file over defaults, for every setting, checked. About 100 lines: most
+    /// of it is the `Settings` literal, one precedence chain per field; each section that
+    /// can be refused has its own function, called in the order errors are reported.
     pub fn resolve(args: ServeArgs, file: FileConfig) -> Result<Settings, ConfigError> {
-        let secs = |name: &str, v: u64| -> Result<Duration, ConfigError> {
-            if v == 0 {
-                return Err(ConfigError::Invalid {
-                    name: name.into(),
-                    reason: "must be at least 1 second".into(),
-                });
-            }
-            Ok(Duration::from_secs(v))
-        };
-        let unhealthy = args
-            .unhealthy_after_missed
-            .or(file.unhealthy_after_missed)
-            .unwrap_or(3);
-        let lost = args
-            .lost_after_missed
-            .or(file.lost_after_missed)
-            .unwrap_or(20);
-        if unhealthy == 0 || lost <= unhealthy {
-            return Err(ConfigError::Invalid {
-                name: "lost_after_missed".into(),
-                reason: format!(
-                    "needs 0 < unhealthy_after_missed ({unhealthy}) < lost_after_missed ({lost})"
-                ),
-            });
-        }
+        let (unhealthy, lost) = health_thresholds(&args, &file)?;
         let data_dir = args
             .data_dir
             .clone()
@@ -485,102 +464,41 @@ impl Settings {
                 reason: "a pool enrolls with GCE identity tokens, so set the audience (the controller URL the agents use)".into(),
             });
         }
-        let enroll = EnrollSettings {
-            credential_ttl: secs(
-                "credential_ttl_secs",
-                args.credential_ttl_secs
-                    .or(file.auth.credential_ttl_secs)
-                    .unwrap_or(3600),
-            )?,
-            max_lifetime: secs(
-                "credential_max_lifetime_secs",
-                file.auth.credential_max_lifetime_secs.unwrap_or(7 * 86_400),
-            )?,
-            audience,
-            google_jwks_url: {
-                let url = args
-                    .google_jwks_url
-                    .clone()
-                    .or(file.auth.google_jwks_url.clone())
-                    .unwrap_or_else(|| GOOGLE_JWKS_URL.into());
-                check_url("google_jwks_url", &url)?;
-                url
-            },
-            identity_max_age: secs(
-                "identity_token_max_age_secs",
-                file.auth.identity_token_max_age_secs.unwrap_or(300),
-            )?,
-            clock: crate::clock::Clock::system(),
-        };
-        let tls = match (&args.tls_cert, &args.tls_key, &file.tls) {
-            (Some(cert), Some(key), f) => Some(TlsSettings {
-                cert_file: cert.clone(),
-                key_file: key.clone(),
-                client_ca_file: args
-                    .tls_client_ca
-                    .clone()
-                    .or(f.as_ref().and_then(|f| f.client_ca_file.clone())),
-                reload_interval: Duration::from_secs(
-                    f.as_ref()
-                        .and_then(|f| f.reload_interval_secs)
-                        .unwrap_or(10)
-                        .max(1),
-                ),
-            }),
-            (None, None, Some(f)) => Some(TlsSettings {
-                cert_file: f.cert_file.clone(),
-                key_file: f.key_file.clone(),
-                client_ca_file: args.tls_client_ca.clone().or(f.client_ca_file.clone()),
-                reload_interval: Duration::from_secs(f.reload_interval_secs.unwrap_or(10).max(1)),
-            }),
-            (None, None, None) => {
-                if args.tls_client_ca.is_some() {
-                    return Err(ConfigError::Invalid {
-                        name: "tls_client_ca".into(),
-                        reason: "mutual TLS needs --tls-cert and --tls-key too".into(),
-                    });
-                }
-                None
-            }
-            _ => {
-                return Err(ConfigError::Invalid {
-                    name: "tls_cert".into(),
-                    reason: "set both --tls-cert and --tls-key".into(),
-                });
-            }
-        };
-        let r = &file.retention;
-        let retention = RetentionSettings {
-            heartbeat_full: secs(
-                "retention.heartbeat_full_secs",
-                r.heartbeat_full_secs.unwrap_or(86_400),
-            )?,
-            heartbeat_bucket: secs(
-                "retention.heartbeat_bucket_secs",
-                r.heartbeat_bucket_secs.unwrap_or(300),
-            )?,
-            heartbeat_max_age: secs(
-                "retention.heartbeat_max_age_secs",
-                r.heartbeat_max_age_secs.unwrap_or(14 * 86_400),
-            )?,
-            event_max_age: match r.event_max_age_secs.unwrap_or(90 * 86_400) {
-                0 => None,
-                s => Some(Duration::from_secs(s)),
-            },
-            interval: Duration::from_secs(600),
-        };
-        if retention.heartbeat_max_age < retention.heartbeat_full {
-            return Err(ConfigError::Invalid {
-                name: "retention.heartbeat_max_age_secs".into(),
-                reason: "must be at least heartbeat_full_secs".into(),
-            });
-        }
+        let enroll = enroll_settings(&args, &file, audience)?;
+        let tls = tls_settings(&args, &file)?;
+        let retention = retention_settings(&file)?;
         let l = &file.limits;
         let per_vm_rate = args.rate_limit_per_vm.or(l.per_vm_per_second).unwrap_or(20);
         let per_addr_rate = args
             .rate_limit_per_addr
             .or(l.per_addr_per_second)
             .unwrap_or(200);
+        let heartbeat_interval = secs(
+            "heartbeat_interval_secs",
+            args.heartbeat_interval_secs
+                .or(file.heartbeat_interval_secs)
+                .unwrap_or(15),
+        )?;
+        let redelivery_timeout = secs(
+            "redelivery_timeout_secs",
+            args.redelivery_timeout_secs
+                .or(file.redelivery_timeout_secs)
+                .unwrap_or(30),
+        )?;
+        let command_ttl = secs(
+            "command_ttl_secs",
+            args.command_ttl_secs
+                .or(file.command_ttl_secs)
+                .unwrap_or(86_400),
+        )?;
+        let reconcile_interval = secs(
+            "reconcile_interval_secs",
+            args.reconcile_interval_secs
+                .or(file.reconcile_interval_secs)
+                .unwrap_or(5),
+        )?;
+        let header_timeout = secs("header_timeout_secs", l.header_timeout_secs.unwrap_or(10))?;
+        let conn = conn_settings(&file)?;
         Ok(Settings {
             http_addr: args
                 .http_addr
@@ -601,32 +519,12 @@ impl Settings {
                 .log_level
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
-            heartbeat_interval: secs(
-                "heartbeat_interval_secs",
-                args.heartbeat_interval_secs
-                    .or(file.heartbeat_interval_secs)
-                    .unwrap_or(15),
-            )?,
+            heartbeat_interval,
             unhealthy_after_missed: unhealthy,
             lost_after_missed: lost,
-            redelivery_timeout: secs(
-                "redelivery_timeout_secs",
-                args.redelivery_timeout_secs
-                    .or(file.redelivery_timeout_secs)
-                    .unwrap_or(30),
-            )?,
-            command_ttl: secs(
-                "command_ttl_secs",
-                args.command_ttl_secs
-                    .or(file.command_ttl_secs)
-                    .unwrap_or(86_400),
-            )?,
-            reconcile_interval: secs(
-                "reconcile_interval_secs",
-                args.reconcile_interval_secs
-                    .or(file.reconcile_interval_secs)
-                    .unwrap_or(5),
-            )?,
+            redelivery_timeout,
+            command_ttl,
+            reconcile_interval,
             addr_file: args.addr_file,
             pools,
             dev_defaults,
@@ -641,40 +539,185 @@ impl Settings {
                 per_second: per_addr_rate,
                 burst: l.per_addr_burst.unwrap_or(per_addr_rate.saturating_mul(5)),
             },
-            header_timeout: secs("header_timeout_secs", l.header_timeout_secs.unwrap_or(10))?,
-            conn: ConnSettings {
-                max_connections: match l.max_connections {
-                    Some(n) if n < 2 => {
-                        return Err(ConfigError::Invalid {
-                            name: "limits.max_connections".into(),
-                            reason: "must be at least 2 (one per listener)".into(),
-                        });
-                    }
-                    other => other,
-                },
-                max_connections_per_addr: match l.max_connections_per_addr.unwrap_or(4096) {
-                    0 => {
-                        return Err(ConfigError::Invalid {
-                            name: "limits.max_connections_per_addr".into(),
-                            reason: "must be at least 1".into(),
-                        });
-                    }
-                    n => n,
-                },
-                handshake_timeout: secs(
-                    "limits.handshake_timeout_secs",
-                    l.handshake_timeout_secs.unwrap_or(10),
-                )?,
-                grpc_idle_timeout: secs(
-                    "limits.grpc_idle_timeout_secs",
-                    l.grpc_idle_timeout_secs.unwrap_or(30),
-                )?,
-            },
+            header_timeout,
+            conn,
             metrics_addr: args.metrics_addr.or(file.metrics_addr),
             retention,
             clock: crate::clock::Clock::system(),
         })
     }
+}
+
+/// A duration setting in whole seconds, at least one.
+fn secs(name: &str, v: u64) -> Result<Duration, ConfigError> {
+    if v == 0 {
+        return Err(ConfigError::Invalid {
+            name: name.into(),
+            reason: "must be at least 1 second".into(),
+        });
+    }
+    Ok(Duration::from_secs(v))
+}
+
+/// Missed heartbeat intervals before a VM is unhealthy, and before it is lost.
+fn health_thresholds(args: &ServeArgs, file: &FileConfig) -> Result<(u32, u32), ConfigError> {
+    let unhealthy = args
+        .unhealthy_after_missed
+        .or(file.unhealthy_after_missed)
+        .unwrap_or(3);
+    let lost = args
+        .lost_after_missed
+        .or(file.lost_after_missed)
+        .unwrap_or(20);
+    if unhealthy == 0 || lost <= unhealthy {
+        return Err(ConfigError::Invalid {
+            name: "lost_after_missed".into(),
+            reason: format!(
+                "needs 0 < unhealthy_after_missed ({unhealthy}) < lost_after_missed ({lost})"
+            ),
+        });
+    }
+    Ok((unhealthy, lost))
+}
+
+/// How VMs enroll and how long their credentials last.
+fn enroll_settings(
+    args: &ServeArgs,
+    file: &FileConfig,
+    audience: Option<String>,
+) -> Result<EnrollSettings, ConfigError> {
+    Ok(EnrollSettings {
+        credential_ttl: secs(
+            "credential_ttl_secs",
+            args.credential_ttl_secs
+                .or(file.auth.credential_ttl_secs)
+                .unwrap_or(3600),
+        )?,
+        max_lifetime: secs(
+            "credential_max_lifetime_secs",
+            file.auth.credential_max_lifetime_secs.unwrap_or(7 * 86_400),
+        )?,
+        audience,
+        google_jwks_url: {
+            let url = args
+                .google_jwks_url
+                .clone()
+                .or(file.auth.google_jwks_url.clone())
+                .unwrap_or_else(|| GOOGLE_JWKS_URL.into());
+            check_url("google_jwks_url", &url)?;
+            url
+        },
+        identity_max_age: secs(
+            "identity_token_max_age_secs",
+            file.auth.identity_token_max_age_secs.unwrap_or(300),
+        )?,
+        clock: crate::clock::Clock::system(),
+    })
+}
+
+/// TLS from the flags (certificate and key together) or the file; mutual TLS needs both.
+fn tls_settings(args: &ServeArgs, file: &FileConfig) -> Result<Option<TlsSettings>, ConfigError> {
+    Ok(match (&args.tls_cert, &args.tls_key, &file.tls) {
+        (Some(cert), Some(key), f) => Some(TlsSettings {
+            cert_file: cert.clone(),
+            key_file: key.clone(),
+            client_ca_file: args
+                .tls_client_ca
+                .clone()
+                .or(f.as_ref().and_then(|f| f.client_ca_file.clone())),
+            reload_interval: Duration::from_secs(
+                f.as_ref()
+                    .and_then(|f| f.reload_interval_secs)
+                    .unwrap_or(10)
+                    .max(1),
+            ),
+        }),
+        (None, None, Some(f)) => Some(TlsSettings {
+            cert_file: f.cert_file.clone(),
+            key_file: f.key_file.clone(),
+            client_ca_file: args.tls_client_ca.clone().or(f.client_ca_file.clone()),
+            reload_interval: Duration::from_secs(f.reload_interval_secs.unwrap_or(10).max(1)),
+        }),
+        (None, None, None) => {
+            if args.tls_client_ca.is_some() {
+                return Err(ConfigError::Invalid {
+                    name: "tls_client_ca".into(),
+                    reason: "mutual TLS needs --tls-cert and --tls-key too".into(),
+                });
+            }
+            None
+        }
+        _ => {
+            return Err(ConfigError::Invalid {
+                name: "tls_cert".into(),
+                reason: "set both --tls-cert and --tls-key".into(),
+            });
+        }
+    })
+}
+
+/// How long history is kept, and how it is thinned.
+fn retention_settings(file: &FileConfig) -> Result<RetentionSettings, ConfigError> {
+    let r = &file.retention;
+    let retention = RetentionSettings {
+        heartbeat_full: secs(
+            "retention.heartbeat_full_secs",
+            r.heartbeat_full_secs.unwrap_or(86_400),
+        )?,
+        heartbeat_bucket: secs(
+            "retention.heartbeat_bucket_secs",
+            r.heartbeat_bucket_secs.unwrap_or(300),
+        )?,
+        heartbeat_max_age: secs(
+            "retention.heartbeat_max_age_secs",
+            r.heartbeat_max_age_secs.unwrap_or(14 * 86_400),
+        )?,
+        event_max_age: match r.event_max_age_secs.unwrap_or(90 * 86_400) {
+            0 => None,
+            s => Some(Duration::from_secs(s)),
+        },
+        interval: Duration::from_secs(600),
+    };
+    if retention.heartbeat_max_age < retention.heartbeat_full {
+        return Err(ConfigError::Invalid {
+            name: "retention.heartbeat_max_age_secs".into(),
+            reason: "must be at least heartbeat_full_secs".into(),
+        });
+    }
+    Ok(retention)
+}
+
+/// Connection caps and deadlines of both listeners.
+fn conn_settings(file: &FileConfig) -> Result<ConnSettings, ConfigError> {
+    let l = &file.limits;
+    Ok(ConnSettings {
+        max_connections: match l.max_connections {
+            Some(n) if n < 2 => {
+                return Err(ConfigError::Invalid {
+                    name: "limits.max_connections".into(),
+                    reason: "must be at least 2 (one per listener)".into(),
+                });
+            }
+            other => other,
+        },
+        max_connections_per_addr: match l.max_connections_per_addr.unwrap_or(4096) {
+            0 => {
+                return Err(ConfigError::Invalid {
+                    name: "limits.max_connections_per_addr".into(),
+                    reason: "must be at least 1".into(),
+                });
+            }
+            n => n,
+        },
+        handshake_timeout: secs(
+            "limits.handshake_timeout_secs",
+            l.handshake_timeout_secs.unwrap_or(10),
+        )?,
+        grpc_idle_timeout: secs(
+            "limits.grpc_idle_timeout_secs",
+            l.grpc_idle_timeout_secs.unwrap_or(30),
+        )?,
+    })
 }
 
 /// A runner URL (or any URL setting) must be an absolute `http(s)` URL with a host.
