@@ -49,17 +49,7 @@ pub(super) async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Ou
             detail,
             result_message,
             result,
-        } => {
-            let t = command::Transition {
-                id,
-                to,
-                at,
-                detail,
-                result_message,
-                result,
-            };
-            command::transition(conn, t).await
-        }
+        } => command::transition(conn, id, to, at, detail, result_message, result).await,
         Mutation::MarkDelivered { ids, at, via } => {
             command::mark_delivered(conn, ids, at, via).await
         }

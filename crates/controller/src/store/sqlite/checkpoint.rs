@@ -63,7 +63,9 @@ pub(super) async fn checkpoint_loop(
                         Ok(_) => tracing::trace!(attempt, "WAL reset found the writer or a reader busy"),
                         Err(e) => tracing::trace!(attempt, error = %e, "WAL reset failed"),
                     }
-                    tokio::time::sleep(RESET_PAUSE).await;
+                    if attempt < RESET_ATTEMPTS {
+                        tokio::time::sleep(RESET_PAUSE).await;
+                    }
                 }
             }
         }
@@ -93,9 +95,10 @@ pub(super) async fn checkpoint(
 }
 
 /// Whether the WAL has grown past [`WAL_RESET_FRAMES`] and the PASSIVE checkpoint just
-/// before copied all of it back (`copied == frames`): then RESTART copies nothing and holds up
-/// the writer only while readers of an older snapshot finish, a few milliseconds at most. If
-/// a reader kept it from copying everything, the next tick tries again. SQLite reports -1
+/// before copied all of it back (`copied == frames`): then RESTART copies nothing, and an
+/// attempt holds the write lock only for as long as it takes to see whether a reader still
+/// uses the WAL ([`RESET_ATTEMPTS`] tries that never wait). If a reader kept the PASSIVE
+/// checkpoint from copying everything, the next tick tries again. SQLite reports -1
 /// frames when the connection is not in WAL mode.
 pub(super) fn wal_needs_reset(frames: i64, copied: i64) -> bool {
     frames > WAL_RESET_FRAMES && copied == frames

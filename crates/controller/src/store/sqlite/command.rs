@@ -43,30 +43,17 @@ pub(super) async fn insert_command(
     Ok(Outcome::Done)
 }
 
-/// A command transition as the caller asked for it.
-pub(super) struct Transition {
-    pub id: String,
-    pub to: CommandState,
-    pub at: Millis,
-    pub detail: Option<String>,
-    pub result_message: Option<String>,
-    pub result: Option<Map<String, Value>>,
-}
-
-/// Moves a command to `t.to` if [`crate::lifecycle::may_transition`] allows it from the state
+/// Moves a command to `to` if [`crate::lifecycle::may_transition`] allows it from the state
 /// it is in: `Applied(false)` when it is unknown or the table refuses.
 pub(super) async fn transition(
     conn: &mut SqliteConnection,
-    t: Transition,
+    id: String,
+    to: CommandState,
+    at: Millis,
+    detail: Option<String>,
+    result_message: Option<String>,
+    result: Option<Map<String, Value>>,
 ) -> Result<Outcome, StoreError> {
-    let Transition {
-        id,
-        to,
-        at,
-        detail,
-        result_message,
-        result,
-    } = t;
     let current: Option<String> = sqlx::query_scalar("SELECT state FROM commands WHERE id = ?")
         .bind(&id)
         .fetch_optional(&mut *conn)
