@@ -160,8 +160,7 @@ async fn run_session(
     }
     // Nothing else happens on the stream before the open's write is committed.
     if let Some(commit) = commit
-        // Boxed: every session's future would otherwise carry this one's state for its life.
-        && let Err(e) = Box::pin(app.stream_open_commit(*commit)).await
+        && let Err(e) = commit.settled().await
     {
         warn!(vm_id, error = %e, "Could not record the stream's open; ending it");
         let _ = tx.send(Err(Status::from(e))).await;

@@ -305,12 +305,23 @@ pub struct ExpiredCommand {
     pub command_type: String,
 }
 
-/// A VM whose health the reconciler changed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HealthChange {
+/// What the silent-VM sweep reads of a VM that has not been heard from for a while.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SilentVm {
     pub vm_id: String,
-    pub from: Health,
-    pub to: Health,
+    pub state: String,
+    pub health: Health,
+    pub connected: bool,
+    pub last_seen_at: Millis,
+}
+
+/// What silence does to a VM (decided by the lifecycle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SilentChange {
+    /// Its health drops (`healthy` -> `unhealthy`, or either -> `lost`).
+    Health { from: Health, to: Health },
+    /// A VM that was shutting down went quiet and disconnected: it is done, not sick.
+    Terminated,
 }
 
 /// An operator API token; the secret itself is never stored, only its SHA-256.

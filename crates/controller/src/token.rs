@@ -49,8 +49,13 @@ pub type TokenFuture<'a> =
 
 /// Produces registration tokens for one pool.
 pub trait TokenSource: Send + Sync + fmt::Debug {
-    /// A token to hand out at `now` (the controller's time).
+    /// A token to hand out at `now` (the controller's time). Called once per delivery of a
+    /// `register_runner`, right before it goes out, so a minted token is as fresh as it can be.
     fn registration_token(&self, now: DateTime<Utc>) -> TokenFuture<'_>;
+
+    /// How long a `register_runner` for this source stays deliverable once queued: the
+    /// lifetime of the tokens it issues. A delivery never carries a token past either.
+    fn lifetime(&self) -> Duration;
 
     /// Checked once at start-up, so that a source that cannot work stops the controller
     /// with a clear message instead of failing every registration later.
@@ -84,6 +89,10 @@ fn expiry(now: DateTime<Utc>, ttl: Duration) -> DateTime<Utc> {
 }
 
 impl TokenSource for StaticToken {
+    fn lifetime(&self) -> Duration {
+        self.ttl
+    }
+
     fn registration_token(&self, now: DateTime<Utc>) -> TokenFuture<'_> {
         let issued = IssuedToken {
             token: self.token.clone(),
@@ -107,6 +116,10 @@ impl TokenFile {
 }
 
 impl TokenSource for TokenFile {
+    fn lifetime(&self) -> Duration {
+        self.ttl
+    }
+
     fn check_at_start(&self) -> Result<(), TokenError> {
         let path = self.path.display().to_string();
         let text = std::fs::read_to_string(&self.path).map_err(|source| TokenError::ReadFile {

@@ -31,14 +31,14 @@ impl Controller {
     /// Puts the VM's record into `batch`, with the `register_runner` it is due now (if
     /// [`lifecycle::needs_registration`]) in the same atomic write. Returns that command;
     /// the caller calls [`Controller::registration_queued`] once the write is durable.
-    pub(super) async fn put_vm_with_registration(
+    pub(super) fn put_vm_with_registration(
         &self,
         batch: &mut Vec<Mutation>,
         vm: &mut VmRecord,
         now: Millis,
     ) -> Option<CommandRecord> {
         let registration = if lifecycle::needs_registration(vm) {
-            self.prepare_registration(vm, now).await
+            self.prepare_registration(vm, now)
         } else {
             None
         };

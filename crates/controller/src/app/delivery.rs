@@ -72,7 +72,13 @@ impl Controller {
             match self.materialize(vm, c).await {
                 Ok(env) => envelopes.push(env),
                 Err(reason) => {
-                    warn!(vm_id = %vm.vm_id, command_id = %c.id, %reason, "Command held back: it could not be prepared for delivery");
+                    // Per delivery attempt (a stream retries every half redelivery period):
+                    // one line a second is enough to say a token source is down.
+                    static HELD_BACK: crate::throttle::LogThrottle =
+                        crate::throttle::LogThrottle::new(1_000);
+                    if let Some(similar_not_logged) = HELD_BACK.allow_now() {
+                        warn!(vm_id = %vm.vm_id, pool_id = %vm.pool_id, command_id = %c.id, command_type = %c.command_type, %reason, similar_not_logged, "Command held back: it could not be prepared for delivery (for register_runner: check the pool's token source); it stays queued and is tried again");
+                    }
                 }
             }
         }
@@ -107,7 +113,8 @@ impl Controller {
     }
 
     /// Turns a stored command back into the typed command, filling in secrets that are never
-    /// stored (the registration token comes fresh from the pool's token source).
+    /// stored: the registration token is fetched here, from the pool's token source, and
+    /// nowhere else for a `register_runner`.
     pub(super) async fn materialize(
         &self,
         vm: &VmRecord,

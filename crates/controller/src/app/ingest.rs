@@ -131,9 +131,7 @@ impl Controller {
         )?));
         vm.connected = self.streams.is_connected(vm_id);
         // The registration a new boot needs goes in the same atomic write as its vm_started.
-        let registration = self
-            .put_vm_with_registration(&mut batch, &mut vm, now)
-            .await;
+        let registration = self.put_vm_with_registration(&mut batch, &mut vm, now);
         let event_type = report.event_type.clone();
         self.store.write(batch).await?;
         self.names.remember(&vm);

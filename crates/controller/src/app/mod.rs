@@ -90,12 +90,26 @@ pub struct StreamOpened {
     /// `commands` (all stored before) at once, then waits for it with
     /// [`Controller::stream_open_commit`] before anything else. `None` when the write is
     /// already durable (a connect that starts a boot: that is the VM's `vm_started`).
-    pub commit: Option<Box<OpenCommit>>,
+    pub commit: Option<OpenSettling>,
+}
+
+/// A reconnect's write, committing in a task of the app that holds the VM's lock until it
+/// is durable. The session waits on it before anything else happens on the stream.
+#[derive(Debug)]
+pub struct OpenSettling(tokio::sync::oneshot::Receiver<Result<(), ApiError>>);
+
+impl OpenSettling {
+    /// Waits until the open's write is committed (or failed; the session must then end).
+    pub async fn settled(self) -> Result<(), ApiError> {
+        self.0
+            .await
+            .unwrap_or(Err(ApiError::Store(crate::store::StoreError::Closed)))
+    }
 }
 
 /// A stream open's write in flight, with the VM's lock held until it is committed.
 #[derive(Debug)]
-pub struct OpenCommit {
+struct OpenCommit {
     write: PendingWrite,
     _guard: tokio::sync::OwnedMutexGuard<()>,
     vm: VmRecord,

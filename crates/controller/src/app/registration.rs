@@ -12,7 +12,7 @@ impl Controller {
     ) -> Result<(), ApiError> {
         let mut batch = Vec::with_capacity(2);
         let now = self.now_ms();
-        let Some(record) = self.put_vm_with_registration(&mut batch, vm, now).await else {
+        let Some(record) = self.put_vm_with_registration(&mut batch, vm, now) else {
             return Ok(());
         };
         self.store.write(batch).await?;
@@ -27,9 +27,11 @@ impl Controller {
     }
 
     /// Builds the `register_runner` for the VM's current boot and points the VM at it (the
-    /// caller stores both, in one write). `None` (logged) when the pool has no registration
-    /// set up or no token can be had now; the reconciler tries again.
-    pub(super) async fn prepare_registration(
+    /// caller stores both, in one write). The token is not fetched here: it is filled in when
+    /// the command goes out ([`Controller::materialize`]), the one place a token source is
+    /// asked for a `register_runner`. `None` (logged) when the VM's pool has no registration
+    /// set up; the reconciler tries again.
+    pub(super) fn prepare_registration(
         &self,
         vm: &mut VmRecord,
         now: Millis,
@@ -37,14 +39,7 @@ impl Controller {
         let reg = match self.settings.pools.get(&vm.pool_id) {
             Ok(r) => r.clone(),
             Err(e) => {
-                warn!(vm_id = %vm.vm_id, pool_id = %vm.pool_id, error = %e, "Cannot register the VM's runner");
-                return None;
-            }
-        };
-        let token = match reg.token.registration_token(self.clock().now()).await {
-            Ok(t) => t,
-            Err(e) => {
-                warn!(vm_id = %vm.vm_id, pool_id = %vm.pool_id, error = %crate::error::chain(&e), "Registration token unavailable; will retry");
+                warn!(vm_id = %vm.vm_id, pool_id = %vm.pool_id, error = %e, "Cannot register the VM's runner: add the pool to the config (or a [pools.\"*\"] fallback)");
                 return None;
             }
         };
@@ -54,13 +49,15 @@ impl Controller {
             now / 1000,
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
+        let lifetime = reg.token.lifetime().as_millis() as Millis;
         let command = Command::RegisterRunner(RegisterRunner {
-            registration_token: Some(token.token),
+            // Stored redacted in any case; the real token is fetched at delivery.
+            registration_token: Some(REDACTED.to_owned()),
             jit_config: None,
             runner_url: reg.runner_url.clone(),
             runner_group: reg.runner_group.clone(),
             labels: reg.labels.clone(),
-            expires_at: Some(token.expires_at),
+            expires_at: Some(crate::store::from_millis(now + lifetime)),
             runner_name: Some(vm.vm_id.clone()),
         });
         let record = CommandRecord::pending(
@@ -70,7 +67,7 @@ impl Controller {
             &command,
             "controller",
             now,
-            millis(token.expires_at),
+            now + lifetime,
         );
         vm.registration_command_id = Some(id);
         vm.updated_at = now;

@@ -43,7 +43,7 @@ impl Controller {
     /// its `vm_started`; a reconnect never causes a second registration.
     ///
     /// A reconnect's write (the VM is connected, what goes out now is marked delivered) is
-    /// left in flight in [`StreamOpened::commit`]: what it hands out was stored before, and
+    /// left in flight ([`StreamOpened::commit`] says when it is committed): what it hands out was stored before, and
     /// a delivery that is never recorded is only delivered again, which the agent
     /// de-duplicates. That keeps a group commit off the agent's wait for its commands.
     ///
@@ -51,7 +51,7 @@ impl Controller {
     /// be undone on each of its early returns while the VM's lock is held, and that is
     /// easiest to check in one place.
     pub async fn stream_open(
-        &self,
+        self: &Arc<Self>,
         caller: &Principal,
         c: &pb::ConnectRequest,
         remote: Option<SocketAddr>,
@@ -94,9 +94,7 @@ impl Controller {
                 return Err(e);
             }
         };
-        let registration = self
-            .put_vm_with_registration(&mut batch, &mut vm, now)
-            .await;
+        let registration = self.put_vm_with_registration(&mut batch, &mut vm, now);
         batch.extend(plan.as_ref().and_then(|p| p.mutation.clone()));
         batch.push(connected_log(vm_id, &handle, remote, &c.version, now));
         let write = match self.store.submit(batch).await {
@@ -134,7 +132,14 @@ impl Controller {
             }
             None
         } else {
-            Some(Box::new(commit))
+            // The lock stays with the app: a task of ours holds it until the write is
+            // durable, and the session only waits for the answer.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let app = Arc::clone(self);
+            tokio::spawn(async move {
+                let _ = tx.send(app.stream_open_commit(commit).await);
+            });
+            Some(OpenSettling(rx))
         };
         Ok(StreamOpened {
             handle,
@@ -169,7 +174,7 @@ impl Controller {
     /// Waits for a stream open's write to be committed, then logs the connect and the
     /// deliveries it recorded. On failure the session must end (the stream is still
     /// registered; [`Controller::stream_closed`] takes it out).
-    pub async fn stream_open_commit(&self, commit: OpenCommit) -> Result<(), ApiError> {
+    async fn stream_open_commit(&self, commit: OpenCommit) -> Result<(), ApiError> {
         let OpenCommit {
             write,
             _guard,

@@ -2,7 +2,8 @@
 
 use super::registration::PRE_REGISTRATION;
 use crate::model::{
-    Health, HeartbeatInput, HeartbeatRow, HeartbeatVmUpdate, Millis, VmLogRow, VmRecord,
+    Health, HeartbeatInput, HeartbeatRow, HeartbeatVmUpdate, Millis, SilentChange, SilentVm,
+    VmLogRow, VmRecord,
 };
 use miglet_proto::event::{CurrentJob, EventKind, HeartbeatReport, JobDetails};
 use miglet_proto::state::MigletState;
@@ -301,4 +302,151 @@ pub fn heartbeat_state(report: &HeartbeatReport) -> Option<String> {
         .as_deref()
         .and_then(|s| s.parse::<MigletState>().ok())
         .map(|s| s.as_str().to_owned())
+}
+
+/// From when silence counts against a VM: last seen before `unhealthy_before`, a healthy VM
+/// turns unhealthy; before `lost_before`, it is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Silence {
+    pub unhealthy_before: Millis,
+    pub lost_before: Millis,
+}
+
+impl Silence {
+    /// The thresholds at `now`: so many missed heartbeat intervals.
+    pub fn at(
+        now: Millis,
+        heartbeat_interval: std::time::Duration,
+        unhealthy_after_missed: u32,
+        lost_after_missed: u32,
+    ) -> Silence {
+        let interval = heartbeat_interval.as_millis() as Millis;
+        Silence {
+            unhealthy_before: now - interval * Millis::from(unhealthy_after_missed),
+            lost_before: now - interval * Millis::from(lost_after_missed),
+        }
+    }
+}
+
+/// Could silence ever change a VM in this state and health? The sweep's read skips the VMs
+/// for which it cannot (a terminated VM; a lost one that is not shutting down), so that a
+/// pass over a large fleet reads only the few that may change.
+pub fn may_change_when_silent(state: &str, health: Health) -> bool {
+    state != "terminated" && (health != Health::Lost || state == "shutting_down")
+}
+
+/// What silence does to a VM: a VM that was shutting down and went quiet and disconnected is
+/// terminated (done, not sick); otherwise a healthy or unhealthy VM past `lost_before` is
+/// lost, and a healthy one past `unhealthy_before` unhealthy.
+pub fn silent_change(vm: &SilentVm, t: &Silence) -> Option<SilentChange> {
+    if !may_change_when_silent(&vm.state, vm.health) {
+        return None;
+    }
+    if vm.state == "shutting_down" && !vm.connected && vm.last_seen_at < t.unhealthy_before {
+        return Some(SilentChange::Terminated);
+    }
+    let to = match vm.health {
+        Health::Healthy | Health::Unhealthy if vm.last_seen_at < t.lost_before => Health::Lost,
+        Health::Healthy if vm.last_seen_at < t.unhealthy_before => Health::Unhealthy,
+        _ => return None,
+    };
+    Some(SilentChange::Health {
+        from: vm.health,
+        to,
+    })
+}
+
+#[cfg(test)]
+mod silence_tests {
+    use super::*;
+
+    fn vm(state: &str, health: Health, connected: bool, seen: Millis) -> SilentVm {
+        SilentVm {
+            vm_id: "vm".into(),
+            state: state.into(),
+            health,
+            connected,
+            last_seen_at: seen,
+        }
+    }
+
+    const T: Silence = Silence {
+        unhealthy_before: 100,
+        lost_before: 10,
+    };
+
+    #[test]
+    fn thresholds_count_missed_intervals() {
+        let t = Silence::at(100_000, std::time::Duration::from_secs(10), 3, 30);
+        assert_eq!((t.unhealthy_before, t.lost_before), (70_000, -200_000));
+    }
+
+    #[test]
+    fn silence_progresses_healthy_unhealthy_lost() {
+        let h = |from, to| Some(SilentChange::Health { from, to });
+        assert_eq!(
+            silent_change(&vm("idle", Health::Healthy, true, 100), &T),
+            None
+        );
+        assert_eq!(
+            silent_change(&vm("idle", Health::Healthy, true, 99), &T),
+            h(Health::Healthy, Health::Unhealthy)
+        );
+        assert_eq!(
+            silent_change(&vm("idle", Health::Unhealthy, false, 50), &T),
+            None
+        );
+        assert_eq!(
+            silent_change(&vm("idle", Health::Unhealthy, false, 9), &T),
+            h(Health::Unhealthy, Health::Lost)
+        );
+        assert_eq!(
+            silent_change(&vm("job_running", Health::Healthy, false, 9), &T),
+            h(Health::Healthy, Health::Lost)
+        );
+        assert_eq!(silent_change(&vm("idle", Health::Lost, false, 0), &T), None);
+    }
+
+    #[test]
+    fn a_quiet_shutting_down_vm_is_terminated_not_lost() {
+        let quiet = vm("shutting_down", Health::Lost, false, 0);
+        assert_eq!(silent_change(&quiet, &T), Some(SilentChange::Terminated));
+        // Still connected: only its health follows silence.
+        let connected = vm("shutting_down", Health::Healthy, true, 50);
+        assert_eq!(
+            silent_change(&connected, &T),
+            Some(SilentChange::Health {
+                from: Health::Healthy,
+                to: Health::Unhealthy
+            })
+        );
+        assert_eq!(
+            silent_change(&vm("terminated", Health::Healthy, false, 0), &T),
+            None
+        );
+    }
+
+    /// The sweep's read may skip a VM only if silence can never change it.
+    #[test]
+    fn skipped_vms_are_never_changed() {
+        for state in [
+            "ready",
+            "idle",
+            "job_running",
+            "shutting_down",
+            "terminated",
+            "x",
+        ] {
+            for health in [Health::Healthy, Health::Unhealthy, Health::Lost] {
+                for connected in [false, true] {
+                    if !may_change_when_silent(state, health) {
+                        assert_eq!(
+                            silent_change(&vm(state, health, connected, -1_000), &T),
+                            None
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

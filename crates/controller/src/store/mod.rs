@@ -30,12 +30,16 @@
 //!   used identity token or enrollment token is claimed once; a command moves only along
 //!   [`crate::lifecycle::may_transition`], whatever the caller asks (`Applied(false)`);
 //!   `MarkDelivered` and `ExpireCommands` touch only commands the same table allows. The
-//!   decisions themselves (which VM is silent, what a heartbeat does to a VM) are computed by
-//!   [`crate::lifecycle`] and passed in, or applied by calling it in the writer
-//!   (`IngestHeartbeat`). One exception is left: the silent-VM sweep (`MarkSilentVms`) gets
-//!   its thresholds from the app, but its progression (healthy → unhealthy → lost, and
-//!   shutting_down → terminated) is still written in SQL, set-wise, so that a pass over
-//!   20,000 VMs reads none of them; a second backend must copy it until it moves.
+//!   decisions themselves (which VM is silent and what that does, what a heartbeat does
+//!   to a VM, which command expires) are computed by [`crate::lifecycle`] and passed in, or
+//!   applied by calling it in the writer (`IngestHeartbeat`). A write that acts on what a
+//!   sweep read (`SilenceVm`) is a compare-and-set on that read, so a VM heard from in
+//!   between is left alone.
+//! * **Candidate reads narrow, the lifecycle decides.** A read that feeds a sweep
+//!   (`vms_silent_before`, `vms_needing_registration`) may filter with indexed predicates so
+//!   that a pass over 20,000 VMs reads only the few that can change; it must return a
+//!   superset of what the lifecycle would act on (tested against the lifecycle's own
+//!   predicate), and the caller re-checks every row with the lifecycle.
 //! * **Errors say what happened, not what was stored**: [`StoreError`] never carries row
 //!   data (which may hold secrets); a full disk is recognisable ([`StoreError::is_disk_full`]).
 //! * **Schema history is append-only**: numbered migrations, each applied once; an
@@ -304,13 +308,15 @@ pub enum Mutation {
     ExpireCommands {
         now: Millis,
     },
-    /// Healthy VMs silent since before `unhealthy_before` become unhealthy, any VM silent
-    /// since before `lost_before` becomes lost; VMs that were shutting down become
-    /// `terminated` instead: [`Outcome::HealthChanged`].
-    MarkSilentVms {
-        now: Millis,
-        unhealthy_before: Millis,
-        lost_before: Millis,
+    /// What silence does to one VM ([`crate::lifecycle::silent_change`]), applied only if
+    /// the VM is still as the sweep read it (`seen_at` is its `last_seen_at` then, and the
+    /// health or state the change starts from): a VM heard from since is left alone.
+    /// Logged in the VM's log: [`Outcome::Applied`].
+    SilenceVm {
+        vm_id: String,
+        seen_at: Millis,
+        change: SilentChange,
+        at: Millis,
     },
 }
 
@@ -323,7 +329,6 @@ pub enum Outcome {
     Expired(Vec<ExpiredCommand>),
     Pruned { heartbeats: u64, events: u64 },
     Count(u64),
-    HealthChanged(Vec<HealthChange>),
 }
 
 /// A queued write (see [`Store::submit`]).

@@ -297,11 +297,11 @@ async fn commands_for_a_vm_and_a_pool_are_followed_to_their_ack() -> TestResult 
     // A whole pool; a lost VM is skipped.
     s.app()
         .store()
-        .write(vec![mig_controller::store::Mutation::MarkSilentVms {
-            now: i64::MAX / 2,
-            unhealthy_before: 0,
-            lost_before: 0,
-        }])
+        .write(vec![mig_controller::store::Mutation::PutVm({
+            let mut b1 = s.app().store().vm_get("vm-b1").await?.ok_or("vm")?;
+            b1.health = mig_controller::store::Health::Lost;
+            b1
+        })])
         .await?;
     let vm = s.app().store().vm_get("vm-a2").await?.ok_or("vm")?;
     let mut lost = vm.clone();

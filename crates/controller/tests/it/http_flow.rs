@@ -2,6 +2,7 @@
 
 use super::common::*;
 use serde_json::json;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[tokio::test]
@@ -354,5 +355,83 @@ async fn heartbeat_before_vm_started_does_not_block_registration() -> TestResult
     assert_eq!(status, 200);
     assert!(s.poll("vm-busy").await.is_empty());
     s.stop().await;
+    Ok(())
+}
+
+/// A token source that is down until told otherwise, counting how often it is asked.
+#[derive(Debug, Default)]
+struct FlakySource {
+    up: std::sync::atomic::AtomicBool,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl mig_controller::token::TokenSource for FlakySource {
+    fn registration_token(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> mig_controller::token::TokenFuture<'_> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.calls.fetch_add(1, SeqCst);
+        let up = self.up.load(SeqCst);
+        Box::pin(async move {
+            if up {
+                Ok(mig_controller::token::IssuedToken {
+                    token: TOKEN.into(),
+                    expires_at: now + chrono::Duration::minutes(10),
+                })
+            } else {
+                Err(mig_controller::token::TokenError::EmptyFile {
+                    path: "/run/token".into(),
+                })
+            }
+        })
+    }
+
+    fn lifetime(&self) -> Duration {
+        Duration::from_secs(3600)
+    }
+}
+
+/// The token source is asked once per delivery of a `register_runner`, and only then: while
+/// it is down the command stays queued (held back), and it goes out with a token as soon as
+/// the source answers again, without a second registration.
+#[tokio::test]
+async fn registration_token_is_fetched_at_delivery_only() -> TestResult {
+    use std::sync::atomic::Ordering::SeqCst;
+    let source = Arc::new(FlakySource::default());
+    let s = TestServer::start_with(|st| {
+        let mut reg = st
+            .pools
+            .get("pool-001")
+            .unwrap_or_else(|e| panic!("fallback pool: {e}"))
+            .clone();
+        reg.token = source.clone();
+        st.pools = mig_controller::token::Pools::new(Default::default(), Some(reg));
+    })
+    .await;
+    s.vm_started("vm-flaky", "pool-001").await;
+    assert_eq!(
+        source.calls.load(SeqCst),
+        0,
+        "queued without asking for a token"
+    );
+    for _ in 0..3 {
+        assert!(
+            s.poll("vm-flaky").await.is_empty(),
+            "nothing without a token"
+        );
+    }
+    assert_eq!(source.calls.load(SeqCst), 3, "one try per delivery attempt");
+    let cmds = s.app().store().commands_for_vm("vm-flaky").await?;
+    assert_eq!(cmds.len(), 1);
+    assert_eq!(cmds[0].state.as_str(), "pending");
+    source.up.store(true, SeqCst);
+    let got = s.poll("vm-flaky").await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["type"], "register_runner");
+    assert_eq!(got[0]["parameters"]["registration_token"], TOKEN);
+    assert_eq!(source.calls.load(SeqCst), 4);
+    let cmds = s.app().store().commands_for_vm("vm-flaky").await?;
+    assert_eq!((cmds.len(), cmds[0].state.as_str()), (1, "delivered"));
     Ok(())
 }

@@ -23,11 +23,12 @@ pub(super) async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Ou
             at,
         } => vm::set_connected(conn, vm_id, connected, at).await,
         Mutation::VmLog(row) => vm::vm_log(conn, row).await,
-        Mutation::MarkSilentVms {
-            now,
-            unhealthy_before,
-            lost_before,
-        } => vm::mark_silent_vms(conn, now, unhealthy_before, lost_before).await,
+        Mutation::SilenceVm {
+            vm_id,
+            seen_at,
+            change,
+            at,
+        } => vm::silence_vm(conn, vm_id, seen_at, change, at).await,
         Mutation::InsertEvent(e) => {
             let inserted = insert_events(conn, &[&e]).await?;
             Ok(Outcome::Inserted(

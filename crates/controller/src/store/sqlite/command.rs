@@ -157,7 +157,8 @@ pub(super) async fn mark_delivered(
     Ok(Outcome::Done)
 }
 
-/// Open commands past `expires_at` → expired; a VM whose registration expired forgets it.
+/// Open commands past `expires_at` → expired (the app makes a VM whose registration
+/// expired forget it).
 pub(super) async fn expire_commands(
     conn: &mut SqliteConnection,
     now: Millis,
@@ -179,15 +180,6 @@ pub(super) async fn expire_commands(
         )
         .bind(&e.id)
         .bind(now)
-        .execute(&mut *conn)
-        .await?;
-        sqlx::query(
-            "UPDATE vms SET registration_command_id = NULL, updated_at = ? \
-             WHERE vm_id = ? AND registration_command_id = ?",
-        )
-        .bind(now)
-        .bind(&e.vm_id)
-        .bind(&e.id)
         .execute(&mut *conn)
         .await?;
         expired.push(e);

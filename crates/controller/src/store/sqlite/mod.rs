@@ -345,6 +345,135 @@ mod tests {
         Ok(())
     }
 
+    fn vm_record(id: &str, state: &str, health: Health, connected: bool, seen: Millis) -> VmRecord {
+        let contact = crate::lifecycle::Contact {
+            kind: crate::lifecycle::ContactKind::VmStarted,
+            boot_id: Some("b"),
+            pool_id: Some("p"),
+            org_id: None,
+            version: None,
+        };
+        let (mut vm, _) = crate::lifecycle::on_contact(None, id, &contact, seen);
+        vm.state = state.into();
+        vm.health = health;
+        vm.connected = connected;
+        vm.last_seen_at = seen;
+        vm
+    }
+
+    /// The sweep's candidate read returns exactly the silent VMs the lifecycle says silence
+    /// may change, and a silence write is a compare-and-set on what was read.
+    #[tokio::test]
+    async fn silent_candidates_follow_the_lifecycle_and_writes_compare_and_set() -> R {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open_sqlite(dir.path()).await?;
+        let mut batch = Vec::new();
+        let mut expected = Vec::new();
+        let states = [
+            "ready",
+            "idle",
+            "job_running",
+            "shutting_down",
+            "terminated",
+        ];
+        for (i, state) in states.iter().enumerate() {
+            for (j, health) in [Health::Healthy, Health::Unhealthy, Health::Lost]
+                .into_iter()
+                .enumerate()
+            {
+                for connected in [false, true] {
+                    let id = format!("vm-{i}-{j}-{connected}");
+                    if crate::lifecycle::may_change_when_silent(state, health) {
+                        expected.push(id.clone());
+                    }
+                    batch.push(Mutation::PutVm(vm_record(&id, state, health, connected, 5)));
+                    // Heard from recently: never a candidate.
+                    let fresh = format!("fresh-{i}-{j}-{connected}");
+                    batch.push(Mutation::PutVm(vm_record(
+                        &fresh, state, health, connected, 50,
+                    )));
+                }
+            }
+        }
+        store.write(batch).await?;
+        let got: Vec<String> = store
+            .vms_silent_before(10)
+            .await?
+            .into_iter()
+            .map(|v| v.vm_id)
+            .collect();
+        expected.sort();
+        assert_eq!(got, expected);
+
+        let change = SilentChange::Health {
+            from: Health::Healthy,
+            to: Health::Unhealthy,
+        };
+        let silence = |seen_at| Mutation::SilenceVm {
+            vm_id: "vm-1-0-false".into(),
+            seen_at,
+            change,
+            at: 100,
+        };
+        // Read at 5, touched at 60 before the write: left alone.
+        store
+            .write(vec![Mutation::TouchVm {
+                vm_id: "vm-1-0-false".into(),
+                at: 60,
+            }])
+            .await?;
+        assert_eq!(
+            store.write(vec![silence(5)]).await?,
+            [Outcome::Applied(false)]
+        );
+        assert_eq!(
+            store.write(vec![silence(60)]).await?,
+            [Outcome::Applied(true)]
+        );
+        assert_eq!(
+            store.write(vec![silence(60)]).await?,
+            [Outcome::Applied(false)]
+        );
+        let vm = store.vm_get("vm-1-0-false").await?.ok_or("vm")?;
+        assert_eq!(vm.health, Health::Unhealthy);
+        Ok(())
+    }
+
+    /// The reconciler's registration candidates are exactly the VMs the lifecycle says are
+    /// due one.
+    #[tokio::test]
+    async fn registration_candidates_follow_the_lifecycle() -> R {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open_sqlite(dir.path()).await?;
+        let mut batch = Vec::new();
+        let mut expected = Vec::new();
+        let mut n = 0;
+        for state in ["initializing", "ready", "idle", "shutting_down"] {
+            for health in [Health::Healthy, Health::Unhealthy, Health::Lost] {
+                for (pointed, registered) in [(false, false), (true, false), (false, true)] {
+                    n += 1;
+                    let mut vm = vm_record(&format!("vm-{n:02}"), state, health, false, 5);
+                    vm.registration_command_id = pointed.then(|| "c".to_owned());
+                    vm.runner_registered = registered;
+                    if crate::lifecycle::needs_registration(&vm) {
+                        expected.push(vm.vm_id.clone());
+                    }
+                    batch.push(Mutation::PutVm(vm));
+                }
+            }
+        }
+        store.write(batch).await?;
+        let got: Vec<String> = store
+            .vms_needing_registration()
+            .await?
+            .into_iter()
+            .map(|v| v.vm_id)
+            .collect();
+        assert!(!expected.is_empty());
+        assert_eq!(got, expected);
+        Ok(())
+    }
+
     #[tokio::test]
     async fn migrations_apply_once_and_data_survives_reopen() -> R {
         let dir = tempfile::tempdir()?;

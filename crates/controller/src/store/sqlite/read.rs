@@ -23,6 +23,33 @@ impl Reads {
             .collect()
     }
 
+    /// The VMs last seen before `before` that silence may still change: a superset of
+    /// those [`crate::lifecycle::may_change_when_silent`] allows (not terminated; lost only
+    /// if shutting down), through the `(health, last_seen_at)` and `(state, ...)` indexes.
+    pub async fn vms_silent_before(&self, before: Millis) -> Result<Vec<SilentVm>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT vm_id, state, health, connected, last_seen_at FROM vms \
+             WHERE last_seen_at < ?1 AND health IN ('healthy', 'unhealthy') \
+             AND state != 'terminated' \
+             UNION SELECT vm_id, state, health, connected, last_seen_at FROM vms \
+             WHERE state = 'shutting_down' AND last_seen_at < ?1 ORDER BY vm_id",
+        )
+        .bind(before)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SilentVm {
+                    vm_id: r.try_get("vm_id")?,
+                    state: r.try_get("state")?,
+                    health: r.try_get::<String, _>("health")?.parse()?,
+                    connected: r.try_get("connected")?,
+                    last_seen_at: r.try_get("last_seen_at")?,
+                })
+            })
+            .collect()
+    }
+
     pub async fn vms_needing_registration(&self) -> Result<Vec<VmRecord>, StoreError> {
         sqlx::query(
             "SELECT * FROM vms WHERE registration_command_id IS NULL AND runner_registered = 0 \

@@ -1,4 +1,5 @@
-//! Row operations on VMs: their record, contact, connection flag, log and health sweep.
+//! Row operations on VMs: their record, contact, connection flag, log, and what silence
+//! does to one (decided by the lifecycle).
 
 use super::*;
 
@@ -61,63 +62,50 @@ pub(super) async fn vm_log(
     Ok(Outcome::Done)
 }
 
-/// Silent VMs: shutting down and quiet → terminated; quiet past the thresholds the caller
-/// computed → unhealthy, then lost. Each change on the VM's log.
-pub(super) async fn mark_silent_vms(
+/// What silence does to one VM, if the VM is still as the sweep read it: last seen at
+/// `seen_at` and in the health (or, to terminate, the state) the change starts from.
+pub(super) async fn silence_vm(
     conn: &mut SqliteConnection,
-    now: Millis,
-    unhealthy_before: Millis,
-    lost_before: Millis,
+    vm_id: String,
+    seen_at: Millis,
+    change: SilentChange,
+    at: Millis,
 ) -> Result<Outcome, StoreError> {
-    let mut changes = Vec::new();
-    // Shutting-down VMs that went quiet are done, not sick.
-    let ended = sqlx::query(
-        "UPDATE vms SET state = 'terminated', connected = 0, updated_at = ?1, state_since = ?1 \
-         WHERE state = 'shutting_down' AND last_seen_at < ?2 AND connected = 0 RETURNING vm_id",
-    )
-    .bind(now)
-    .bind(unhealthy_before)
-    .fetch_all(&mut *conn)
-    .await?;
-    for r in ended {
-        let vm_id: String = r.try_get("vm_id")?;
-        insert_vm_log(
-            conn,
-            &vm_id,
-            now,
-            "terminated",
-            Some("silent after shutting down"),
-        )
-        .await?;
-    }
-    for (to, before, from_states) in [
-        (Health::Lost, lost_before, "('healthy', 'unhealthy')"),
-        (Health::Unhealthy, unhealthy_before, "('healthy')"),
-    ] {
-        let sql = format!(
-            "SELECT vm_id, health FROM vms WHERE health IN {from_states} \
-             AND last_seen_at < ? AND state != 'terminated'"
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(before)
-            .fetch_all(&mut *conn)
+    let (done, kind, detail) = match change {
+        SilentChange::Terminated => {
+            let done = sqlx::query(
+                "UPDATE vms SET state = 'terminated', connected = 0, updated_at = ?1, \
+                 state_since = ?1 WHERE vm_id = ?2 AND last_seen_at = ?3 \
+                 AND state = 'shutting_down' AND connected = 0",
+            )
+            .bind(at)
+            .bind(&vm_id)
+            .bind(seen_at)
+            .execute(&mut *conn)
             .await?;
-        for r in rows {
-            let vm_id: String = r.try_get("vm_id")?;
-            let old: String = r.try_get("health")?;
-            let from: Health = old.parse()?;
-            sqlx::query("UPDATE vms SET health = ?, updated_at = ? WHERE vm_id = ?")
-                .bind(to.as_str())
-                .bind(now)
-                .bind(&vm_id)
-                .execute(&mut *conn)
-                .await?;
-            let detail = format!("{} -> {}", from.as_str(), to.as_str());
-            insert_vm_log(conn, &vm_id, now, "health_changed", Some(&detail)).await?;
-            changes.push(HealthChange { vm_id, from, to });
+            (done, "terminated", "silent after shutting down".to_owned())
         }
+        SilentChange::Health { from, to } => {
+            let done = sqlx::query(
+                "UPDATE vms SET health = ?, updated_at = ? WHERE vm_id = ? \
+                 AND last_seen_at = ? AND health = ?",
+            )
+            .bind(to.as_str())
+            .bind(at)
+            .bind(&vm_id)
+            .bind(seen_at)
+            .bind(from.as_str())
+            .execute(&mut *conn)
+            .await?;
+            let detail = format!("{} -> {}", from.as_str(), to.as_str());
+            (done, "health_changed", detail)
+        }
+    };
+    let applied = done.rows_affected() == 1;
+    if applied {
+        insert_vm_log(conn, &vm_id, at, kind, Some(&detail)).await?;
     }
-    Ok(Outcome::HealthChanged(changes))
+    Ok(Outcome::Applied(applied))
 }
 
 /// A VM that was unhealthy or lost and is heard from again: note it in its log.
