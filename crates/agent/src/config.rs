@@ -4,6 +4,7 @@
 
 use crate::machine::{PostJobAction, parse_duration};
 use clap::Args;
+use miglet_proto::settings::layered;
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -292,13 +293,6 @@ impl FileConfig {
     }
 }
 
-fn pick(a: &Option<String>, b: &Option<String>, c: Option<&String>) -> Option<String> {
-    a.clone()
-        .filter(|s| !s.is_empty())
-        .or_else(|| b.clone().filter(|s| !s.is_empty()))
-        .or_else(|| c.cloned().filter(|s| !s.is_empty()))
-}
-
 fn duration(
     name: &'static str,
     v: Option<String>,
@@ -318,20 +312,25 @@ fn duration(
 /// Whether the metadata server should be asked: `auto` asks only when a required setting is
 /// missing.
 pub fn wants_metadata(args: &AgentArgs, file: &FileConfig) -> bool {
-    let mode = pick(&args.metadata, &file.metadata.enabled, None).unwrap_or_else(|| "auto".into());
+    let mode = layered([args.metadata.as_ref(), file.metadata.enabled.as_ref()])
+        .unwrap_or_else(|| "auto".into());
     match mode.as_str() {
         "true" | "1" => true,
         "false" | "0" => false,
         _ => {
-            pick(&args.pool_id, &file.pool_id, None).is_none()
-                || pick(&args.vm_id, &file.vm_id, None).is_none()
-                || pick(&args.controller_endpoint, &file.controller.endpoint, None).is_none()
+            layered([args.pool_id.as_ref(), file.pool_id.as_ref()]).is_none()
+                || layered([args.vm_id.as_ref(), file.vm_id.as_ref()]).is_none()
+                || layered([
+                    args.controller_endpoint.as_ref(),
+                    file.controller.endpoint.as_ref(),
+                ])
+                .is_none()
         }
     }
 }
 
 pub fn metadata_base(args: &AgentArgs, file: &FileConfig) -> String {
-    pick(&args.metadata_url, &file.metadata.url, None)
+    layered([args.metadata_url.as_ref(), file.metadata.url.as_ref()])
         .unwrap_or_else(|| "http://metadata.google.internal".into())
 }
 
@@ -393,13 +392,10 @@ fn read_boot_id() -> String {
 
 /// Does `auto` authentication need to know whether this is a GCE VM?
 pub fn auth_needs_gce_probe(args: &AgentArgs, file: &FileConfig) -> bool {
-    let method = args
-        .auth
-        .clone()
-        .or(file.auth.method.clone())
-        .unwrap_or_else(|| "auto".into());
+    let method =
+        layered([args.auth.as_ref(), file.auth.method.as_ref()]).unwrap_or_else(|| "auto".into());
     let metadata_off = matches!(
-        pick(&args.metadata, &file.metadata.enabled, None).as_deref(),
+        layered([args.metadata.as_ref(), file.metadata.enabled.as_ref()]).as_deref(),
         Some("false" | "0")
     );
     method == "auto"
@@ -416,22 +412,19 @@ fn resolve_auth(
     meta: &MetadataValues,
     endpoint: &str,
 ) -> Result<AuthMethod, ConfigError> {
-    let method = args
-        .auth
-        .clone()
-        .or(file.auth.method.clone())
-        .unwrap_or_else(|| "auto".into());
-    let secret = args
-        .bootstrap_secret_file
-        .clone()
-        .or(file.auth.bootstrap_secret_file.clone());
-    let token = args
-        .enrollment_token_file
-        .clone()
-        .or(file.auth.enrollment_token_file.clone());
+    let method =
+        layered([args.auth.as_ref(), file.auth.method.as_ref()]).unwrap_or_else(|| "auto".into());
+    let secret = layered([
+        args.bootstrap_secret_file.as_ref(),
+        file.auth.bootstrap_secret_file.as_ref(),
+    ]);
+    let token = layered([
+        args.enrollment_token_file.as_ref(),
+        file.auth.enrollment_token_file.as_ref(),
+    ]);
     let gce = || AuthMethod::Gce {
         metadata_base: metadata_base(args, file),
-        audience: pick(&args.audience, &file.auth.audience, None)
+        audience: layered([args.audience.as_ref(), file.auth.audience.as_ref()])
             .unwrap_or_else(|| endpoint.to_owned()),
     };
     Ok(match method.as_str() {
@@ -476,21 +469,34 @@ impl Settings {
         meta: &MetadataValues,
         running_as_root: bool,
     ) -> Result<Settings, ConfigError> {
-        let pool_id = pick(&args.pool_id, &file.pool_id, meta.pool_id.as_ref())
-            .ok_or(ConfigError::Missing("pool_id (MIGLET_POOL_ID)"))?;
-        let vm_id = pick(&args.vm_id, &file.vm_id, meta.instance_name.as_ref())
-            .ok_or(ConfigError::Missing("vm_id (MIGLET_VM_ID)"))?;
+        let pool_id = layered([
+            args.pool_id.as_ref(),
+            file.pool_id.as_ref(),
+            meta.pool_id.as_ref(),
+        ])
+        .ok_or(ConfigError::Missing("pool_id (MIGLET_POOL_ID)"))?;
+        let vm_id = layered([
+            args.vm_id.as_ref(),
+            file.vm_id.as_ref(),
+            meta.instance_name.as_ref(),
+        ])
+        .ok_or(ConfigError::Missing("vm_id (MIGLET_VM_ID)"))?;
         check_id("pool_id", &pool_id)?;
         check_id("vm_id", &vm_id)?;
-        let org_id = pick(&args.org_id, &file.org_id, meta.org_id.as_ref()).unwrap_or_default();
+        let org_id = layered([
+            args.org_id.as_ref(),
+            file.org_id.as_ref(),
+            meta.org_id.as_ref(),
+        ])
+        .unwrap_or_default();
         if !org_id.is_empty() {
             check_id("org_id", &org_id)?;
         }
-        let endpoint = pick(
-            &args.controller_endpoint,
-            &file.controller.endpoint,
+        let endpoint = layered([
+            args.controller_endpoint.as_ref(),
+            file.controller.endpoint.as_ref(),
             meta.controller_endpoint.as_ref(),
-        )
+        ])
         .ok_or(ConfigError::Missing(
             "controller endpoint (MIGLET_CONTROLLER_ENDPOINT)",
         ))?;
@@ -501,26 +507,26 @@ impl Settings {
                 reason: format!("{endpoint:?} must start with http:// or https://"),
             });
         }
-        let grpc = match pick(
-            &args.controller_grpc_endpoint,
-            &file.controller.grpc_endpoint,
+        let grpc = match layered([
+            args.controller_grpc_endpoint.as_ref(),
+            file.controller.grpc_endpoint.as_ref(),
             meta.controller_grpc_endpoint.as_ref(),
-        ) {
+        ]) {
             Some(g) if g == "disabled" || g == "none" => None,
             Some(g) if g.contains("://") => Some(g),
             Some(g) => Some(format!("http://{g}")),
             None => derive_grpc_endpoint(&endpoint),
         };
-        let level =
-            pick(&args.logging_level, &file.logging.level, None).unwrap_or_else(|| "info".into());
+        let level = layered([args.logging_level.as_ref(), file.logging.level.as_ref()])
+            .unwrap_or_else(|| "info".into());
         if miglet_proto::command::LogLevel::parse(&level).is_none() {
             return Err(ConfigError::Invalid {
                 name: "logging level",
                 reason: format!("{level:?} (trace, debug, info, warn, error)"),
             });
         }
-        let format =
-            pick(&args.logging_format, &file.logging.format, None).unwrap_or_else(|| "text".into());
+        let format = layered([args.logging_format.as_ref(), file.logging.format.as_ref()])
+            .unwrap_or_else(|| "text".into());
         let logging_json = match format.as_str() {
             "json" => true,
             "text" => false,
@@ -531,22 +537,28 @@ impl Settings {
                 });
             }
         };
-        let post = pick(&args.post_job_action, &file.runner.post_job_action, None)
-            .unwrap_or_else(|| "exit".into());
+        let post = layered([
+            args.post_job_action.as_ref(),
+            file.runner.post_job_action.as_ref(),
+        ])
+        .unwrap_or_else(|| "exit".into());
         let post_job_action = PostJobAction::parse(&post).ok_or(ConfigError::Invalid {
             name: "post_job_action",
             reason: format!("{post:?} (exit, poweroff, none)"),
         })?;
-        let runner_user = match pick(&args.runner_user, &file.runner.user, None) {
+        let runner_user = match layered([args.runner_user.as_ref(), file.runner.user.as_ref()]) {
             Some(u) => Some(u),
             // An explicit empty value means "run as root".
             None if args.runner_user.is_some() || file.runner.user.is_some() => None,
             None if running_as_root => Some("runner".into()),
             None => None,
         };
-        let sha =
-            pick(&args.runner_sha256, &file.runner.sha256, None).map(|s| s.to_ascii_lowercase());
-        let download = pick(&args.runner_download_url, &file.runner.download_url, None);
+        let sha = layered([args.runner_sha256.as_ref(), file.runner.sha256.as_ref()])
+            .map(|s| s.to_ascii_lowercase());
+        let download = layered([
+            args.runner_download_url.as_ref(),
+            file.runner.download_url.as_ref(),
+        ]);
         if download.is_some()
             && !sha
                 .as_ref()
@@ -560,12 +572,14 @@ impl Settings {
         }
         let auth = resolve_auth(args, file, meta, &endpoint)?;
         let client = match (
-            args.client_cert
-                .clone()
-                .or(file.controller.client_cert.clone()),
-            args.client_key
-                .clone()
-                .or(file.controller.client_key.clone()),
+            layered([
+                args.client_cert.as_ref(),
+                file.controller.client_cert.as_ref(),
+            ]),
+            layered([
+                args.client_key.as_ref(),
+                file.controller.client_key.as_ref(),
+            ]),
         ) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
@@ -577,7 +591,7 @@ impl Settings {
             }
         };
         let tls = TlsFiles {
-            ca_file: args.ca_file.clone().or(file.controller.ca_file.clone()),
+            ca_file: layered([args.ca_file.as_ref(), file.controller.ca_file.as_ref()]),
             client,
         };
         if (tls.ca_file.is_some() || tls.client.is_some()) && !endpoint.starts_with("https://") {
@@ -594,10 +608,7 @@ impl Settings {
             controller_grpc_endpoint: grpc,
             logging_level: level,
             logging_json,
-            data_dir: args
-                .data_dir
-                .clone()
-                .or_else(|| file.data_dir.clone())
+            data_dir: layered([args.data_dir.as_ref(), file.data_dir.as_ref()])
                 .unwrap_or_else(|| PathBuf::from("/var/lib/miglet")),
             spool_max_events: match args.spool_max_events.unwrap_or(10_000) {
                 0 => {
@@ -608,42 +619,47 @@ impl Settings {
                 }
                 n => n,
             },
-            runner_dir: args
-                .runner_dir
-                .clone()
-                .or_else(|| file.runner.dir.clone())
+            runner_dir: layered([args.runner_dir.as_ref(), file.runner.dir.as_ref()])
                 .unwrap_or_else(|| PathBuf::from("/opt/actions-runner")),
-            runner_work_dir: pick(&args.runner_work_dir, &file.runner.work_dir, None)
-                .unwrap_or_else(|| "_work".into()),
+            runner_work_dir: layered([
+                args.runner_work_dir.as_ref(),
+                file.runner.work_dir.as_ref(),
+            ])
+            .unwrap_or_else(|| "_work".into()),
             runner_user,
             runner_download_url: download,
             runner_sha256: sha,
             post_job_action,
             heartbeat_interval: duration(
                 "heartbeat_interval",
-                pick(&args.heartbeat_interval, &file.heartbeat.interval, None),
+                layered([
+                    args.heartbeat_interval.as_ref(),
+                    file.heartbeat.interval.as_ref(),
+                ]),
                 Duration::from_secs(15),
             )?,
             poll_interval: duration(
                 "poll_interval",
-                pick(&args.poll_interval, &file.poll_interval, None),
+                layered([args.poll_interval.as_ref(), file.poll_interval.as_ref()]),
                 Duration::from_secs(5),
             )?,
             shutdown_grace: duration(
                 "shutdown_grace_period",
-                pick(
-                    &args.shutdown_grace_period,
-                    &file.shutdown.grace_period,
-                    None,
-                ),
+                layered([
+                    args.shutdown_grace_period.as_ref(),
+                    file.shutdown.grace_period.as_ref(),
+                ]),
                 Duration::from_secs(30),
             )?,
             controller_timeout: duration(
                 "controller_timeout",
-                pick(&args.controller_timeout, &file.controller.timeout, None),
+                layered([
+                    args.controller_timeout.as_ref(),
+                    file.controller.timeout.as_ref(),
+                ]),
                 Duration::from_secs(30),
             )?,
-            boot_id: pick(&args.boot_id, &None, None).unwrap_or_else(read_boot_id),
+            boot_id: layered([args.boot_id.as_ref()]).unwrap_or_else(read_boot_id),
             preemption_watch: None,
             auth,
             tls,

@@ -9,12 +9,14 @@
 use crate::app::{Controller, StreamOpened, Transport};
 use crate::auth::{Principal, Route};
 use crate::error::ApiError;
+use crate::streams::StreamHandle;
 use miglet_proto::event::{EventReport, HeartbeatReport};
 use miglet_proto::pb::command_service_server::CommandService;
 use miglet_proto::pb::{
     self, ControllerMessage, MiGletMessage, controller_message, mi_glet_message,
 };
 use serde_json::{Map, Value};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -130,7 +132,63 @@ impl CommandService for GrpcService {
     }
 }
 
-/// Drives one stream until it ends; returns why it ended.
+/// Sends commands in order; `Err` when the peer is gone.
+async fn send_commands(tx: &Outbound, commands: Vec<pb::Command>) -> Result<(), &'static str> {
+    for c in commands {
+        if tx
+            .send(Ok(msg(controller_message::Message::Command(c))))
+            .await
+            .is_err()
+        {
+            return Err("peer gone");
+        }
+    }
+    Ok(())
+}
+
+/// Ready when the credential the stream was opened with expires (never for other callers):
+/// a stream lives no longer than it, and the agent reconnects with its refreshed one.
+async fn credential_expiry(app: &Controller, caller: &Principal) {
+    match caller {
+        Principal::Vm(c) => {
+            let left = c.expires_at - app.clock().now_secs();
+            tokio::time::sleep(Duration::from_secs(left.max(0) as u64)).await;
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// One delivery pass: the commands due now go out. After a failed delivery (the store
+/// refused the write) the command stays pending and nothing else would wake this stream
+/// for it, so `retry` is armed to try again soon; returns whether it was.
+async fn deliver(
+    app: &Controller,
+    vm_id: &str,
+    handle: &StreamHandle,
+    tx: &Outbound,
+    caller: &Principal,
+    open: &mut usize,
+    retry: Pin<&mut tokio::time::Sleep>,
+) -> Result<bool, &'static str> {
+    match app.stream_deliverable(caller, vm_id, handle).await {
+        Ok((commands, still_open)) => {
+            *open = still_open;
+            send_commands(tx, commands).await?;
+            Ok(false)
+        }
+        Err(e) => {
+            static FAILED: crate::throttle::LogThrottle = crate::throttle::LogThrottle::new(1_000);
+            if let Some(similar_failures_not_logged) = FAILED.allow_now() {
+                warn!(vm_id, error = %e, retry_in_secs = DELIVERY_RETRY.as_secs(), similar_failures_not_logged, "Command delivery on a stream failed; it stays queued and will be tried again");
+            }
+            retry.reset(tokio::time::Instant::now() + DELIVERY_RETRY);
+            Ok(true)
+        }
+    }
+}
+
+/// Drives one stream until it ends; returns why it ended. One `select!` over everything
+/// that can happen to a stream, so nothing sends on it concurrently.
 async fn run_session(
     app: &Controller,
     vm_id: &str,
@@ -149,14 +207,8 @@ async fn run_session(
     let handle = &handle;
     // What was waiting when the stream opened (stored before; marked delivered on this
     // stream by the open's write).
-    for c in commands {
-        if tx
-            .send(Ok(msg(controller_message::Message::Command(c))))
-            .await
-            .is_err()
-        {
-            return "peer gone";
-        }
+    if let Err(gone) = send_commands(tx, commands).await {
+        return gone;
     }
     // Nothing else happens on the stream before the open's write is committed.
     if let Some(commit) = commit
@@ -166,60 +218,21 @@ async fn run_session(
         let _ = tx.send(Err(Status::from(e))).await;
         return "store write failed";
     }
-    let credential_expires = match caller {
-        Principal::Vm(c) => Some(c.expires_at),
-        _ => None,
-    };
-    // A stream lives no longer than the credential it was opened with; the agent reconnects
-    // with its refreshed one.
-    let expiry = async {
-        match credential_expires {
-            Some(exp) => {
-                let left = exp - app.clock().now_secs();
-                tokio::time::sleep(Duration::from_secs(left.max(0) as u64)).await;
-            }
-            None => std::future::pending().await,
-        }
-    };
+    let expiry = credential_expiry(app, caller);
     tokio::pin!(expiry);
     let shutdown = app.shutdown_token().clone();
     let redelivery = app.settings().redelivery_timeout;
     let mut tick = tokio::time::interval(redelivery.max(Duration::from_secs(1)) / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut deliver = deliver_now;
-    // After a failed delivery (the store refused the write), try again soon whatever else
-    // happens: the command stays pending and nothing else would wake this stream for it.
+    let mut due = deliver_now;
     let retry = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(retry);
     let mut retrying = false;
     loop {
-        if deliver {
-            deliver = false;
-            match app.stream_deliverable(caller, vm_id, handle).await {
-                Ok((commands, still_open)) => {
-                    retrying = false;
-                    open = still_open;
-                    for c in commands {
-                        if tx
-                            .send(Ok(msg(controller_message::Message::Command(c))))
-                            .await
-                            .is_err()
-                        {
-                            return "peer gone";
-                        }
-                    }
-                }
-                Err(e) => {
-                    static FAILED: crate::throttle::LogThrottle =
-                        crate::throttle::LogThrottle::new(1_000);
-                    if let Some(similar_failures_not_logged) = FAILED.allow_now() {
-                        warn!(vm_id, error = %e, retry_in_secs = DELIVERY_RETRY.as_secs(), similar_failures_not_logged, "Command delivery on a stream failed; it stays queued and will be tried again");
-                    }
-                    retry
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + DELIVERY_RETRY);
-                    retrying = true;
-                }
+        if std::mem::take(&mut due) {
+            match deliver(app, vm_id, handle, tx, caller, &mut open, retry.as_mut()).await {
+                Ok(armed) => retrying = armed,
+                Err(gone) => return gone,
             }
         }
         tokio::select! {
@@ -237,38 +250,47 @@ async fn run_session(
                 let _ = tx.send(Err(Status::permission_denied("the VM moved to another pool; enroll into it again"))).await;
                 return "ended by the controller: the VM moved to another pool";
             }
-            () = handle.nudge.notified() => deliver = true,
+            () = handle.nudge.notified() => due = true,
             () = &mut retry, if retrying => {
                 retrying = false;
-                deliver = true;
+                due = true;
             }
-            _ = tick.tick(), if open > 0 => deliver = true,
-            next = inbound.message() => match next {
-                Ok(Some(m)) => {
-                    // The per-VM limit holds on the stream too: over it, a message is refused
-                    // (not stored) with a notice, and the stream stays up.
-                    if let Err(refused) = app.gate().check_vm_rate(vm_id) {
-                        let notice = error_msg("rate_limited", ApiError::from(refused).to_string());
-                        if tx.send(Ok(notice)).await.is_err() {
-                            return "peer gone";
-                        }
-                        continue;
-                    }
-                    if let Err(reason) = handle_message(app, vm_id, m, tx, caller).await {
-                        return reason;
-                    }
-                    // An ack or event may have changed what is open.
-                    deliver = deliver || open > 0;
-                }
-                Ok(None) => return "stream ended by the agent",
-                Err(status) => {
-                    debug!(vm_id, code = ?status.code(), message = status.message(), "Stream receive failed");
-                    // Tell the agent why, if it can still hear (a message over the size limit
-                    // ends the stream with RESOURCE_EXHAUSTED / OUT_OF_RANGE).
-                    let _ = tx.try_send(Err(status));
-                    return "stream broken";
-                }
+            _ = tick.tick(), if open > 0 => due = true,
+            next = inbound.message() => match on_inbound(app, vm_id, next, tx, caller).await {
+                // An ack or event may have changed what is open.
+                Ok(()) => due = due || open > 0,
+                Err(reason) => return reason,
             },
+        }
+    }
+}
+
+/// One inbound read: a message is rate-limited (refused with a notice, the stream stays up)
+/// and handled; the end of the stream or a broken one ends the session with its reason.
+async fn on_inbound(
+    app: &Controller,
+    vm_id: &str,
+    next: Result<Option<MiGletMessage>, Status>,
+    tx: &Outbound,
+    caller: &Principal,
+) -> Result<(), &'static str> {
+    match next {
+        Ok(Some(m)) => {
+            // The per-VM limit holds on the stream too: over it, a message is refused (not
+            // stored) with a notice.
+            if let Err(refused) = app.gate().check_vm_rate(vm_id) {
+                let notice = error_msg("rate_limited", ApiError::from(refused).to_string());
+                return tx.send(Ok(notice)).await.map_err(|_| "peer gone");
+            }
+            handle_message(app, vm_id, m, tx, caller).await
+        }
+        Ok(None) => Err("stream ended by the agent"),
+        Err(status) => {
+            debug!(vm_id, code = ?status.code(), message = status.message(), "Stream receive failed");
+            // Tell the agent why, if it can still hear (a message over the size limit ends
+            // the stream with RESOURCE_EXHAUSTED / OUT_OF_RANGE).
+            let _ = tx.try_send(Err(status));
+            Err("stream broken")
         }
     }
 }
@@ -291,85 +313,21 @@ async fn handle_message(
             }),
         )),
         Some(mi_glet_message::Message::CommandAck(ack)) => {
-            let result: Map<String, Value> = ack
-                .result
-                .into_iter()
-                .map(|(k, v)| (k, Value::String(v)))
-                .collect();
-            match app
-                .ack_command(
-                    caller,
-                    vm_id,
-                    crate::app::Ack {
-                        command_id: &ack.command_id,
-                        success: ack.success,
-                        message: &ack.message,
-                        result,
-                        via: "grpc",
-                    },
-                )
-                .await
-            {
-                Ok(_) => None,
-                Err(e) => Some(reject("invalid_ack", e)),
-            }
+            on_ack(app, vm_id, ack, caller).await.err()
         }
-        Some(mi_glet_message::Message::Event(ev)) => {
-            let raw = event_raw(&ev);
-            let report = EventReport::from_pb(&ev);
-            let event_id = report.event_id.clone();
-            match app
-                .ingest_event(caller, vm_id, report, raw, Transport::Grpc)
-                .await
-            {
-                Ok(_) => event_id.map(|id| {
-                    msg(controller_message::Message::EventAck(pb::EventAck {
-                        event_ids: vec![id],
-                    }))
-                }),
-                Err(e) => Some(reject("invalid_event", e)),
-            }
-        }
-        Some(mi_glet_message::Message::Heartbeat(hb)) => {
-            match app
-                .ingest_heartbeat(
-                    caller,
-                    vm_id,
-                    HeartbeatReport::from_pb(&hb),
-                    Transport::Grpc,
-                )
-                .await
-            {
-                Ok(()) => None,
-                Err(e) => Some(reject("invalid_heartbeat", e)),
-            }
-        }
+        Some(mi_glet_message::Message::Event(ev)) => on_event(app, vm_id, &ev, caller).await,
+        Some(mi_glet_message::Message::Heartbeat(hb)) => app
+            .ingest_heartbeat(
+                caller,
+                vm_id,
+                HeartbeatReport::from_pb(&hb),
+                Transport::Grpc,
+            )
+            .await
+            .err()
+            .map(|e| reject("invalid_heartbeat", e)),
         Some(mi_glet_message::Message::Error(err)) => {
-            // An agent-side error is an `error` event.
-            let mut data = err.details.clone();
-            data.insert("code".into(), err.code.clone());
-            data.insert("message".into(), err.message.clone());
-            let ev = pb::EventNotification {
-                r#type: "error".into(),
-                vm_id: vm_id.to_owned(),
-                data,
-                timestamp: err.timestamp,
-                ..Default::default()
-            };
-            let raw = event_raw(&ev);
-            match app
-                .ingest_event(
-                    caller,
-                    vm_id,
-                    EventReport::from_pb(&ev),
-                    raw,
-                    Transport::Grpc,
-                )
-                .await
-            {
-                Ok(_) => None,
-                Err(e) => Some(reject("invalid_error", e)),
-            }
+            on_agent_error(app, vm_id, err, caller).await.err()
         }
     };
     if let Some(r) = reply
@@ -378,6 +336,84 @@ async fn handle_message(
         return Err("peer gone");
     }
     Ok(())
+}
+
+/// A `CommandAck`: recorded (idempotently); a refusal is answered.
+async fn on_ack(
+    app: &Controller,
+    vm_id: &str,
+    ack: pb::CommandAck,
+    caller: &Principal,
+) -> Result<(), ControllerMessage> {
+    let result: Map<String, Value> = ack
+        .result
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+    let ack = crate::app::Ack {
+        command_id: &ack.command_id,
+        success: ack.success,
+        message: &ack.message,
+        result,
+        via: "grpc",
+    };
+    app.ack_command(caller, vm_id, ack)
+        .await
+        .map(|_| ())
+        .map_err(|e| reject("invalid_ack", e))
+}
+
+/// An event: stored, and answered with an `EventAck` when it carries an id (or a refusal).
+async fn on_event(
+    app: &Controller,
+    vm_id: &str,
+    ev: &pb::EventNotification,
+    caller: &Principal,
+) -> Option<ControllerMessage> {
+    let raw = event_raw(ev);
+    let report = EventReport::from_pb(ev);
+    let event_id = report.event_id.clone();
+    match app
+        .ingest_event(caller, vm_id, report, raw, Transport::Grpc)
+        .await
+    {
+        Ok(_) => event_id.map(|id| {
+            msg(controller_message::Message::EventAck(pb::EventAck {
+                event_ids: vec![id],
+            }))
+        }),
+        Err(e) => Some(reject("invalid_event", e)),
+    }
+}
+
+/// An agent-side error is stored as an `error` event.
+async fn on_agent_error(
+    app: &Controller,
+    vm_id: &str,
+    err: pb::ErrorNotification,
+    caller: &Principal,
+) -> Result<(), ControllerMessage> {
+    let mut data = err.details;
+    data.insert("code".into(), err.code);
+    data.insert("message".into(), err.message);
+    let ev = pb::EventNotification {
+        r#type: "error".into(),
+        vm_id: vm_id.to_owned(),
+        data,
+        timestamp: err.timestamp,
+        ..Default::default()
+    };
+    let raw = event_raw(&ev);
+    app.ingest_event(
+        caller,
+        vm_id,
+        EventReport::from_pb(&ev),
+        raw,
+        Transport::Grpc,
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| reject("invalid_error", e))
 }
 
 /// Bad input from the agent is answered with an `ErrorNotification` and the stream stays up;

@@ -3,10 +3,11 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use mig_controller::app::local;
 use mig_controller::auth::{AuthMode, Role};
 use mig_controller::config::{ConfigError, LogFormat, ServeArgs, Settings};
 use mig_controller::server;
-use mig_controller::store::{AuditRow, Mutation, Store};
+use mig_controller::store::Store;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
@@ -366,6 +367,15 @@ fn when(ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// The local CLI as the audit log names it.
+fn by(actor: &str, now: i64) -> local::Actor<'_> {
+    local::Actor {
+        name: actor,
+        remote: Some("local"),
+        now,
+    }
+}
+
 #[allow(clippy::print_stdout)]
 async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
     match cmd {
@@ -378,24 +388,9 @@ async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
             let store = open_store(&data.path).await?;
             let now = chrono::Utc::now().timestamp_millis();
             let expires = expires_in_days.map(|d| now + i64::from(d) * 86_400_000);
+            let actor = local_actor();
             let minted =
-                mig_controller::auth::operator::mint(&name, role, &local_actor(), now, expires)?;
-            let audit = AuditRow {
-                seq: 0,
-                at: now,
-                actor: local_actor(),
-                action: "operator_token.create".into(),
-                target: Some(format!("operator_token:{}", minted.record.id)),
-                remote_addr: Some("local".into()),
-                outcome: "ok".into(),
-                detail: Some(format!("name={name} role={role}")),
-            };
-            store
-                .write(vec![
-                    Mutation::InsertOperatorToken(minted.record.clone()),
-                    Mutation::Audit(audit),
-                ])
-                .await?;
+                local::create_operator_token(&store, by(&actor, now), &name, role, expires).await?;
             store.close().await;
             eprintln!(
                 "Created {role} token {} for {name:?}. It is shown once; store it now:",
@@ -433,25 +428,8 @@ async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
         TokenCmd::Revoke { data, id } => {
             let store = open_store(&data.path).await?;
             let now = chrono::Utc::now().timestamp_millis();
-            let outcomes = store
-                .write(vec![Mutation::RevokeOperatorToken {
-                    id: id.clone(),
-                    at: now,
-                }])
-                .await?;
-            let revoked = outcomes.first() == Some(&mig_controller::store::Outcome::Applied(true));
-            store
-                .write(vec![Mutation::Audit(AuditRow {
-                    seq: 0,
-                    at: now,
-                    actor: local_actor(),
-                    action: "operator_token.revoke".into(),
-                    target: Some(format!("operator_token:{id}")),
-                    remote_addr: Some("local".into()),
-                    outcome: if revoked { "ok" } else { "error: not_found" }.into(),
-                    detail: None,
-                })])
-                .await?;
+            let actor = local_actor();
+            let revoked = local::revoke_operator_token(&store, by(&actor, now), &id).await?;
             store.close().await;
             if !revoked {
                 anyhow::bail!("no active token with id {id:?}");
@@ -474,27 +452,9 @@ async fn enrollment_token(cmd: EnrollmentTokenCmd) -> anyhow::Result<()> {
     miglet_proto::ids::validate_id("pool", &pool)?;
     let store = open_store(&data.path).await?;
     let now = chrono::Utc::now().timestamp_millis();
+    let actor = local_actor();
     let minted =
-        mig_controller::auth::enrollment_token::mint(&vm_id, &pool, &local_actor(), now, ttl_secs)?;
-    let audit = AuditRow {
-        seq: 0,
-        at: now,
-        actor: local_actor(),
-        action: "enrollment_token.create".into(),
-        target: Some(format!("vm:{vm_id}")),
-        remote_addr: Some("local".into()),
-        outcome: "ok".into(),
-        detail: Some(format!(
-            "token_id={} pool={pool} ttl_secs={ttl_secs}",
-            minted.record.id
-        )),
-    };
-    store
-        .write(vec![
-            Mutation::InsertEnrollmentToken(minted.record.clone()),
-            Mutation::Audit(audit),
-        ])
-        .await?;
+        local::create_enrollment_token(&store, by(&actor, now), &vm_id, &pool, ttl_secs).await?;
     store.close().await;
     eprintln!(
         "Created enrollment token {} for VM {vm_id:?} in pool {pool:?}, valid {ttl_secs} s and once. It is shown once:",

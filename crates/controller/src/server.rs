@@ -122,23 +122,7 @@ pub async fn start(
     let settings = Arc::new(settings);
     let app = Controller::new(store.clone(), settings.clone(), shutdown.clone(), gate);
     let sessions = TaskTracker::new();
-    let (http_security, grpc_security) = match &tls {
-        None => (Security::Plain, Security::Plain),
-        Some(files) => {
-            tokio::spawn(files.clone().watch(shutdown.clone()));
-            (
-                Security::Tls {
-                    files: files.clone(),
-                    pick: TlsFiles::http,
-                },
-                Security::Tls {
-                    files: files.clone(),
-                    pick: TlsFiles::grpc,
-                },
-            )
-        }
-    };
-
+    let (http_security, grpc_security) = securities(tls.as_ref(), &shutdown);
     let (http_policy, grpc_policy) = conn_policies(&settings.conn, settings.header_timeout);
     info!(
         http_max = http_policy.max_total,
@@ -157,75 +141,16 @@ pub async fn start(
         shutdown.clone(),
         SHUTDOWN_GRACE,
     ));
-
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<CommandServiceServer<GrpcService>>()
-        .await;
-    let service = CommandServiceServer::new(GrpcService::new(app.clone(), sessions.clone()))
-        .max_decoding_message_size(MAX_MESSAGE);
-    let grpc_conns = ReceiverStream::new(crate::net::accept(
-        grpc,
-        grpc_security,
-        grpc_tracker,
+    let grpc_conns = crate::net::accept(grpc, grpc_security, grpc_tracker, shutdown.clone());
+    let grpc_task = tokio::spawn(serve_grpc(
+        app.clone(),
+        sessions.clone(),
+        grpc_conns,
         shutdown.clone(),
-    ))
-    .map(|(conn, _peer)| Ok::<_, std::io::Error>(conn));
-    let stop = shutdown.clone();
-    let grpc_task = tokio::spawn(async move {
-        let serve = tonic::transport::Server::builder()
-            // Finds dead peers on idle streams; far slower than any client's ping policy.
-            .http2_keepalive_interval(Some(Duration::from_secs(60)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .layer(crate::net::ActivityLayer)
-            .add_service(health_service)
-            .add_service(service)
-            .serve_with_incoming_shutdown(grpc_conns, stop.cancelled_owned());
-        if let Err(e) = serve.await {
-            warn!(error = %e, "gRPC server stopped with an error");
-        }
-        health_reporter
-            .set_not_serving::<CommandServiceServer<GrpcService>>()
-            .await;
-    });
-
+    ));
     let metrics_addr = match settings.metrics_addr {
         None => None,
-        Some(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Bind {
-                    what: "metrics",
-                    addr,
-                    source,
-                })?;
-            let bound = listener.local_addr().map_err(ServeError::LocalAddr)?;
-            let app = app.clone();
-            let router = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let app = app.clone();
-                    async move {
-                        (
-                            [(
-                                axum::http::header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            app.render_metrics().await,
-                        )
-                    }
-                }),
-            );
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                let serve =
-                    axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned());
-                if let Err(e) = serve.await {
-                    warn!(error = %e, "Metrics server stopped with an error");
-                }
-            });
-            Some(bound)
-        }
+        Some(addr) => Some(serve_metrics(app.clone(), addr, shutdown.clone()).await?),
     };
     let reconciler = tokio::spawn(reconcile_loop(
         app.clone(),
@@ -246,6 +171,95 @@ pub async fn start(
         sessions,
         store,
     })
+}
+
+/// Each listener's TLS config (watched for renewal until `shutdown`), or plain TCP.
+fn securities(tls: Option<&Arc<TlsFiles>>, shutdown: &CancellationToken) -> (Security, Security) {
+    match tls {
+        None => (Security::Plain, Security::Plain),
+        Some(files) => {
+            tokio::spawn(files.clone().watch(shutdown.clone()));
+            (
+                Security::Tls {
+                    files: files.clone(),
+                    pick: TlsFiles::http,
+                },
+                Security::Tls {
+                    files: files.clone(),
+                    pick: TlsFiles::grpc,
+                },
+            )
+        }
+    }
+}
+
+/// The gRPC server (the command stream and gRPC health) on the accepted connections, until
+/// `stop`.
+async fn serve_grpc(
+    app: Arc<Controller>,
+    sessions: TaskTracker,
+    conns: tokio::sync::mpsc::Receiver<(crate::net::Conn, std::net::SocketAddr)>,
+    stop: CancellationToken,
+) {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<CommandServiceServer<GrpcService>>()
+        .await;
+    let service = CommandServiceServer::new(GrpcService::new(app, sessions))
+        .max_decoding_message_size(MAX_MESSAGE);
+    let incoming = ReceiverStream::new(conns).map(|(conn, _peer)| Ok::<_, std::io::Error>(conn));
+    let serve = tonic::transport::Server::builder()
+        // Finds dead peers on idle streams; far slower than any client's ping policy.
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(crate::net::ActivityLayer)
+        .add_service(health_service)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
+    if let Err(e) = serve.await {
+        warn!(error = %e, "gRPC server stopped with an error");
+    }
+    health_reporter
+        .set_not_serving::<CommandServiceServer<GrpcService>>()
+        .await;
+}
+
+/// `GET /metrics` (OpenMetrics) on its own listener; returns the bound address.
+async fn serve_metrics(
+    app: Arc<Controller>,
+    addr: std::net::SocketAddr,
+    stop: CancellationToken,
+) -> Result<std::net::SocketAddr, ServeError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            what: "metrics",
+            addr,
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(ServeError::LocalAddr)?;
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let app = app.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    app.render_metrics().await,
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let serve = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned());
+        if let Err(e) = serve.await {
+            warn!(error = %e, "Metrics server stopped with an error");
+        }
+    });
+    Ok(bound)
 }
 
 /// File descriptors kept out of the connection caps: the store's connections, its WAL,
@@ -323,7 +337,7 @@ async fn first_start_secrets(settings: &Settings, store: &Store) -> Result<(), S
         }
     }
     if store.operator_tokens_list().await?.is_empty() {
-        let now = chrono::Utc::now().timestamp_millis();
+        let now = settings.clock.now_ms();
         let minted = crate::auth::operator::mint(
             "initial-admin",
             crate::auth::Role::Admin,
@@ -335,27 +349,16 @@ async fn first_start_secrets(settings: &Settings, store: &Store) -> Result<(), S
             path: "operator token".into(),
             source: std::io::Error::other(e.to_string()),
         })?;
+        // The file first: a token stored but written nowhere would lock the operator out.
         let path = initial_admin_token_file(&settings.data_dir);
         write(&path, &minted.token)?;
-        let audit = crate::store::AuditRow {
-            seq: 0,
-            at: now,
-            actor: "controller (first start)".into(),
-            action: "operator_token.create".into(),
-            target: Some(format!("operator_token:{}", minted.record.id)),
-            remote_addr: None,
-            outcome: "ok".into(),
-            detail: Some(format!(
-                "name=initial-admin role=admin file={}",
-                path.display()
-            )),
+        let by = crate::app::local::Actor {
+            name: "controller (first start)",
+            remote: None,
+            now,
         };
-        store
-            .write(vec![
-                crate::store::Mutation::InsertOperatorToken(minted.record),
-                crate::store::Mutation::Audit(audit),
-            ])
-            .await?;
+        let note = format!("file={}", path.display());
+        crate::app::local::store_operator_token(store, by, &minted, Some(&note)).await?;
         warn!(file = %path.display(), "No operator token existed: created an admin token in this file (readable by its owner only). Create named tokens with `mig-controller token create` and delete this file.");
     }
     Ok(())
@@ -364,13 +367,8 @@ async fn first_start_secrets(settings: &Settings, store: &Store) -> Result<(), S
 /// A new controller process holds no stream yet: whatever the last one recorded as connected
 /// (it may have been killed before it could say otherwise) is not.
 async fn reset_connections(store: &Store, clock: &crate::clock::Clock) -> Result<(), ServeError> {
-    let at = clock.now_ms();
-    let out = store
-        .write(vec![crate::store::Mutation::ResetConnections { at }])
-        .await?;
-    if let Some(crate::store::Outcome::Count(n)) = out.first()
-        && *n > 0
-    {
+    let n = crate::app::local::reset_connections(store, clock.now_ms()).await?;
+    if n > 0 {
         info!(
             vms = n,
             "VMs the previous run recorded as connected are marked disconnected until they reconnect"

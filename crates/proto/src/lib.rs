@@ -20,6 +20,7 @@ pub mod event;
 pub mod fuzzing;
 pub mod ids;
 pub mod json;
+pub mod settings;
 pub mod state;
 
 /// Generated protobuf messages and the `CommandService` client and server.

@@ -12,6 +12,8 @@
 //! * [`proxy`]: a TCP proxy that breaks the agent-controller path on command (delay,
 //!   blackhole, half-open, reset) and gives a restarted controller a stable address.
 //!
+//! * [`testkit`]: what both test suites need: bounded waits, files read back, secret scans.
+//!
 //! Nothing here is linked into the agent or the controller.
 
 pub mod fleet;
@@ -20,6 +22,7 @@ pub mod google;
 pub mod metadata;
 pub mod proxy;
 pub mod runner_dir;
+pub mod testkit;
 
 /// The runner version the stand-in reports.
 pub const RUNNER_VERSION: &str = "2.336.0";

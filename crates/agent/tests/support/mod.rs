@@ -59,19 +59,13 @@ pub fn listener_binary() -> PathBuf {
     sibling_binary("miglet-sim", "fake-runner-listener")
 }
 
-pub async fn wait_for<F, Fut>(what: &str, secs: u64, mut cond: F)
+/// Polls `cond` until it holds, at most `secs` seconds.
+pub async fn wait_for<F, Fut>(what: &str, secs: u64, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {secs} s waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    miglet_sim::testkit::wait_for(what, Duration::from_secs(secs), cond).await;
 }
 
 /// Waits until the controller has recorded command `id` in `state`.

@@ -196,10 +196,29 @@ fn error_response(description: &str) -> Value {
     })
 }
 
+/// What the generated document cannot know: the exact shapes the handlers accept (command
+/// bodies, ids, filters) and the error answers every operation can give.
 fn apply(doc: &mut Value) {
     let id =
         json!({"type": "string", "pattern": id_pattern(), "minLength": 1, "maxLength": MAX_ID_LEN});
-    let schemas = &mut doc["components"]["schemas"];
+    add_schemas(&mut doc["components"]["schemas"], &id);
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, op) in item.iter_mut() {
+            let write = method != "get";
+            let has_parameters = constrain_parameters(path, op, &id);
+            add_error_responses(&mut op["responses"], write, write || has_parameters);
+        }
+    }
+}
+
+/// The bodies' schemas: one shape per command type, ids where ids go.
+fn add_schemas(schemas: &mut Value, id: &Value) {
     for (name, schema) in [
         ("ErrorBody", ErrorBody::schema()),
         ("DrainParameters", DrainParameters::schema()),
@@ -210,7 +229,6 @@ fn apply(doc: &mut Value) {
     ] {
         schemas[name] = serde_json::to_value(schema).unwrap_or(Value::Null);
     }
-    // A command body: one shape per type.
     let ttl = json!({
         "type": ["integer", "null"], "minimum": 1, "maximum": MAX_COMMAND_TTL_SECS,
         "description": "Seconds the command stays deliverable (default: the controller's command TTL)."
@@ -245,28 +263,27 @@ fn apply(doc: &mut Value) {
         "description": "A command to queue: its type and that type's parameters (PROTOCOL.md).",
         "oneOf": variants,
     });
-    set(
-        schemas,
+    for at in [
         &["MovePoolBody", "properties", "pool_id"],
-        id.clone(),
-    );
-    set(
-        schemas,
         &["EnrollmentTokenBody", "properties", "vm_id"],
-        id.clone(),
-    );
-    set(
-        schemas,
         &["EnrollmentTokenBody", "properties", "pool_id"],
-        id.clone(),
-    );
+    ] {
+        set(schemas, at, id.clone());
+    }
     set(
         schemas,
         &["EnrollmentTokenBody", "properties", "ttl_secs"],
         json!({"type": ["integer", "null"], "minimum": 1, "maximum": MAX_TOKEN_TTL_SECS,
                "description": "Lifetime in seconds (default 86400)."}),
     );
-    // Filters: empty means "any"; otherwise exactly what the handler accepts.
+}
+
+/// Path and query parameters constrained to exactly what the handler accepts (filters:
+/// empty means "any"). Returns whether the operation takes any parameter.
+fn constrain_parameters(path: &str, op: &mut Value, id: &Value) -> bool {
+    let Some(params) = op["parameters"].as_array_mut() else {
+        return false;
+    };
     let id_or_any = json!({"type": "string", "pattern": format!("^$|{}", id_pattern()), "maxLength": MAX_ID_LEN});
     let one_of = |values: &[&str]| {
         let mut all = vec![""];
@@ -278,75 +295,64 @@ fn apply(doc: &mut Value) {
         {"pattern": "^[+-]?[0-9]{1,18}$", "description": "Unix milliseconds"},
         {"format": "date-time", "pattern": RFC3339_PATTERN}
     ]});
-
-    let Some(paths) = doc["paths"].as_object_mut() else {
-        return;
-    };
-    for (path, item) in paths.iter_mut() {
-        let Some(item) = item.as_object_mut() else {
-            continue;
+    let any = !params.is_empty();
+    for p in params {
+        let name = p["name"].as_str().unwrap_or_default().to_owned();
+        let place = p["in"].as_str().unwrap_or_default().to_owned();
+        let schema = match (place.as_str(), name.as_str()) {
+            ("path", _) => id.clone(),
+            ("query", "vm" | "cursor") => id_or_any.clone(),
+            ("query", "limit") => {
+                json!({"type": "integer", "minimum": 1, "maximum": super::MAX_PAGE})
+            }
+            ("query", "health") => one_of(&["healthy", "unhealthy", "lost"]),
+            ("query", "state") if path.ends_with("/commands") => {
+                one_of(&["pending", "delivered", "acknowledged", "failed", "expired"])
+            }
+            ("query", "type") if path.contains("/events") => json!({
+                "type": "string",
+                "pattern": "^[a-z0-9_]{0,64}(,[a-z0-9_]{0,64})*$"
+            }),
+            ("query", "since" | "until") => time.clone(),
+            _ => continue,
         };
-        for (method, op) in item.iter_mut() {
-            let write = method != "get";
-            let mut validated_input = write;
-            if let Some(params) = op["parameters"].as_array_mut() {
-                for p in params {
-                    let name = p["name"].as_str().unwrap_or_default().to_owned();
-                    let place = p["in"].as_str().unwrap_or_default().to_owned();
-                    validated_input = true;
-                    let schema = match (place.as_str(), name.as_str()) {
-                        ("path", _) => id.clone(),
-                        ("query", "vm" | "cursor") => id_or_any.clone(),
-                        ("query", "limit") => {
-                            json!({"type": "integer", "minimum": 1, "maximum": super::MAX_PAGE})
-                        }
-                        ("query", "health") => one_of(&["healthy", "unhealthy", "lost"]),
-                        ("query", "state") if path.ends_with("/commands") => {
-                            one_of(&["pending", "delivered", "acknowledged", "failed", "expired"])
-                        }
-                        ("query", "type") if path.contains("/events") => json!({
-                            "type": "string",
-                            "pattern": "^[a-z0-9_]{0,64}(,[a-z0-9_]{0,64})*$"
-                        }),
-                        ("query", "since" | "until") => time.clone(),
-                        _ => continue,
-                    };
-                    p["schema"] = schema;
-                }
-            }
-            let responses = &mut op["responses"];
-            let mut add = |code: &str, description: &str| {
-                let entry = &mut responses[code];
-                let description = entry["description"]
+        p["schema"] = schema;
+    }
+    any
+}
+
+/// The error answers an operation can give, each with the `ErrorBody` shape.
+fn add_error_responses(responses: &mut Value, write: bool, validated_input: bool) {
+    let mut add = |code: &str, description: &str| {
+        let entry = &mut responses[code];
+        let description = entry["description"]
+            .as_str()
+            .filter(|d| !d.is_empty())
+            .unwrap_or(description)
+            .to_owned();
+        *entry = error_response(&description);
+    };
+    add(
+        "401",
+        "no operator token, or one that is unknown, expired or revoked",
+    );
+    add("429", "over the per-address rate limit; see Retry-After");
+    if write {
+        add("403", "a read-only token");
+        add("413", "body larger than the limit");
+    }
+    if validated_input {
+        add("400", "bad parameter or body");
+    }
+    if let Some(codes) = responses.as_object_mut() {
+        let existing: Vec<String> = codes.keys().cloned().collect();
+        for code in existing {
+            if code.starts_with('4') || code.starts_with('5') {
+                let d = codes[&code]["description"]
                     .as_str()
-                    .filter(|d| !d.is_empty())
-                    .unwrap_or(description)
+                    .unwrap_or("failed")
                     .to_owned();
-                *entry = error_response(&description);
-            };
-            add(
-                "401",
-                "no operator token, or one that is unknown, expired or revoked",
-            );
-            add("429", "over the per-address rate limit; see Retry-After");
-            if write {
-                add("403", "a read-only token");
-                add("413", "body larger than the limit");
-            }
-            if validated_input {
-                add("400", "bad parameter or body");
-            }
-            if let Some(codes) = responses.as_object_mut() {
-                let existing: Vec<String> = codes.keys().cloned().collect();
-                for code in existing {
-                    if code.starts_with('4') || code.starts_with('5') {
-                        let d = codes[&code]["description"]
-                            .as_str()
-                            .unwrap_or("failed")
-                            .to_owned();
-                        codes[&code] = error_response(&d);
-                    }
-                }
+                codes[&code] = error_response(&d);
             }
         }
     }

@@ -9,6 +9,7 @@ mod announce;
 mod delivery;
 mod identity;
 mod ingest;
+pub mod local;
 mod reconcile;
 mod registration;
 mod stream;

@@ -281,21 +281,12 @@ impl TestServer {
 }
 
 /// Polls `cond` until it holds, at most `WAIT`.
-pub async fn wait_until<F, Fut>(what: &str, mut cond: F)
+pub async fn wait_until<F, Fut>(what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if cond().await {
-            return;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    miglet_sim::testkit::wait_for(what, WAIT, cond).await;
 }
 
 /// A raw gRPC agent: sends what the test says, returns what the controller sends.
@@ -459,25 +450,7 @@ pub async fn wait_command_state(app: &Controller, id: &str, state: &str) {
     .await;
 }
 
-/// Every byte of every file under `dir`, as lossy text (for secret scans).
-pub fn all_bytes_under(dir: &Path) -> Vec<(PathBuf, String)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(bytes) = std::fs::read(&p) {
-                out.push((p, String::from_utf8_lossy(&bytes).into_owned()));
-            }
-        }
-    }
-    out
-}
+pub use miglet_sim::testkit::all_bytes_under;
 
 pub async fn serve(router: axum::Router) -> String {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")

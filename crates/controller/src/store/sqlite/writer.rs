@@ -84,6 +84,7 @@ pub(super) async fn writer_loop(
     }
 }
 
+/// Commits a group of calls in one transaction (one fsync), answering each call.
 pub(super) async fn commit_group(
     conn: &mut SqliteConnection,
     group: Vec<(Vec<Mutation>, Reply)>,
@@ -105,51 +106,71 @@ pub(super) async fn commit_group(
     // its failure is the whole transaction's.
     let retry: Option<Vec<Vec<Mutation>>> =
         (size > 1).then(|| group.iter().map(|(b, _)| b.clone()).collect());
-    let mut results: Vec<(Reply, Result<Vec<Outcome>, StoreError>)> = Vec::with_capacity(size);
+    let (results, failed) = apply_fast(conn, group).await;
+    let Some(index) = failed else {
+        finish(conn, results, disk_full).await;
+        log_commit(size, started.elapsed());
+        return;
+    };
+    let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+    if let Some((_, Err(e))) = results.get(index) {
+        note_failure(disk_full, e);
+    }
+    match retry {
+        None => {
+            for (reply, res) in results {
+                let _ = reply.send(res);
+            }
+        }
+        Some(batches) => {
+            tracing::debug!(
+                size,
+                index,
+                "A write in a group failed; applying the group again with savepoints"
+            );
+            let replies = results.into_iter().map(|(r, _)| r).collect();
+            commit_with_savepoints(conn, batches, replies, disk_full).await;
+        }
+    }
+}
+
+type Answered = Vec<(Reply, Result<Vec<Outcome>, StoreError>)>;
+
+/// Applies every call of the group in the open transaction, without savepoints. Returns
+/// each call's result and, if one failed, the index of the first failure (the calls after
+/// it are not applied).
+async fn apply_fast(
+    conn: &mut SqliteConnection,
+    group: Vec<(Vec<Mutation>, Reply)>,
+) -> (Answered, Option<usize>) {
+    let mut results: Answered = Vec::with_capacity(group.len());
     let mut failed = None;
     let mut items = group.into_iter().peekable();
-    while let Some((batch, reply)) = items.next() {
+    while let Some(first) = items.next() {
         if failed.is_some() {
-            results.push((reply, Err(StoreError::Closed)));
+            results.push((first.1, Err(StoreError::Closed)));
             continue;
         }
-        // Consecutive heartbeats and job events of distinct VMs (the bulk of the fleet's
-        // writes) are written together with multi-row statements.
-        let (batch, reply) = if let Some(first_vm) = coalescible_vm(&batch) {
-            let mut seen = std::collections::HashSet::from([first_vm.to_owned()]);
-            let mut run = vec![(batch, reply)];
-            while run.len() < MAX_RUN
-                && let Some(next) =
-                    items.next_if(|(b, _)| coalescible_vm(b).is_some_and(|vm| !seen.contains(vm)))
-            {
-                if let Some(vm) = coalescible_vm(&next.0) {
-                    seen.insert(vm.to_owned());
-                }
-                run.push(next);
-            }
-            if run.len() > 1 {
-                let at = results.len();
-                match apply_run(conn, &run).await {
-                    Ok(outcomes) => {
-                        for ((_, reply), o) in run.into_iter().zip(outcomes) {
-                            results.push((reply, Ok(o)));
-                        }
-                    }
-                    Err(_) => {
-                        for (_, reply) in run {
-                            results.push((reply, Err(StoreError::Closed)));
-                        }
-                        failed = Some(at);
+        let mut run = next_run(first, &mut items);
+        if run.len() > 1 {
+            let at = results.len();
+            match apply_run(conn, &run).await {
+                Ok(outcomes) => {
+                    for ((_, reply), o) in run.into_iter().zip(outcomes) {
+                        results.push((reply, Ok(o)));
                     }
                 }
-                continue;
+                Err(_) => {
+                    for (_, reply) in run {
+                        results.push((reply, Err(StoreError::Closed)));
+                    }
+                    failed = Some(at);
+                }
             }
-            match run.pop() {
-                Some(single) => single,
-                None => continue,
-            }
-        } else {
-            (batch, reply)
+            continue;
+        }
+        let Some((batch, reply)) = run.pop() else {
+            continue;
         };
         match apply_batch(conn, batch).await {
             Ok(outcomes) => results.push((reply, Ok(outcomes))),
@@ -159,31 +180,34 @@ pub(super) async fn commit_group(
             }
         }
     }
-    if let Some(index) = failed {
-        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-        if let Some((_, Err(e))) = results.get(index) {
-            note_failure(disk_full, e);
+    (results, failed)
+}
+
+/// `first` and the calls after it that can share multi-row statements with it: consecutive
+/// heartbeats and job events of distinct VMs (the bulk of the fleet's writes), at most
+/// [`MAX_RUN`]. A call that cannot is a run of one.
+fn next_run(
+    first: (Vec<Mutation>, Reply),
+    items: &mut std::iter::Peekable<std::vec::IntoIter<(Vec<Mutation>, Reply)>>,
+) -> Vec<(Vec<Mutation>, Reply)> {
+    let Some(first_vm) = coalescible_vm(&first.0).map(str::to_owned) else {
+        return vec![first];
+    };
+    let mut seen = std::collections::HashSet::from([first_vm]);
+    let mut run = vec![first];
+    while run.len() < MAX_RUN
+        && let Some(next) =
+            items.next_if(|(b, _)| coalescible_vm(b).is_some_and(|vm| !seen.contains(vm)))
+    {
+        if let Some(vm) = coalescible_vm(&next.0) {
+            seen.insert(vm.to_owned());
         }
-        match retry {
-            None => {
-                for (reply, res) in results {
-                    let _ = reply.send(res);
-                }
-            }
-            Some(batches) => {
-                tracing::debug!(
-                    size,
-                    index,
-                    "A write in a group failed; applying the group again with savepoints"
-                );
-                let replies = results.into_iter().map(|(r, _)| r).collect();
-                commit_with_savepoints(conn, batches, replies, disk_full).await;
-            }
-        }
-        return;
+        run.push(next);
     }
-    finish(conn, results, disk_full).await;
-    let elapsed = started.elapsed();
+    run
+}
+
+fn log_commit(size: usize, elapsed: std::time::Duration) {
     if elapsed > SLOW_COMMIT {
         tracing::warn!(
             size,

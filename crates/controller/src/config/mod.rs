@@ -7,6 +7,7 @@ use crate::auth::gce::{GOOGLE_JWKS_URL, GceRule};
 use crate::auth::limits::Limit;
 use crate::token::{PoolRegistration, Pools, StaticToken, TokenFile, TokenSource};
 use clap::Args;
+use miglet_proto::settings::layered;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,6 +15,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
+
+mod args;
+mod file;
+mod pools;
+
+pub use args::*;
+pub use file::*;
+use pools::build_pools;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -33,276 +42,6 @@ pub enum ConfigError {
     },
     #[error("invalid setting {name}: {reason}")]
     Invalid { name: String, reason: String },
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
-
-/// `mig-controller serve` flags. Each is also read from `MIG_CONTROLLER_<NAME>`.
-#[derive(Debug, Clone, Default, Args)]
-pub struct ServeArgs {
-    /// TOML config file (pools, timings, addresses).
-    #[arg(long, env = "MIG_CONTROLLER_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// HTTP listen address [default: 0.0.0.0:8080].
-    #[arg(long, env = "MIG_CONTROLLER_HTTP_ADDR")]
-    pub http_addr: Option<SocketAddr>,
-    /// gRPC listen address [default: 0.0.0.0:50051].
-    #[arg(long, env = "MIG_CONTROLLER_GRPC_ADDR")]
-    pub grpc_addr: Option<SocketAddr>,
-    /// Directory of the embedded store [default: ./controller_data].
-    #[arg(long, env = "MIG_CONTROLLER_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Log format [default: text].
-    #[arg(long, env = "MIG_CONTROLLER_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Log filter, e.g. `info` or `mig_controller=debug` [default: info].
-    #[arg(long, env = "MIG_CONTROLLER_LOG_LEVEL")]
-    pub log_level: Option<String>,
-    /// Expected heartbeat interval of agents, seconds [default: 15].
-    #[arg(long, env = "MIG_CONTROLLER_HEARTBEAT_INTERVAL_SECS")]
-    pub heartbeat_interval_secs: Option<u64>,
-    /// Missed heartbeat intervals before a VM is unhealthy [default: 3].
-    #[arg(long, env = "MIG_CONTROLLER_UNHEALTHY_AFTER_MISSED")]
-    pub unhealthy_after_missed: Option<u32>,
-    /// Missed heartbeat intervals before a VM is lost [default: 20].
-    #[arg(long, env = "MIG_CONTROLLER_LOST_AFTER_MISSED")]
-    pub lost_after_missed: Option<u32>,
-    /// Seconds before an unacknowledged command is delivered again [default: 30].
-    #[arg(long, env = "MIG_CONTROLLER_REDELIVERY_TIMEOUT_SECS")]
-    pub redelivery_timeout_secs: Option<u64>,
-    /// Seconds a queued command stays deliverable [default: 86400].
-    #[arg(long, env = "MIG_CONTROLLER_COMMAND_TTL_SECS")]
-    pub command_ttl_secs: Option<u64>,
-    /// Seconds between reconciler passes (health, expiry, registrations) [default: 5].
-    #[arg(long, env = "MIG_CONTROLLER_RECONCILE_INTERVAL_SECS")]
-    pub reconcile_interval_secs: Option<u64>,
-    /// Write the bound addresses as JSON to this file once listening (for supervisors and
-    /// tests that start the controller on port 0).
-    #[arg(long, env = "MIG_CONTROLLER_ADDR_FILE")]
-    pub addr_file: Option<PathBuf>,
-    /// Prometheus metrics listener, e.g. 127.0.0.1:9090 [default: off].
-    #[arg(long, env = "MIG_CONTROLLER_METRICS_ADDR")]
-    pub metrics_addr: Option<SocketAddr>,
-    /// `authenticated` (default): VMs enroll and carry credentials, operators use API tokens.
-    /// `open`: no authentication at all, for development only.
-    #[arg(long, env = "MIG_CONTROLLER_AUTH_MODE", value_enum)]
-    pub auth_mode: Option<AuthMode>,
-    /// Audience GCE identity tokens must carry: the controller URL the agents use.
-    #[arg(long, env = "MIG_CONTROLLER_AUDIENCE")]
-    pub audience: Option<String>,
-    /// Where Google's identity token signing keys (JWKS) are fetched from.
-    #[arg(long, env = "MIG_CONTROLLER_GOOGLE_JWKS_URL")]
-    pub google_jwks_url: Option<String>,
-    /// File with the key VM credentials are signed with [default: <data-dir>/credential.key,
-    /// created if missing]. Replicas must share it.
-    #[arg(long, env = "MIG_CONTROLLER_CREDENTIAL_KEY_FILE")]
-    pub credential_key_file: Option<PathBuf>,
-    /// Lifetime of one VM credential, seconds [default: 3600].
-    #[arg(long, env = "MIG_CONTROLLER_CREDENTIAL_TTL_SECS")]
-    pub credential_ttl_secs: Option<u64>,
-    /// PEM certificate chain for TLS on both listeners (with --tls-key).
-    #[arg(long, env = "MIG_CONTROLLER_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for TLS.
-    #[arg(long, env = "MIG_CONTROLLER_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-    /// PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS).
-    #[arg(long, env = "MIG_CONTROLLER_TLS_CLIENT_CA")]
-    pub tls_client_ca: Option<PathBuf>,
-    /// Requests per second allowed per VM, 0 = unlimited [default: 20, burst 100].
-    #[arg(long, env = "MIG_CONTROLLER_RATE_LIMIT_PER_VM")]
-    pub rate_limit_per_vm: Option<u32>,
-    /// Requests per second allowed per client address, 0 = unlimited [default: 200, burst 1000].
-    #[arg(long, env = "MIG_CONTROLLER_RATE_LIMIT_PER_ADDR")]
-    pub rate_limit_per_addr: Option<u32>,
-    /// Development default: runner URL for pools with no config.
-    #[arg(long, env = "MIG_CONTROLLER_RUNNER_URL", hide = true)]
-    pub runner_url: Option<String>,
-    /// Development default: static registration token for pools with no config.
-    #[arg(
-        long,
-        env = "MIG_CONTROLLER_STATIC_TOKEN",
-        hide = true,
-        hide_env_values = true
-    )]
-    pub static_token: Option<String>,
-}
-
-/// The TOML config file.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub http_addr: Option<SocketAddr>,
-    pub grpc_addr: Option<SocketAddr>,
-    pub data_dir: Option<PathBuf>,
-    pub log_format: Option<LogFormat>,
-    pub log_level: Option<String>,
-    pub heartbeat_interval_secs: Option<u64>,
-    pub unhealthy_after_missed: Option<u32>,
-    pub lost_after_missed: Option<u32>,
-    pub redelivery_timeout_secs: Option<u64>,
-    pub command_ttl_secs: Option<u64>,
-    pub reconcile_interval_secs: Option<u64>,
-    pub metrics_addr: Option<SocketAddr>,
-    pub auth_mode: Option<AuthMode>,
-    #[serde(default)]
-    pub auth: AuthFileConfig,
-    pub tls: Option<TlsFileConfig>,
-    #[serde(default)]
-    pub limits: LimitsFileConfig,
-    #[serde(default)]
-    pub retention: RetentionFileConfig,
-    /// Registration config per pool id; the key `"*"` serves every pool not listed.
-    #[serde(default)]
-    pub pools: HashMap<String, PoolConfig>,
-}
-
-/// `[auth]` of the config file.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthFileConfig {
-    pub audience: Option<String>,
-    pub google_jwks_url: Option<String>,
-    pub credential_key_file: Option<PathBuf>,
-    pub credential_ttl_secs: Option<u64>,
-    /// A VM must enroll again this long after its last identity proof [default: 7 days].
-    pub credential_max_lifetime_secs: Option<u64>,
-    /// Identity tokens older than this are refused [default: 300].
-    pub identity_token_max_age_secs: Option<u64>,
-}
-
-/// `[tls]` of the config file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFileConfig {
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-    pub client_ca_file: Option<PathBuf>,
-    /// How often the files are checked for changes [default: 10].
-    pub reload_interval_secs: Option<u64>,
-}
-
-/// `[limits]` of the config file.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsFileConfig {
-    pub per_vm_per_second: Option<u32>,
-    pub per_vm_burst: Option<u32>,
-    pub per_addr_per_second: Option<u32>,
-    pub per_addr_burst: Option<u32>,
-    /// A client must send a request's headers within this many seconds [default: 10].
-    pub header_timeout_secs: Option<u64>,
-    /// Open connections at most, both listeners together [default: the open-file limit
-    /// less 512 kept for the store and files].
-    pub max_connections: Option<usize>,
-    /// Open connections at most from one source address, per listener [default: 4096,
-    /// room for a fleet behind one NAT].
-    pub max_connections_per_addr: Option<usize>,
-    /// TLS handshake plus (gRPC) the HTTP/2 preface must be done within this [default: 10].
-    pub handshake_timeout_secs: Option<u64>,
-    /// A gRPC connection with no stream or request for this long is closed [default: 30].
-    pub grpc_idle_timeout_secs: Option<u64>,
-}
-
-/// Connection caps and deadlines of both listeners.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnSettings {
-    /// `None`: derived from the open-file limit at start.
-    pub max_connections: Option<usize>,
-    pub max_connections_per_addr: usize,
-    pub handshake_timeout: Duration,
-    pub grpc_idle_timeout: Duration,
-}
-
-/// `[retention]` of the config file: how long history is kept.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetentionFileConfig {
-    /// Every heartbeat is kept this long [default: 86400, one day].
-    pub heartbeat_full_secs: Option<u64>,
-    /// After that, one heartbeat per VM per this many seconds [default: 300].
-    pub heartbeat_bucket_secs: Option<u64>,
-    /// Heartbeats older than this are deleted [default: 1209600, 14 days].
-    pub heartbeat_max_age_secs: Option<u64>,
-    /// Events older than this are deleted; 0 keeps them forever [default: 7776000, 90 days].
-    pub event_max_age_secs: Option<u64>,
-}
-
-/// Effective retention.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetentionSettings {
-    pub heartbeat_full: Duration,
-    pub heartbeat_bucket: Duration,
-    pub heartbeat_max_age: Duration,
-    pub event_max_age: Option<Duration>,
-    /// How often a retention pass runs.
-    pub interval: Duration,
-}
-
-/// `[pools.<id>.enrollment]`: how the pool's VMs prove who they are.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EnrollmentConfig {
-    /// File holding the pool's bootstrap secret (at least 16 characters), re-read at use.
-    /// It proves only membership of the pool.
-    pub bootstrap_secret_file: Option<PathBuf>,
-    /// Accept one-time enrollment tokens minted for single VMs (they prove the VM).
-    #[serde(default)]
-    pub enrollment_tokens: bool,
-    /// Every VM id of the pool starts with this (whatever the proof), so the pool's
-    /// bootstrap secret enrolls only ids of its own range.
-    pub vm_id_prefix: Option<String>,
-    pub gce: Option<GceConfig>,
-}
-
-/// `[pools.<id>.enrollment.gce]`: which GCE instances belong to the pool.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GceConfig {
-    pub project_id: String,
-    #[serde(default)]
-    pub zones: Vec<String>,
-    pub instance_name_prefix: Option<String>,
-    pub service_account: Option<String>,
-}
-
-/// `[pools.<id>]` of the config file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PoolConfig {
-    pub runner_url: String,
-    #[serde(default = "default_group")]
-    pub runner_group: String,
-    #[serde(default = "default_labels")]
-    pub labels: Vec<String>,
-    /// A static registration token. Prefer `token_file`.
-    pub token: Option<String>,
-    /// A file holding the registration token, re-read at every use.
-    pub token_file: Option<PathBuf>,
-    /// How long an issued token is treated as valid, seconds [default: 3600].
-    #[serde(default = "default_token_ttl")]
-    pub token_ttl_secs: u64,
-    #[serde(default)]
-    pub enrollment: EnrollmentConfig,
-}
-
-fn default_group() -> String {
-    "default".into()
-}
-
-fn default_labels() -> Vec<String> {
-    ["self-hosted", "linux", "x64"].map(String::from).to_vec()
-}
-
-fn default_token_ttl() -> u64 {
-    3600
 }
 
 /// Effective settings.
@@ -441,23 +180,16 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Flags over the file over defaults, for every setting, checked. About 100 lines: most
-    /// of it is the `Settings` literal, one precedence chain per field; each section that
-    /// can be refused has its own function, called in the order errors are reported.
+    /// Flags (or their environment variables) over the file over defaults, for every
+    /// setting ([`layered`]), checked. Each section that can be refused has its own
+    /// function, called in the order errors are reported.
     pub fn resolve(args: ServeArgs, file: FileConfig) -> Result<Settings, ConfigError> {
         let (unhealthy, lost) = health_thresholds(&args, &file)?;
-        let data_dir = args
-            .data_dir
-            .clone()
-            .or(file.data_dir.clone())
+        let data_dir = layered([args.data_dir.as_ref(), file.data_dir.as_ref()])
             .unwrap_or_else(|| PathBuf::from("./controller_data"));
         let auth_mode = args.auth_mode.or(file.auth_mode).unwrap_or_default();
         let (pools, dev_defaults) = build_pools(&args, &file.pools, &data_dir, auth_mode)?;
-        let audience = args
-            .audience
-            .clone()
-            .or(file.auth.audience.clone())
-            .filter(|a| !a.is_empty());
+        let audience = layered([args.audience.as_ref(), file.auth.audience.as_ref()]);
         if auth_mode == AuthMode::Authenticated && audience.is_none() && pools.any_gce() {
             return Err(ConfigError::Invalid {
                 name: "audience".into(),
@@ -467,85 +199,116 @@ impl Settings {
         let enroll = enroll_settings(&args, &file, audience)?;
         let tls = tls_settings(&args, &file)?;
         let retention = retention_settings(&file)?;
-        let l = &file.limits;
-        let per_vm_rate = args.rate_limit_per_vm.or(l.per_vm_per_second).unwrap_or(20);
-        let per_addr_rate = args
-            .rate_limit_per_addr
-            .or(l.per_addr_per_second)
-            .unwrap_or(200);
-        let heartbeat_interval = secs(
-            "heartbeat_interval_secs",
-            args.heartbeat_interval_secs
-                .or(file.heartbeat_interval_secs)
-                .unwrap_or(15),
+        let t = timings(&args, &file)?;
+        let (per_vm_limit, per_addr_limit) = rate_limits(&args, &file.limits);
+        let header_timeout = secs(
+            "header_timeout_secs",
+            file.limits.header_timeout_secs.unwrap_or(10),
         )?;
-        let redelivery_timeout = secs(
-            "redelivery_timeout_secs",
-            args.redelivery_timeout_secs
-                .or(file.redelivery_timeout_secs)
-                .unwrap_or(30),
-        )?;
-        let command_ttl = secs(
-            "command_ttl_secs",
-            args.command_ttl_secs
-                .or(file.command_ttl_secs)
-                .unwrap_or(86_400),
-        )?;
-        let reconcile_interval = secs(
-            "reconcile_interval_secs",
-            args.reconcile_interval_secs
-                .or(file.reconcile_interval_secs)
-                .unwrap_or(5),
-        )?;
-        let header_timeout = secs("header_timeout_secs", l.header_timeout_secs.unwrap_or(10))?;
         let conn = conn_settings(&file)?;
         Ok(Settings {
-            http_addr: args
-                .http_addr
-                .or(file.http_addr)
+            http_addr: layered([args.http_addr.as_ref(), file.http_addr.as_ref()])
                 .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
-            grpc_addr: args
-                .grpc_addr
-                .or(file.grpc_addr)
+            grpc_addr: layered([args.grpc_addr.as_ref(), file.grpc_addr.as_ref()])
                 .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 50051))),
-            credential_key_file: args
-                .credential_key_file
-                .clone()
-                .or(file.auth.credential_key_file.clone())
-                .unwrap_or_else(|| data_dir.join("credential.key")),
+            credential_key_file: layered([
+                args.credential_key_file.as_ref(),
+                file.auth.credential_key_file.as_ref(),
+            ])
+            .unwrap_or_else(|| data_dir.join("credential.key")),
             data_dir,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
-            log_level: args
-                .log_level
-                .or(file.log_level)
+            log_level: layered([args.log_level.as_ref(), file.log_level.as_ref()])
                 .unwrap_or_else(|| "info".into()),
-            heartbeat_interval,
+            heartbeat_interval: t.heartbeat_interval,
             unhealthy_after_missed: unhealthy,
             lost_after_missed: lost,
-            redelivery_timeout,
-            command_ttl,
-            reconcile_interval,
+            redelivery_timeout: t.redelivery_timeout,
+            command_ttl: t.command_ttl,
+            reconcile_interval: t.reconcile_interval,
             addr_file: args.addr_file,
             pools,
             dev_defaults,
             auth_mode,
             enroll,
             tls,
-            per_vm_limit: Limit {
-                per_second: per_vm_rate,
-                burst: l.per_vm_burst.unwrap_or(per_vm_rate.saturating_mul(5)),
-            },
-            per_addr_limit: Limit {
-                per_second: per_addr_rate,
-                burst: l.per_addr_burst.unwrap_or(per_addr_rate.saturating_mul(5)),
-            },
+            per_vm_limit,
+            per_addr_limit,
             header_timeout,
             conn,
-            metrics_addr: args.metrics_addr.or(file.metrics_addr),
+            metrics_addr: layered([args.metrics_addr.as_ref(), file.metrics_addr.as_ref()]),
             retention,
             clock: crate::clock::Clock::system(),
         })
     }
+}
+
+/// The protocol's timings, each in whole seconds, at least one.
+struct Timings {
+    heartbeat_interval: Duration,
+    redelivery_timeout: Duration,
+    command_ttl: Duration,
+    reconcile_interval: Duration,
+}
+
+fn timings(args: &ServeArgs, file: &FileConfig) -> Result<Timings, ConfigError> {
+    let pick = |name: &str, flag: Option<u64>, in_file: Option<u64>, default: u64| {
+        secs(
+            name,
+            layered([flag.as_ref(), in_file.as_ref()]).unwrap_or(default),
+        )
+    };
+    Ok(Timings {
+        heartbeat_interval: pick(
+            "heartbeat_interval_secs",
+            args.heartbeat_interval_secs,
+            file.heartbeat_interval_secs,
+            15,
+        )?,
+        redelivery_timeout: pick(
+            "redelivery_timeout_secs",
+            args.redelivery_timeout_secs,
+            file.redelivery_timeout_secs,
+            30,
+        )?,
+        command_ttl: pick(
+            "command_ttl_secs",
+            args.command_ttl_secs,
+            file.command_ttl_secs,
+            86_400,
+        )?,
+        reconcile_interval: pick(
+            "reconcile_interval_secs",
+            args.reconcile_interval_secs,
+            file.reconcile_interval_secs,
+            5,
+        )?,
+    })
+}
+
+/// Per-VM and per-address request rates (per second), with bursts of five seconds' worth
+/// unless set.
+fn rate_limits(args: &ServeArgs, l: &LimitsFileConfig) -> (Limit, Limit) {
+    let per_vm = layered([
+        args.rate_limit_per_vm.as_ref(),
+        l.per_vm_per_second.as_ref(),
+    ])
+    .unwrap_or(20);
+    let per_addr = layered([
+        args.rate_limit_per_addr.as_ref(),
+        l.per_addr_per_second.as_ref(),
+    ])
+    .unwrap_or(200);
+    (
+        Limit {
+            per_second: per_vm,
+            burst: l.per_vm_burst.unwrap_or(per_vm.saturating_mul(5)),
+        },
+        Limit {
+            per_second: per_addr,
+            burst: l.per_addr_burst.unwrap_or(per_addr.saturating_mul(5)),
+        },
+    )
 }
 
 /// A duration setting in whole seconds, at least one.
@@ -734,112 +497,6 @@ fn check_url(name: &str, value: &str) -> Result<(), ConfigError> {
         )));
     }
     Ok(())
-}
-
-fn build_pools(
-    args: &ServeArgs,
-    pools: &HashMap<String, PoolConfig>,
-    data_dir: &Path,
-    auth_mode: AuthMode,
-) -> Result<(Pools, bool), ConfigError> {
-    if pools.is_empty() {
-        let token = args
-            .static_token
-            .clone()
-            .filter(|t| !t.is_empty())
-            .unwrap_or_else(|| format!("DEV-NOT-A-GITHUB-TOKEN-{}", uuid::Uuid::new_v4().simple()));
-        let runner_url = args
-            .runner_url
-            .clone()
-            .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| "https://github.com/example-org".into());
-        check_url("runner_url (MIG_CONTROLLER_RUNNER_URL)", &runner_url)?;
-        let reg = PoolRegistration {
-            runner_url,
-            runner_group: default_group(),
-            labels: default_labels(),
-            token: Arc::new(StaticToken::new(
-                token,
-                Duration::from_secs(default_token_ttl()),
-            )),
-            enrollment: PoolEnrollment {
-                bootstrap_secret_file: Some(dev_secret_file(data_dir)),
-                ..PoolEnrollment::default()
-            },
-        };
-        return Ok((Pools::new(HashMap::new(), Some(reg)), true));
-    }
-    let mut by_id = HashMap::new();
-    let mut fallback = None;
-    for (id, p) in pools {
-        if id != "*" {
-            miglet_proto::ids::validate_id("pool id", id).map_err(|e| ConfigError::Invalid {
-                name: format!("pools.{id}"),
-                reason: e.to_string(),
-            })?;
-        }
-        let name = format!("pools.{id}");
-        let ttl = Duration::from_secs(p.token_ttl_secs.max(1));
-        let token: Arc<dyn TokenSource> = match (&p.token, &p.token_file) {
-            (Some(t), None) if !t.is_empty() => Arc::new(StaticToken::new(t.clone(), ttl)),
-            (None, Some(f)) => Arc::new(TokenFile::new(f.clone(), ttl)),
-            _ => {
-                return Err(ConfigError::Invalid {
-                    name,
-                    reason: "set exactly one of token or token_file".into(),
-                });
-            }
-        };
-        check_url(&format!("{name}.runner_url"), &p.runner_url)?;
-        if let Some(prefix) = &p.enrollment.vm_id_prefix {
-            miglet_proto::ids::validate_id("vm_id_prefix", prefix).map_err(|e| {
-                ConfigError::Invalid {
-                    name: format!("{name}.enrollment.vm_id_prefix"),
-                    reason: e.to_string(),
-                }
-            })?;
-        }
-        let enrollment = PoolEnrollment {
-            bootstrap_secret_file: p.enrollment.bootstrap_secret_file.clone(),
-            enrollment_tokens: p.enrollment.enrollment_tokens,
-            vm_id_prefix: p.enrollment.vm_id_prefix.clone(),
-            gce: p.enrollment.gce.as_ref().map(|g| GceRule {
-                project_id: g.project_id.clone(),
-                zones: g.zones.clone(),
-                instance_name_prefix: g.instance_name_prefix.clone(),
-                service_account: g.service_account.clone(),
-            }),
-        };
-        if auth_mode == AuthMode::Authenticated && !enrollment.any() {
-            return Err(ConfigError::Invalid {
-                name: format!("{name}.enrollment"),
-                reason: "no enrollment method: set bootstrap_secret_file, enrollment_tokens = true and/or [gce], or its VMs can never connect".into(),
-            });
-        }
-        if enrollment
-            .gce
-            .as_ref()
-            .is_some_and(|g| g.project_id.is_empty())
-        {
-            return Err(ConfigError::Invalid {
-                name: format!("{name}.enrollment.gce.project_id"),
-                reason: "is empty".into(),
-            });
-        }
-        let reg = PoolRegistration {
-            runner_url: p.runner_url.clone(),
-            runner_group: p.runner_group.clone(),
-            labels: p.labels.clone(),
-            token,
-            enrollment,
-        };
-        if id == "*" {
-            fallback = Some(reg);
-        } else {
-            by_id.insert(id.clone(), reg);
-        }
-    }
-    Ok((Pools::new(by_id, fallback), false))
 }
 
 #[cfg(test)]

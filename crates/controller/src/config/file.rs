@@ -1,0 +1,173 @@
+//! The TOML config file's shape, with its defaults; checked and merged in [`super::Settings::resolve`].
+
+use super::*;
+
+/// The TOML config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub http_addr: Option<SocketAddr>,
+    pub grpc_addr: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+    pub heartbeat_interval_secs: Option<u64>,
+    pub unhealthy_after_missed: Option<u32>,
+    pub lost_after_missed: Option<u32>,
+    pub redelivery_timeout_secs: Option<u64>,
+    pub command_ttl_secs: Option<u64>,
+    pub reconcile_interval_secs: Option<u64>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub auth_mode: Option<AuthMode>,
+    #[serde(default)]
+    pub auth: AuthFileConfig,
+    pub tls: Option<TlsFileConfig>,
+    #[serde(default)]
+    pub limits: LimitsFileConfig,
+    #[serde(default)]
+    pub retention: RetentionFileConfig,
+    /// Registration config per pool id; the key `"*"` serves every pool not listed.
+    #[serde(default)]
+    pub pools: HashMap<String, PoolConfig>,
+}
+
+/// `[auth]` of the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFileConfig {
+    pub audience: Option<String>,
+    pub google_jwks_url: Option<String>,
+    pub credential_key_file: Option<PathBuf>,
+    pub credential_ttl_secs: Option<u64>,
+    /// A VM must enroll again this long after its last identity proof [default: 7 days].
+    pub credential_max_lifetime_secs: Option<u64>,
+    /// Identity tokens older than this are refused [default: 300].
+    pub identity_token_max_age_secs: Option<u64>,
+}
+
+/// `[tls]` of the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFileConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
+    /// How often the files are checked for changes [default: 10].
+    pub reload_interval_secs: Option<u64>,
+}
+
+/// `[limits]` of the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFileConfig {
+    pub per_vm_per_second: Option<u32>,
+    pub per_vm_burst: Option<u32>,
+    pub per_addr_per_second: Option<u32>,
+    pub per_addr_burst: Option<u32>,
+    /// A client must send a request's headers within this many seconds [default: 10].
+    pub header_timeout_secs: Option<u64>,
+    /// Open connections at most, both listeners together [default: the open-file limit
+    /// less 512 kept for the store and files].
+    pub max_connections: Option<usize>,
+    /// Open connections at most from one source address, per listener [default: 4096,
+    /// room for a fleet behind one NAT].
+    pub max_connections_per_addr: Option<usize>,
+    /// TLS handshake plus (gRPC) the HTTP/2 preface must be done within this [default: 10].
+    pub handshake_timeout_secs: Option<u64>,
+    /// A gRPC connection with no stream or request for this long is closed [default: 30].
+    pub grpc_idle_timeout_secs: Option<u64>,
+}
+
+/// Connection caps and deadlines of both listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnSettings {
+    /// `None`: derived from the open-file limit at start.
+    pub max_connections: Option<usize>,
+    pub max_connections_per_addr: usize,
+    pub handshake_timeout: Duration,
+    pub grpc_idle_timeout: Duration,
+}
+
+/// `[retention]` of the config file: how long history is kept.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionFileConfig {
+    /// Every heartbeat is kept this long [default: 86400, one day].
+    pub heartbeat_full_secs: Option<u64>,
+    /// After that, one heartbeat per VM per this many seconds [default: 300].
+    pub heartbeat_bucket_secs: Option<u64>,
+    /// Heartbeats older than this are deleted [default: 1209600, 14 days].
+    pub heartbeat_max_age_secs: Option<u64>,
+    /// Events older than this are deleted; 0 keeps them forever [default: 7776000, 90 days].
+    pub event_max_age_secs: Option<u64>,
+}
+
+/// Effective retention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionSettings {
+    pub heartbeat_full: Duration,
+    pub heartbeat_bucket: Duration,
+    pub heartbeat_max_age: Duration,
+    pub event_max_age: Option<Duration>,
+    /// How often a retention pass runs.
+    pub interval: Duration,
+}
+
+/// `[pools.<id>.enrollment]`: how the pool's VMs prove who they are.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollmentConfig {
+    /// File holding the pool's bootstrap secret (at least 16 characters), re-read at use.
+    /// It proves only membership of the pool.
+    pub bootstrap_secret_file: Option<PathBuf>,
+    /// Accept one-time enrollment tokens minted for single VMs (they prove the VM).
+    #[serde(default)]
+    pub enrollment_tokens: bool,
+    /// Every VM id of the pool starts with this (whatever the proof), so the pool's
+    /// bootstrap secret enrolls only ids of its own range.
+    pub vm_id_prefix: Option<String>,
+    pub gce: Option<GceConfig>,
+}
+
+/// `[pools.<id>.enrollment.gce]`: which GCE instances belong to the pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GceConfig {
+    pub project_id: String,
+    #[serde(default)]
+    pub zones: Vec<String>,
+    pub instance_name_prefix: Option<String>,
+    pub service_account: Option<String>,
+}
+
+/// `[pools.<id>]` of the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub runner_url: String,
+    #[serde(default = "default_group")]
+    pub runner_group: String,
+    #[serde(default = "default_labels")]
+    pub labels: Vec<String>,
+    /// A static registration token. Prefer `token_file`.
+    pub token: Option<String>,
+    /// A file holding the registration token, re-read at every use.
+    pub token_file: Option<PathBuf>,
+    /// How long an issued token is treated as valid, seconds [default: 3600].
+    #[serde(default = "default_token_ttl")]
+    pub token_ttl_secs: u64,
+    #[serde(default)]
+    pub enrollment: EnrollmentConfig,
+}
+
+pub(super) fn default_group() -> String {
+    "default".into()
+}
+
+pub(super) fn default_labels() -> Vec<String> {
+    ["self-hosted", "linux", "x64"].map(String::from).to_vec()
+}
+
+pub(super) fn default_token_ttl() -> u64 {
+    3600
+}
