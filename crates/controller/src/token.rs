@@ -42,7 +42,57 @@ pub enum TokenError {
     EmptyFile { path: String },
     #[error("no registration config for pool {0:?}")]
     UnknownPool(String),
+    /// The source's own failure (e.g. GitHub's answer), with its cause.
+    #[error(transparent)]
+    Remote(Box<dyn std::error::Error + Send + Sync>),
+    /// The pool's mint budget is spent for now; the registration waits its turn.
+    #[error("the pool's GitHub mint budget is spent; next mint in {0} ms")]
+    Budget(i64),
 }
+
+/// The runner a `register_runner` is for.
+#[derive(Debug, Clone, Copy)]
+pub struct RunnerRequest<'a> {
+    /// Unique per VM boot.
+    pub runner_name: &'a str,
+    pub labels: &'a [String],
+    pub work_folder: &'a str,
+}
+
+/// What a runner registers with.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Registration {
+    /// A registration token for `config.sh`.
+    Token(IssuedToken),
+    /// A just-in-time runner config (`run.sh --jitconfig`), for one runner GitHub already
+    /// knows by `runner_id`.
+    Jit {
+        config: String,
+        runner_id: u64,
+        expires_at: DateTime<Utc>,
+    },
+}
+
+impl fmt::Debug for Registration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Registration::Token(t) => t.fmt(f),
+            Registration::Jit {
+                runner_id,
+                expires_at,
+                ..
+            } => f
+                .debug_struct("Jit")
+                .field("config", &"[REDACTED]")
+                .field("runner_id", runner_id)
+                .field("expires_at", expires_at)
+                .finish(),
+        }
+    }
+}
+
+pub type RegistrationFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Registration, TokenError>> + Send + 'a>>;
 
 pub type TokenFuture<'a> =
     Pin<Box<dyn Future<Output = Result<IssuedToken, TokenError>> + Send + 'a>>;
@@ -56,6 +106,17 @@ pub trait TokenSource: Send + Sync + fmt::Debug {
     /// How long a `register_runner` for this source stays deliverable once queued: the
     /// lifetime of the tokens it issues. A delivery never carries a token past either.
     fn lifetime(&self) -> Duration;
+
+    /// What the runner of `request` registers with at `now`: by default a registration
+    /// token; a GitHub source in JIT mode mints the runner itself.
+    fn registration<'a>(
+        &'a self,
+        request: RunnerRequest<'a>,
+        now: DateTime<Utc>,
+    ) -> RegistrationFuture<'a> {
+        let _ = request;
+        Box::pin(async move { self.registration_token(now).await.map(Registration::Token) })
+    }
 
     /// Checked once at start-up, so that a source that cannot work stops the controller
     /// with a clear message instead of failing every registration later.

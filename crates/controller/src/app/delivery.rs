@@ -2,6 +2,10 @@
 //! plan both transports share), secrets filled back in at delivery, and acknowledgments.
 
 use super::*;
+use crate::token::{Registration, RunnerRequest};
+
+/// The runner's work folder, relative to its install directory (the runner's default).
+const RUNNER_WORK_FOLDER: &str = "_work";
 
 impl Controller {
     /// `GET .../commands`: the commands to hand out now over HTTP, marked delivered.
@@ -133,14 +137,34 @@ impl Controller {
                 .pools
                 .get(&vm.pool_id)
                 .map_err(|e| e.to_string())?;
-            let token = reg
+            // Unique per boot: a JIT runner of an earlier boot may still be registered.
+            let runner_name = format!("{}-{}", vm.vm_id, vm.boot_seq);
+            let request = RunnerRequest {
+                runner_name: &runner_name,
+                labels: &r.labels,
+                work_folder: RUNNER_WORK_FOLDER,
+            };
+            let registration = reg
                 .token
-                .registration_token(self.clock().now())
+                .registration(request, self.clock().now())
                 .await
                 .map_err(|e| crate::error::chain(&e))?;
-            r.registration_token = Some(token.token);
             let stored = c.expires_at.map(crate::store::from_millis);
-            r.expires_at = Some(stored.map_or(token.expires_at, |s| s.min(token.expires_at)));
+            let until = |t: chrono::DateTime<chrono::Utc>| Some(stored.map_or(t, |s| s.min(t)));
+            match registration {
+                Registration::Token(token) => {
+                    r.registration_token = Some(token.token);
+                    r.expires_at = until(token.expires_at);
+                }
+                Registration::Jit {
+                    config, expires_at, ..
+                } => {
+                    r.registration_token = None;
+                    r.jit_config = Some(config);
+                    r.runner_name = Some(runner_name);
+                    r.expires_at = until(expires_at);
+                }
+            }
         }
         Ok(CommandEnvelope {
             id: c.id.clone(),

@@ -1,0 +1,271 @@
+//! A pool's registrations minted on GitHub: registration tokens (cached until a few minutes
+//! before they expire) or just-in-time runner configs (one per runner, kept for its
+//! redeliveries), within the mint budget its App or PAT shares with other pools.
+
+use super::api::Api;
+use super::app::{Auth, expiry};
+use super::rules::{MintBudget, due_for_refresh};
+use super::{GitHubError, Mode, Scope};
+use crate::clock::Clock;
+use crate::model::Millis;
+use crate::token::{
+    IssuedToken, Registration, RegistrationFuture, RunnerRequest, TokenError, TokenFuture,
+    TokenSource,
+};
+use chrono::{DateTime, Utc};
+use reqwest::Method;
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A registration token is handed out only while more than this much of its hour is left.
+const TOKEN_MARGIN_MS: Millis = 10 * 60 * 1000;
+/// GitHub's registration tokens live an hour; a JIT config has no documented end, and an
+/// unused JIT runner is removed after a day offline: an hour bounds how long we hand one out.
+const LIFETIME: Duration = Duration::from_secs(3600);
+
+/// One App or PAT on one API: its client, credential and mint budget, shared by every pool
+/// that uses it.
+#[derive(Debug)]
+pub struct Account {
+    pub api: Api,
+    pub auth: Auth,
+    pub budget: Mutex<MintBudget>,
+}
+
+impl Account {
+    /// Takes one mint from the budget, or says when the next is free.
+    fn take_mint(&self, now: Millis) -> Result<(), TokenError> {
+        self.budget
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(now)
+            .map_err(TokenError::Budget)
+    }
+}
+
+/// The GitHub side of one pool.
+pub struct GitHubSource {
+    account: Arc<Account>,
+    scope: Scope,
+    mode: Mode,
+    /// The runner group by name (`None`: the default group, id 1).
+    runner_group: Option<String>,
+    /// Added to every runner, so that our runners can be told from others in the scope.
+    installation_label: String,
+    group_id: tokio::sync::Mutex<Option<u64>>,
+    token: tokio::sync::Mutex<Option<IssuedToken>>,
+    /// JIT configs by runner name, so a redelivery hands out the same runner.
+    jit: Mutex<HashMap<String, Registration>>,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for GitHubSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitHubSource")
+            .field("scope", &self.scope)
+            .field("mode", &self.mode)
+            .field("runner_group", &self.runner_group)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GitHubSource {
+    pub fn new(
+        account: Arc<Account>,
+        scope: Scope,
+        mode: Mode,
+        runner_group: Option<String>,
+        installation_label: String,
+        clock: Clock,
+    ) -> GitHubSource {
+        GitHubSource {
+            account,
+            scope,
+            mode,
+            runner_group,
+            installation_label,
+            group_id: tokio::sync::Mutex::new(None),
+            token: tokio::sync::Mutex::new(None),
+            jit: Mutex::new(HashMap::new()),
+            clock,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<super::api::Reply, GitHubError> {
+        let a = &self.account;
+        a.auth.call(&a.api, method, path, body).await
+    }
+
+    /// The runner group's id: 1 (Default) unless a group is named; looked up by name once
+    /// and again when GitHub no longer knows the id.
+    async fn group_id(&self) -> Result<u64, GitHubError> {
+        let Some(name) = &self.runner_group else {
+            return Ok(1);
+        };
+        let mut cached = self.group_id.lock().await;
+        if let Some(id) = *cached {
+            return Ok(id);
+        }
+        let Some(base) = self.scope.runner_groups_path() else {
+            return Ok(1);
+        };
+        let mut next = Some(format!("{base}?per_page=100"));
+        while let Some(page) = next.take() {
+            let reply = self.call(Method::GET, &page, None).await?;
+            let found = reply.body["runner_groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|g| g["name"].as_str() == Some(name.as_str()))
+                .and_then(|g| g["id"].as_u64());
+            if let Some(id) = found {
+                *cached = Some(id);
+                return Ok(id);
+            }
+            next = reply.next;
+        }
+        Err(GitHubError::NotFound(format!(
+            "no runner group named {name:?} in {}",
+            self.scope.path()
+        )))
+    }
+
+    async fn registration_token_now(&self, now: DateTime<Utc>) -> Result<IssuedToken, TokenError> {
+        let mut cached = self.token.lock().await;
+        if let Some(t) = cached.as_ref()
+            && !due_for_refresh(
+                t.expires_at.timestamp_millis(),
+                now.timestamp_millis(),
+                TOKEN_MARGIN_MS,
+            )
+        {
+            return Ok(t.clone());
+        }
+        self.account.take_mint(self.clock.now_ms())?;
+        let path = format!("{}/actions/runners/registration-token", self.scope.path());
+        let reply = self.call(Method::POST, &path, None).await?;
+        let token = reply.body["token"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| GitHubError::BadAnswer("registration token: no token".into()))?;
+        let expires_at = DateTime::from_timestamp_millis(expiry(&reply.body)?)
+            .ok_or_else(|| GitHubError::BadAnswer("registration token: bad expires_at".into()))?;
+        let issued = IssuedToken {
+            token: token.to_owned(),
+            expires_at,
+        };
+        *cached = Some(issued.clone());
+        Ok(issued)
+    }
+
+    async fn jit_now(
+        &self,
+        req: RunnerRequest<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<Registration, TokenError> {
+        let known = self
+            .jit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(req.runner_name)
+            .cloned();
+        if let Some(r) = known {
+            return Ok(r);
+        }
+        let group = match self.group_id().await {
+            Ok(id) => id,
+            Err(e) => return Err(e.into()),
+        };
+        self.account.take_mint(self.clock.now_ms())?;
+        let mut labels: Vec<&str> = req.labels.iter().map(String::as_str).collect();
+        labels.push(&self.installation_label);
+        let body = json!({
+            "name": req.runner_name,
+            "runner_group_id": group,
+            "labels": labels,
+            "work_folder": req.work_folder,
+        });
+        let path = format!("{}/actions/runners/generate-jitconfig", self.scope.path());
+        let reply = match self.call(Method::POST, &path, Some(&body)).await {
+            // The group may have been deleted and made again: look it up next time.
+            Err(GitHubError::NotFound(m)) => {
+                *self.group_id.lock().await = None;
+                return Err(GitHubError::NotFound(m).into());
+            }
+            other => other?,
+        };
+        let config = reply.body["encoded_jit_config"]
+            .as_str()
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| {
+                GitHubError::BadAnswer("generate-jitconfig: no encoded_jit_config".into())
+            })?;
+        let runner_id = reply.body["runner"]["id"]
+            .as_u64()
+            .ok_or_else(|| GitHubError::BadAnswer("generate-jitconfig: no runner id".into()))?;
+        let expires_at =
+            now + chrono::Duration::from_std(LIFETIME).unwrap_or(chrono::Duration::hours(1));
+        let reg = Registration::Jit {
+            config: config.to_owned(),
+            runner_id,
+            expires_at,
+        };
+        tracing::info!(
+            runner_name = req.runner_name,
+            runner_id,
+            "JIT runner minted on GitHub"
+        );
+        self.jit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(req.runner_name.to_owned(), reg.clone());
+        Ok(reg)
+    }
+
+    /// Forgets JIT configs handed out for good (their command finished or expired).
+    pub fn forget_runner(&self, runner_name: &str) {
+        self.jit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(runner_name);
+    }
+}
+
+impl From<GitHubError> for TokenError {
+    fn from(e: GitHubError) -> TokenError {
+        TokenError::Remote(Box::new(e))
+    }
+}
+
+impl TokenSource for GitHubSource {
+    fn registration_token(&self, now: DateTime<Utc>) -> TokenFuture<'_> {
+        Box::pin(self.registration_token_now(now))
+    }
+
+    fn registration<'a>(
+        &'a self,
+        request: RunnerRequest<'a>,
+        now: DateTime<Utc>,
+    ) -> RegistrationFuture<'a> {
+        Box::pin(async move {
+            match self.mode {
+                Mode::Token => self
+                    .registration_token_now(now)
+                    .await
+                    .map(Registration::Token),
+                Mode::Jit => self.jit_now(request, now).await,
+            }
+        })
+    }
+
+    fn lifetime(&self) -> Duration {
+        LIFETIME
+    }
+}
