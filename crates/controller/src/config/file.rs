@@ -144,6 +144,8 @@ pub struct GceConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
+    /// Where runners register (`config.sh --url`); derived from `[github]` when that is set.
+    #[serde(default)]
     pub runner_url: String,
     #[serde(default = "default_group")]
     pub runner_group: String,
@@ -158,6 +160,38 @@ pub struct PoolConfig {
     pub token_ttl_secs: u64,
     #[serde(default)]
     pub enrollment: EnrollmentConfig,
+    /// Credentials the controller mints registrations with, instead of `token`/`token_file`.
+    pub github: Option<GitHubConfig>,
+}
+
+/// `[pools.<id>.github]`: the runner scope and the credentials registrations are minted with.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitHubConfig {
+    /// The runner scope: exactly one of `org`, `repo` (`owner/name`) or `enterprise`.
+    pub org: Option<String>,
+    pub repo: Option<String>,
+    pub enterprise: Option<String>,
+    /// `https://api.github.com`, or `https://HOST/api/v3` for GitHub Enterprise Server.
+    pub api_url: Option<String>,
+    /// The runner group by name [default: the scope's default group].
+    pub runner_group: Option<String>,
+    /// A GitHub App: its id and private key (PEM); the installation is found from the scope
+    /// unless given.
+    pub app_id: Option<u64>,
+    pub private_key_file: Option<PathBuf>,
+    pub installation_id: Option<u64>,
+    /// Or a personal access token in a file (re-read at use).
+    pub pat_file: Option<PathBuf>,
+    /// `jit` (one just-in-time runner per VM boot) or `token` (a registration token for
+    /// `config.sh`) [default: jit].
+    pub registration: Option<String>,
+    /// Mints (registration tokens and JIT configs) per minute for this App or PAT, shared by
+    /// the pools that use it [default: 150, under GitHub's secondary limit of about 180].
+    pub mint_budget_per_minute: Option<u32>,
+    /// Label added to every runner this controller registers, to tell them from others in
+    /// the scope [default: mig-controller].
+    pub controller_label: Option<String>,
 }
 
 pub(super) fn default_group() -> String {

@@ -18,6 +18,7 @@ use thiserror::Error;
 
 mod args;
 mod file;
+mod github;
 mod pools;
 
 pub use args::*;
@@ -656,6 +657,54 @@ mod tests {
             ..ServeArgs::default()
         };
         assert_eq!(refused(ca_only, FileConfig::default()), "tls_client_ca");
+        Ok(())
+    }
+
+    /// `[pools.<id>.github]`: an App pool derives its runner URL from the scope; the key is
+    /// read at start; scope and credentials are each exactly one.
+    #[test]
+    fn github_pools_are_checked() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let key = dir.path().join("app.pem");
+        std::fs::write(&key, miglet_sim::github::APP_PRIVATE_KEY)?;
+        let pool = |github: &str| {
+            file(&format!(
+                "[pools.p.github]\n{github}\n[pools.p.enrollment]\nenrollment_tokens = true\n"
+            ))
+        };
+        let app = format!("org = \"acme\"\napp_id = 1\nprivate_key_file = {key:?}");
+        let s = Settings::resolve(ServeArgs::default(), pool(&app))?;
+        assert_eq!(s.pools.get("p")?.runner_url, "https://github.com/acme");
+        let cases = [
+            (format!("{app}\npat_file = \"/p\""), "pools.p.github"),
+            (
+                "repo = \"acme\"\npat_file = \"/p\"".to_owned(),
+                "pools.p.github.repo",
+            ),
+            (
+                "org = \"a\"\nrepo = \"a/b\"\npat_file = \"/p\"".to_owned(),
+                "pools.p.github",
+            ),
+            (
+                format!("enterprise = \"e\"\napp_id = 1\nprivate_key_file = {key:?}"),
+                "pools.p.github",
+            ),
+            (
+                "org = \"acme\"\napp_id = 1\nprivate_key_file = \"/nonexistent.pem\"".to_owned(),
+                "pools.p.github.private_key_file",
+            ),
+            (
+                format!("{app}\nregistration = \"magic\""),
+                "pools.p.github.registration",
+            ),
+        ];
+        for (github, name) in cases {
+            assert_eq!(
+                refused(ServeArgs::default(), pool(&github)),
+                name,
+                "{github}"
+            );
+        }
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! `[pools.*]`: each pool's runner settings, token source and enrollment, checked.
 
+use super::github::Accounts;
 use super::*;
 
 /// Every pool's registration, by id (`*` is the fallback for pools not listed), and
@@ -18,8 +19,9 @@ pub(super) fn build_pools(
     }
     let mut by_id = HashMap::new();
     let mut fallback = None;
+    let mut accounts = Accounts::new();
     for (id, p) in pools {
-        let reg = pool_registration(id, p, auth_mode)?;
+        let reg = pool_registration(id, p, auth_mode, &mut accounts)?;
         if id == "*" {
             fallback = Some(reg);
         } else {
@@ -63,6 +65,7 @@ fn pool_registration(
     id: &str,
     p: &PoolConfig,
     auth_mode: AuthMode,
+    accounts: &mut Accounts,
 ) -> Result<PoolRegistration, ConfigError> {
     if id != "*" {
         miglet_proto::ids::validate_id("pool id", id).map_err(|e| ConfigError::Invalid {
@@ -72,19 +75,35 @@ fn pool_registration(
     }
     let name = format!("pools.{id}");
     let ttl = Duration::from_secs(p.token_ttl_secs.max(1));
-    let token: Arc<dyn TokenSource> = match (&p.token, &p.token_file) {
-        (Some(t), None) if !t.is_empty() => Arc::new(StaticToken::new(t.clone(), ttl)),
-        (None, Some(f)) => Arc::new(TokenFile::new(f.clone(), ttl)),
-        _ => {
-            return Err(ConfigError::Invalid {
-                name,
-                reason: "set exactly one of token or token_file".into(),
-            });
-        }
-    };
-    check_url(&format!("{name}.runner_url"), &p.runner_url)?;
+    let (token, runner_url): (Arc<dyn TokenSource>, String) =
+        match (&p.token, &p.token_file, &p.github) {
+            (Some(t), None, None) if !t.is_empty() => (
+                Arc::new(StaticToken::new(t.clone(), ttl)),
+                p.runner_url.clone(),
+            ),
+            (None, Some(f), None) => (
+                Arc::new(TokenFile::new(f.clone(), ttl)),
+                p.runner_url.clone(),
+            ),
+            (None, None, Some(g)) => {
+                let (source, derived) = super::github::source(&name, g, accounts)?;
+                let url = if p.runner_url.is_empty() {
+                    derived
+                } else {
+                    p.runner_url.clone()
+                };
+                (source, url)
+            }
+            _ => {
+                return Err(ConfigError::Invalid {
+                    name,
+                    reason: "set exactly one of token or token_file, or a [github] table".into(),
+                });
+            }
+        };
+    check_url(&format!("{name}.runner_url"), &runner_url)?;
     Ok(PoolRegistration {
-        runner_url: p.runner_url.clone(),
+        runner_url,
         runner_group: p.runner_group.clone(),
         labels: p.labels.clone(),
         token,

@@ -6,6 +6,7 @@ mod binary;
 mod common;
 mod floods;
 mod fuzz_corpus;
+mod github;
 mod grpc_flow;
 mod hardening;
 mod http_flow;

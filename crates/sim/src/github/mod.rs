@@ -19,6 +19,9 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+mod rest;
+pub use rest::{APP_PRIVATE_KEY, Failure};
+
 /// A job the test wants a runner to run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Job {
@@ -76,6 +79,7 @@ struct Inner {
     runners: HashMap<String, RegisteredRunner>,
     queue: VecDeque<Job>,
     reports: Vec<JobReport>,
+    rest: rest::Rest,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -124,6 +128,7 @@ impl FakeGitHub {
             .route("/_sim/runners/{name}/delete", post(delete_runner))
             .route("/_sim/reports", post(report))
             .route("/_sim/jobs", post(add_job))
+            .fallback(rest::rest)
             .with_state(self.clone())
     }
 
@@ -216,8 +221,9 @@ async fn list_runners(State(g): State<FakeGitHub>) -> Json<Vec<RegisteredRunner>
 
 async fn next_job(State(g): State<FakeGitHub>, Path(name): Path<String>) -> Response {
     let mut inner = g.lock();
-    match inner.runners.get(&name) {
-        Some(r) if r.status != "deleted" => {}
+    match inner.runners.get_mut(&name) {
+        // A JIT runner is online once its listener polls.
+        Some(r) if r.status != "deleted" => r.status = "online".into(),
         _ => return (StatusCode::NOT_FOUND, "runner not registered").into_response(),
     }
     let pos = inner

@@ -1,0 +1,239 @@
+//! The GitHub client and minting against the GitHub stand-in over loopback: the installation
+//! token cached and replaced before it expires, a 401 answered by one refresh, a secondary
+//! rate limit honoured without losing the registration, and a boot storm kept within the
+//! mint budget with every runner minted once.
+
+use super::common::TestResult;
+use mig_controller::clock::Clock;
+use mig_controller::github::api::Api;
+use mig_controller::github::app::{AppAuth, Auth};
+use mig_controller::github::rules::MintBudget;
+use mig_controller::github::source::{Account, GitHubSource};
+use mig_controller::github::{GitHubError, Mode, Scope};
+use mig_controller::token::{Registration, RunnerRequest, TokenError, TokenSource};
+use miglet_sim::github::{APP_PRIVATE_KEY, Failure, FakeGitHub};
+use std::sync::Arc;
+use std::time::Duration;
+
+const APP_ID: u64 = 4242;
+const INSTALLATION: u64 = 77;
+
+async fn stand_in() -> Result<(FakeGitHub, String), Box<dyn std::error::Error + Send + Sync>> {
+    let gh = FakeGitHub::new(&[]).with_app(APP_ID, INSTALLATION);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let (addr, _task) = gh.serve(listener).await?;
+    Ok((gh, format!("http://{addr}")))
+}
+
+fn source(base: &str, clock: &Clock, mode: Mode, budget: u32) -> Result<GitHubSource, GitHubError> {
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(APP_PRIVATE_KEY.as_bytes())
+        .map_err(|e| GitHubError::Config(e.to_string()))?;
+    let scope = Scope::Org("acme".into());
+    let account = Arc::new(Account {
+        api: Api::new(base, clock.clone())?,
+        auth: Auth::App(AppAuth::new(
+            APP_ID,
+            key,
+            None,
+            scope.clone(),
+            clock.clone(),
+        )),
+        budget: std::sync::Mutex::new(MintBudget::new(budget)),
+    });
+    Ok(GitHubSource::new(
+        account,
+        scope,
+        mode,
+        None,
+        "mig-test".into(),
+        clock.clone(),
+    ))
+}
+
+fn calls_to(gh: &FakeGitHub, path_end: &str) -> usize {
+    gh.rest_calls()
+        .iter()
+        .filter(|(_, p, _)| p.ends_with(path_end))
+        .count()
+}
+
+fn labels() -> Vec<String> {
+    vec!["self-hosted".into(), "linux".into()]
+}
+
+async fn jit(src: &GitHubSource, clock: &Clock, name: &str) -> Result<Registration, TokenError> {
+    let labels = labels();
+    let req = RunnerRequest {
+        runner_name: name,
+        labels: &labels,
+        work_folder: "_work",
+    };
+    src.registration(req, clock.now()).await
+}
+
+#[tokio::test]
+async fn installation_and_registration_tokens_are_cached_and_replaced_before_expiry() -> TestResult
+{
+    let (gh, base) = stand_in().await?;
+    // Installation tokens of 330 s: with the 5-minute margin, one is used for 30 s.
+    gh.set_installation_token_ttl(330);
+    let clock = Clock::adjustable();
+    let src = source(&base, &clock, Mode::Jit, 150)?;
+    jit(&src, &clock, "vm-a-1").await?;
+    jit(&src, &clock, "vm-b-1").await?;
+    assert_eq!(
+        calls_to(&gh, "/access_tokens"),
+        1,
+        "the installation token is reused"
+    );
+    assert_eq!(
+        calls_to(&gh, "/installation"),
+        1,
+        "the installation is found once"
+    );
+    clock.advance(Duration::from_secs(31));
+    jit(&src, &clock, "vm-c-1").await?;
+    assert_eq!(
+        calls_to(&gh, "/access_tokens"),
+        2,
+        "replaced before it expired"
+    );
+    assert!(
+        gh.rest_calls().iter().all(|(_, _, status)| *status < 400),
+        "no call failed: {:?}",
+        gh.rest_calls()
+    );
+    // Registration tokens (mode `token`) are reused while they have time left.
+    let tokens = source(&base, &clock, Mode::Token, 150)?;
+    let first = tokens.registration_token(clock.now()).await?;
+    let again = tokens.registration_token(clock.now()).await?;
+    assert_eq!(first, again);
+    assert_eq!(calls_to(&gh, "/registration-token"), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_revoked_installation_token_is_replaced_once_and_the_call_succeeds() -> TestResult {
+    let (gh, base) = stand_in().await?;
+    let clock = Clock::adjustable();
+    let src = source(&base, &clock, Mode::Jit, 150)?;
+    assert!(matches!(
+        jit(&src, &clock, "vm-1-1").await?,
+        Registration::Jit { .. }
+    ));
+    gh.revoke_installation_tokens();
+    let second = jit(&src, &clock, "vm-2-1").await?;
+    let Registration::Jit {
+        runner_id, config, ..
+    } = second
+    else {
+        return Err("not a JIT config".into());
+    };
+    assert_eq!(runner_id, 2);
+    assert!(!config.is_empty());
+    assert_eq!(calls_to(&gh, "/access_tokens"), 2);
+    let statuses: Vec<u16> = gh
+        .rest_calls()
+        .iter()
+        .filter(|(_, p, _)| p.ends_with("/generate-jitconfig"))
+        .map(|(_, _, s)| *s)
+        .collect();
+    assert_eq!(
+        statuses,
+        [201, 401, 201],
+        "one 401, one refresh, one success"
+    );
+    // A redelivery of the same runner's command hands out the same config, minting nothing.
+    assert!(matches!(
+        jit(&src, &clock, "vm-2-1").await?,
+        Registration::Jit { runner_id: 2, .. }
+    ));
+    assert_eq!(calls_to(&gh, "/generate-jitconfig"), 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_secondary_rate_limit_holds_every_call_until_retry_after() -> TestResult {
+    let (gh, base) = stand_in().await?;
+    let clock = Clock::adjustable();
+    let src = source(&base, &clock, Mode::Jit, 150)?;
+    gh.fail(Failure {
+        path_contains: "generate-jitconfig".into(),
+        status: 403,
+        message: "You have exceeded a secondary rate limit. Please wait a few minutes before you try again.".into(),
+        retry_after: Some(30),
+        times: 1,
+    });
+    let refused = jit(&src, &clock, "vm-r-1").await;
+    assert!(
+        matches!(&refused, Err(TokenError::Remote(e)) if e.to_string().contains("retrying in 30 s")),
+        "{refused:?}"
+    );
+    let before = gh.rest_calls().len();
+    // Held back: nothing reaches GitHub until the wait is over.
+    for _ in 0..5 {
+        assert!(jit(&src, &clock, "vm-r-1").await.is_err());
+    }
+    clock.advance(Duration::from_secs(29));
+    assert!(jit(&src, &clock, "vm-r-1").await.is_err());
+    assert_eq!(
+        gh.rest_calls().len(),
+        before,
+        "no call while GitHub said to wait"
+    );
+    clock.advance(Duration::from_secs(2));
+    assert!(matches!(
+        jit(&src, &clock, "vm-r-1").await?,
+        Registration::Jit { runner_id: 1, .. }
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_boot_storm_of_500_stays_within_the_budget_and_every_runner_is_minted_once() -> TestResult
+{
+    let (gh, base) = stand_in().await?;
+    let clock = Clock::adjustable();
+    let src = Arc::new(source(&base, &clock, Mode::Jit, 180)?);
+    let mut minted = std::collections::HashMap::new();
+    let mut minutes = 0;
+    while minted.len() < 500 {
+        assert!(
+            minutes <= 3,
+            "500 runners need at most 3 minutes at 180 a minute"
+        );
+        let mut asks = Vec::new();
+        for i in 0..500 {
+            let name = format!("vm-{i}-1");
+            if minted.contains_key(&name) {
+                continue;
+            }
+            let (src, clock) = (src.clone(), clock.clone());
+            asks.push(tokio::spawn(async move {
+                let r = jit(&src, &clock, &name).await;
+                (name, r)
+            }));
+        }
+        let mut this_minute = 0;
+        for a in asks {
+            let (name, r) = a.await?;
+            match r {
+                Ok(Registration::Jit { runner_id, .. }) => {
+                    this_minute += 1;
+                    minted.insert(name, runner_id);
+                }
+                Ok(other) => return Err(format!("not JIT: {other:?}").into()),
+                Err(TokenError::Budget(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        assert!(this_minute <= 180, "{this_minute} mints in one minute");
+        clock.advance(Duration::from_secs(60));
+        minutes += 1;
+    }
+    let ids: std::collections::HashSet<u64> = minted.values().copied().collect();
+    assert_eq!(ids.len(), 500, "each runner minted once");
+    assert_eq!(calls_to(&gh, "/generate-jitconfig"), 500);
+    assert_eq!(gh.runners().len(), 500);
+    Ok(())
+}
