@@ -1242,3 +1242,122 @@ async fn dashboard_in_a_real_browser_run() -> R {
     ctl.stop().await;
     Ok(())
 }
+
+/// A pool whose registrations the controller mints on GitHub with an App (the stand-in): a
+/// real `miglet` gets a just-in-time runner config, the runner stand-in connects with it and
+/// runs the job GitHub dispatches, and once the VM is done the runner is gone from GitHub's
+/// list. The App's key and every token it handed out appear in no log and no stored row.
+#[tokio::test]
+async fn jit_runner_minted_with_a_github_app_runs_a_job_end_to_end() -> R {
+    let env = env().await;
+    let github = env.github.clone().with_app(APP_ID, APP_INSTALLATION);
+    let cfg = CtlConfig {
+        github_app: Some(GitHubMint {
+            api_url: env.github_api.clone(),
+            mode: mig_controller::github::Mode::Jit,
+            pat_file: None,
+        }),
+        ..env.ctl()
+    };
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &cfg).await;
+    github.enqueue_job(job("jit build", "Succeeded", 500));
+    let vm = "vm-jit";
+    let mut agent = Agent::spawn(&env, vm, ctl.http, Some(ctl.grpc), &[]);
+    let code = agent.wait_exit(60).await;
+    assert_eq!(code, Some(0), "log:\n{}", agent.log_text());
+    let types = ctl.event_types(vm).await;
+    assert!(types.contains(&"job_completed".to_owned()), "{types:?}");
+    assert_eq!(github.reports().len(), 1);
+    assert_eq!(github.reports()[0].result, "Succeeded");
+    // One JIT runner, named for the VM's boot, with the pool's labels and ours; it removed
+    // itself after its one job, so GitHub lists nothing.
+    let runners = github.runners();
+    assert_eq!(runners.len(), 1, "{runners:?}");
+    assert_eq!(runners[0].name, format!("{vm}-1"));
+    assert!(runners[0].labels.contains(&"mig-controller".to_owned()));
+    assert!(runners[0].labels.contains(&"e2e".to_owned()));
+    assert_eq!(runners[0].status, "deleted");
+    assert!(github.listed_runners().is_empty());
+    let calls = github.rest_calls();
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|(_, p, _)| p.ends_with("/generate-jitconfig"))
+            .count(),
+        1,
+        "{calls:?}"
+    );
+    // The register_runner went out with a JIT config and is stored without it.
+    let cmds = ctl.app().store().commands_for_vm(vm).await?;
+    assert_eq!(cmds.len(), 1);
+    assert_eq!(cmds[0].state.as_str(), "acknowledged");
+    let stored = serde_json::to_string(&cmds[0].parameters)?;
+    assert!(!stored.contains("encoded") && !stored.contains("ghs_"), "{stored}");
+    assert!(agent.log_text().contains("Received register_runner command from controller"));
+    ctl.stop().await;
+    let rows = dump_sqlite(&env.dir.path().join("ctl").join("controller.db")).await?;
+    let key_lines: Vec<String> = miglet_sim::github::APP_PRIVATE_KEY
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .map(str::to_owned)
+        .collect();
+    let mut secrets: Vec<(String, String)> = key_lines
+        .into_iter()
+        .map(|l| ("a line of the App key".to_owned(), l))
+        .collect();
+    secrets.push(("an installation token".into(), "ghs_".into()));
+    let agent_text = agent.log_text();
+    let places = std::iter::once(("the agent log".to_owned(), agent_text.as_str()))
+        .chain(rows.iter().map(|r| ("a stored row".to_owned(), r.as_str())));
+    if let Some(leak) = miglet_sim::testkit::first_leak(&secrets, places) {
+        panic!("{leak}");
+    }
+    Ok(())
+}
+
+/// The same with a PAT and registration tokens: the controller mints a registration token,
+/// the runner registers with it through `config.sh`, runs its job and removes itself; the
+/// PAT and the minted token appear in no log and no stored row.
+#[tokio::test]
+async fn registration_token_minted_with_a_pat_runs_a_job_end_to_end() -> R {
+    let env = env().await;
+    let pat = "github_pat_E2ETESTSECRET0123456789";
+    let github = env.github.clone().with_pat(pat);
+    let pat_file = env.dir.path().join("github-pat");
+    std::fs::write(&pat_file, format!("{pat}\n"))?;
+    let cfg = CtlConfig {
+        github_app: Some(GitHubMint {
+            api_url: env.github_api.clone(),
+            mode: mig_controller::github::Mode::Token,
+            pat_file: Some(pat_file),
+        }),
+        ..env.ctl()
+    };
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &cfg).await;
+    github.enqueue_job(job("pat build", "Succeeded", 500));
+    let vm = "vm-pat";
+    let mut agent = Agent::spawn(&env, vm, ctl.http, Some(ctl.grpc), &[]);
+    let code = agent.wait_exit(60).await;
+    assert_eq!(code, Some(0), "log:\n{}", agent.log_text());
+    assert_eq!(github.reports().len(), 1);
+    let runners = github.runners();
+    assert_eq!(runners.len(), 1, "{runners:?}");
+    assert_eq!(runners[0].status, "deleted", "the ephemeral runner removed itself");
+    let minted: Vec<_> = github
+        .rest_calls()
+        .into_iter()
+        .filter(|(_, p, s)| p.ends_with("/registration-token") && *s == 201)
+        .collect();
+    assert_eq!(minted.len(), 1, "{minted:?}");
+    assert_eq!(github.registrations(), 1, "the runner registered with the minted token");
+    ctl.stop().await;
+    let rows = dump_sqlite(&env.dir.path().join("ctl").join("controller.db")).await?;
+    let secrets = vec![("the PAT".to_owned(), pat.to_owned())];
+    let agent_text = agent.log_text();
+    let places = std::iter::once(("the agent log".to_owned(), agent_text.as_str()))
+        .chain(rows.iter().map(|r| ("a stored row".to_owned(), r.as_str())));
+    if let Some(leak) = miglet_sim::testkit::first_leak(&secrets, places) {
+        panic!("{leak}");
+    }
+    Ok(())
+}

@@ -134,6 +134,47 @@ pub struct CtlConfig {
     pub credential_ttl: Duration,
     /// No TLS (for the browser test, whose browser has no client certificate).
     pub plain_http: bool,
+    /// Registrations minted on the GitHub stand-in instead of a static token.
+    pub github_app: Option<GitHubMint>,
+}
+
+/// How the controller mints on the GitHub stand-in.
+#[derive(Debug, Clone)]
+pub struct GitHubMint {
+    /// The stand-in's REST API base.
+    pub api_url: String,
+    pub mode: mig_controller::github::Mode,
+    /// A PAT in this file instead of the test App.
+    pub pat_file: Option<PathBuf>,
+}
+
+/// The test GitHub App the stand-in accepts.
+pub const APP_ID: u64 = 31337;
+pub const APP_INSTALLATION: u64 = 4711;
+
+/// The pool's token source: the static token, or GitHub minting through the stand-in.
+fn token_source(cfg: &CtlConfig) -> Arc<dyn mig_controller::token::TokenSource> {
+    use mig_controller::github::{api::Api, app, rules::MintBudget, source, Scope};
+    let Some(mint) = &cfg.github_app else {
+        return Arc::new(StaticToken::new(TOKEN.into(), Duration::from_secs(3600)));
+    };
+    let clock = mig_controller::clock::Clock::system();
+    let scope = Scope::Org("test-org".into());
+    let auth = match &mint.pat_file {
+        Some(file) => app::Auth::Pat(file.clone()),
+        None => {
+            let key = app::key_from_pem(miglet_sim::github::APP_PRIVATE_KEY.as_bytes())
+                .unwrap_or_else(|e| panic!("app key: {e}"));
+            app::Auth::App(app::AppAuth::new(APP_ID, key, None, scope.clone(), clock.clone()))
+        }
+    };
+    let account = Arc::new(source::Account {
+        api: Api::new(&mint.api_url, clock.clone()).unwrap_or_else(|e| panic!("api: {e}")),
+        auth,
+        budget: std::sync::Mutex::new(MintBudget::new(150)),
+    });
+    let mode = mint.mode;
+    Arc::new(source::GitHubSource::new(account, scope, mode, None, "mig-controller".into(), clock))
 }
 
 /// The audience agents and the controller agree on for GCE identity tokens.
@@ -162,7 +203,7 @@ pub fn controller_settings(
                 "x64".into(),
                 "e2e".into(),
             ],
-            token: Arc::new(StaticToken::new(TOKEN.into(), Duration::from_secs(3600))),
+            token: token_source(cfg),
             enrollment: PoolEnrollment {
                 bootstrap_secret_file: Some(cfg.secret_file.clone()),
                 gce: Some(GceRule {
@@ -267,6 +308,8 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub github: FakeGitHub,
     pub github_url: String,
+    /// The stand-in's REST API base.
+    pub github_api: String,
     pub google: FakeGoogle,
     pub jwks_url: String,
     /// The pool's bootstrap secret.
@@ -284,6 +327,7 @@ impl Env {
             jwks_url: self.jwks_url.clone(),
             credential_ttl: Duration::from_secs(3600),
             plain_http: false,
+            github_app: None,
         }
     }
 
@@ -333,6 +377,7 @@ pub async fn env() -> Env {
         dir,
         github,
         github_url: format!("http://{addr}/test-org"),
+        github_api: format!("http://{addr}"),
         google,
         jwks_url: format!("http://{google_addr}/oauth2/v3/certs"),
         secret: SECRET.into(),

@@ -39,12 +39,17 @@ pub fn load_key(path: &Path) -> Result<EncodingKey, GitHubError> {
             path.display()
         ))
     })?;
-    EncodingKey::from_rsa_pem(&pem).map_err(|e| {
+    key_from_pem(&pem).map_err(|e| {
         GitHubError::Config(format!(
             "{} is not an RSA private key in PEM form ({e}); download it from the App's settings",
             path.display()
         ))
     })
+}
+
+/// An App's private key from its PEM text (PKCS#1, as GitHub hands it out, or PKCS#8).
+pub fn key_from_pem(pem: &[u8]) -> Result<EncodingKey, jsonwebtoken::errors::Error> {
+    EncodingKey::from_rsa_pem(pem)
 }
 
 #[derive(Debug, Clone)]

@@ -99,6 +99,20 @@ impl FakeGitHub {
     pub fn rest_calls(&self) -> Vec<(String, String, u16)> {
         self.lock().rest.calls.clone()
     }
+
+    /// The runners GitHub lists (registered and not removed), by name.
+    pub fn listed_runners(&self) -> Vec<String> {
+        let g = self.lock();
+        let mut v: Vec<String> = g
+            .rest
+            .runner_ids
+            .keys()
+            .filter(|n| g.runners.get(*n).is_none_or(|r| r.status != "deleted"))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
 }
 
 fn error(status: u16, message: &str) -> Response {
@@ -426,7 +440,13 @@ fn list(inner: &Inner, origin: &str, scope: &str, query: &HashMap<String, String
         .and_then(|p| p.parse().ok())
         .unwrap_or(1)
         .max(1);
-    let mut all: Vec<(&String, &u64)> = inner.rest.runner_ids.iter().collect();
+    // A runner that removed itself (an ephemeral runner after its job) is gone.
+    let mut all: Vec<(&String, &u64)> = inner
+        .rest
+        .runner_ids
+        .iter()
+        .filter(|(n, _)| inner.runners.get(*n).is_none_or(|r| r.status != "deleted"))
+        .collect();
     all.sort_by_key(|(_, id)| **id);
     if let Some(name) = query.get("name") {
         all.retain(|(n, _)| *n == name);
