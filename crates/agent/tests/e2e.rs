@@ -1292,8 +1292,15 @@ async fn jit_runner_minted_with_a_github_app_runs_a_job_end_to_end() -> R {
     assert_eq!(cmds.len(), 1);
     assert_eq!(cmds[0].state.as_str(), "acknowledged");
     let stored = serde_json::to_string(&cmds[0].parameters)?;
-    assert!(!stored.contains("encoded") && !stored.contains("ghs_"), "{stored}");
-    assert!(agent.log_text().contains("Received register_runner command from controller"));
+    assert!(
+        !stored.contains("encoded") && !stored.contains("ghs_"),
+        "{stored}"
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("Received register_runner command from controller")
+    );
     ctl.stop().await;
     let rows = dump_sqlite(&env.dir.path().join("ctl").join("controller.db")).await?;
     let key_lines: Vec<String> = miglet_sim::github::APP_PRIVATE_KEY
@@ -1342,14 +1349,21 @@ async fn registration_token_minted_with_a_pat_runs_a_job_end_to_end() -> R {
     assert_eq!(github.reports().len(), 1);
     let runners = github.runners();
     assert_eq!(runners.len(), 1, "{runners:?}");
-    assert_eq!(runners[0].status, "deleted", "the ephemeral runner removed itself");
+    assert_eq!(
+        runners[0].status, "deleted",
+        "the ephemeral runner removed itself"
+    );
     let minted: Vec<_> = github
         .rest_calls()
         .into_iter()
         .filter(|(_, p, s)| p.ends_with("/registration-token") && *s == 201)
         .collect();
     assert_eq!(minted.len(), 1, "{minted:?}");
-    assert_eq!(github.registrations(), 1, "the runner registered with the minted token");
+    assert_eq!(
+        github.registrations(),
+        1,
+        "the runner registered with the minted token"
+    );
     ctl.stop().await;
     let rows = dump_sqlite(&env.dir.path().join("ctl").join("controller.db")).await?;
     let secrets = vec![("the PAT".to_owned(), pat.to_owned())];

@@ -6,14 +6,17 @@
 //! * `vm.rs`: contact (`vm_started`, a stream connect), boots, what an event or a heartbeat
 //!   does to the VM, recovery;
 //! * `command.rs`: the command transition table and which commands go out on a channel now;
-//! * `registration.rs`: when a VM is due a `register_runner`.
+//! * `registration.rs`: when a VM is due a `register_runner`;
+//! * `runner.rs`: which runners on GitHub no VM needs, and their two-phase removal.
 
 mod command;
 mod registration;
+mod runner;
 mod vm;
 
 pub use command::*;
 pub use registration::*;
+pub use runner::*;
 pub use vm::*;
 
 #[cfg(test)]

@@ -97,8 +97,11 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    pub fn new(store: &Store) -> Metrics {
+    pub fn new(store: &Store, github: Option<&crate::github::metrics::GitHubMetrics>) -> Metrics {
         let mut r = Registry::with_prefix("mig");
+        if let Some(g) = github {
+            g.register(&mut r);
+        }
         let vms = Family::<VmLabels, Gauge>::default();
         r.register("vms", "VMs by pool, state and health", vms.clone());
         let streams = Gauge::default();

@@ -91,6 +91,37 @@ impl fmt::Debug for Registration {
     }
 }
 
+/// How a pool's minting has been going, for operators (the admin API's pool view).
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+pub struct SourceStatus {
+    /// When a registration was last minted (Unix ms).
+    pub last_ok_at: Option<i64>,
+    /// The last failure to mint and when (Unix ms); cleared by the next success.
+    pub last_error: Option<String>,
+    pub last_error_at: Option<i64>,
+}
+
+/// What removing a runner on GitHub came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removed {
+    Deleted,
+    /// GitHub no longer knew it.
+    Gone,
+    /// GitHub refused: it is running a job.
+    Busy,
+}
+
+pub type RunnersFuture<'a> = Pin<
+    Box<
+        dyn Future<Output = Result<Option<Vec<crate::lifecycle::GitHubRunner>>, TokenError>>
+            + Send
+            + 'a,
+    >,
+>;
+pub type RemoveFuture<'a> = Pin<Box<dyn Future<Output = Result<Removed, TokenError>> + Send + 'a>>;
+
 pub type RegistrationFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Registration, TokenError>> + Send + 'a>>;
 
@@ -116,6 +147,23 @@ pub trait TokenSource: Send + Sync + fmt::Debug {
     ) -> RegistrationFuture<'a> {
         let _ = request;
         Box::pin(async move { self.registration_token(now).await.map(Registration::Token) })
+    }
+
+    /// How minting has been going (`None` for a source with nothing to report).
+    fn status(&self) -> Option<SourceStatus> {
+        None
+    }
+
+    /// The runners on GitHub this controller registered for the source's scope (those with
+    /// its label); `None` when the source does not manage runners (a static token).
+    fn our_runners(&self) -> RunnersFuture<'_> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Removes a runner on GitHub by id.
+    fn remove_runner(&self, runner_id: u64) -> RemoveFuture<'_> {
+        let _ = runner_id;
+        Box::pin(async { Ok(Removed::Gone) })
     }
 
     /// Checked once at start-up, so that a source that cannot work stops the controller

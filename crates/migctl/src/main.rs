@@ -501,6 +501,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                     s(&p["connected"]),
                                     counts("by_state"),
                                     counts("by_health"),
+                                    registration_status(&p["registration"]),
                                 ]
                             })
                             .collect()
@@ -509,7 +510,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if rows.is_empty() {
                     return "No pools yet: no VM has contacted the controller.\n".into();
                 }
-                table::render(&["POOL", "VMS", "STREAMS", "STATES", "HEALTH"], &rows)
+                table::render(
+                    &["POOL", "VMS", "STREAMS", "STATES", "HEALTH", "GITHUB"],
+                    &rows,
+                )
             });
         }
         Cmd::Drain {
@@ -771,6 +775,18 @@ fn main() -> ExitCode {
             eprintln!("migctl: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A pool's GitHub minting at a glance: `-` (not minting), `ok`, or the last error.
+fn registration_status(r: &Value) -> String {
+    if r.is_null() {
+        return "-".into();
+    }
+    match r["last_error"].as_str() {
+        Some(e) => format!("error: {e}"),
+        None if r["last_ok_at"].is_i64() => "ok".into(),
+        None => "not used yet".into(),
     }
 }
 

@@ -154,7 +154,7 @@ pub const APP_INSTALLATION: u64 = 4711;
 
 /// The pool's token source: the static token, or GitHub minting through the stand-in.
 fn token_source(cfg: &CtlConfig) -> Arc<dyn mig_controller::token::TokenSource> {
-    use mig_controller::github::{api::Api, app, rules::MintBudget, source, Scope};
+    use mig_controller::github::{Scope, api::Api, app, rules::MintBudget, source};
     let Some(mint) = &cfg.github_app else {
         return Arc::new(StaticToken::new(TOKEN.into(), Duration::from_secs(3600)));
     };
@@ -165,7 +165,13 @@ fn token_source(cfg: &CtlConfig) -> Arc<dyn mig_controller::token::TokenSource> 
         None => {
             let key = app::key_from_pem(miglet_sim::github::APP_PRIVATE_KEY.as_bytes())
                 .unwrap_or_else(|e| panic!("app key: {e}"));
-            app::Auth::App(app::AppAuth::new(APP_ID, key, None, scope.clone(), clock.clone()))
+            app::Auth::App(app::AppAuth::new(
+                APP_ID,
+                key,
+                None,
+                scope.clone(),
+                clock.clone(),
+            ))
         }
     };
     let account = Arc::new(source::Account {
@@ -174,7 +180,14 @@ fn token_source(cfg: &CtlConfig) -> Arc<dyn mig_controller::token::TokenSource> 
         budget: std::sync::Mutex::new(MintBudget::new(150)),
     });
     let mode = mint.mode;
-    Arc::new(source::GitHubSource::new(account, scope, mode, None, "mig-controller".into(), clock))
+    Arc::new(source::GitHubSource::new(
+        account,
+        scope,
+        mode,
+        None,
+        "mig-controller".into(),
+        clock,
+    ))
 }
 
 /// The audience agents and the controller agree on for GCE identity tokens.

@@ -15,6 +15,8 @@ pub struct PoolSummary {
     pub by_health: BTreeMap<String, i64>,
     /// The runner labels the pool registers with (from the controller's config).
     pub labels: Vec<String>,
+    /// How minting registrations on GitHub has been going, for a pool that mints them.
+    pub registration: Option<crate::token::SourceStatus>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -42,6 +44,12 @@ pub(super) async fn list_pools(State(app): State<AppState>) -> Result<Json<PoolL
                     .get(&c.pool_id)
                     .map(|r| r.labels.clone())
                     .unwrap_or_default(),
+                registration: app
+                    .settings()
+                    .pools
+                    .get(&c.pool_id)
+                    .ok()
+                    .and_then(|r| r.token.status()),
             });
         p.total += c.count;
         p.connected += c.connected;

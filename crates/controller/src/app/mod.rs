@@ -12,6 +12,7 @@ mod ingest;
 pub mod local;
 mod reconcile;
 mod registration;
+mod runners;
 mod stream;
 
 pub(crate) use identity::fill_pool;
@@ -139,6 +140,9 @@ pub struct ReconcileReport {
     pub registrations_issued: usize,
     pub heartbeats_pruned: u64,
     pub events_pruned: u64,
+    /// Runners on GitHub no VM needs: marked this pass, and deleted (marked at an earlier one).
+    pub runners_marked: usize,
+    pub runners_deleted: usize,
 }
 
 #[derive(Debug)]
@@ -157,6 +161,11 @@ pub struct Controller {
     /// Each VM's pool and org, for checks without a store read.
     names: identity::NameCache,
     audit: crate::audit::Audit,
+    /// When the last GitHub runner cleanup ran (Unix ms), and the runners it marked stale.
+    last_runner_cleanup: std::sync::atomic::AtomicI64,
+    runner_marks: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// Runners that look like ghosts: since when (Unix ms), and whether flagged yet.
+    ghost_since: std::sync::Mutex<std::collections::HashMap<u64, (Millis, bool)>>,
 }
 
 /// Why a registration token is refused once a job ran on the VM's current boot.
@@ -180,10 +189,23 @@ impl Controller {
         shutdown: CancellationToken,
         gate: crate::auth::Gatekeeper,
     ) -> Arc<Controller> {
+        // GitHub's metrics only where a pool mints on GitHub (a source that reports its
+        // minting), so a controller without one exports none of them empty.
+        let mints_on_github = settings
+            .pools
+            .iter()
+            .any(|(_, p)| p.token.status().is_some());
+        let metrics = crate::metrics::Metrics::new(
+            &store,
+            mints_on_github.then_some(&settings.github_metrics),
+        );
         Arc::new(Controller {
-            metrics: crate::metrics::Metrics::new(&store),
+            metrics,
             audit: crate::audit::Audit::new(store.clone(), settings.clock.clone()),
             last_prune: std::sync::atomic::AtomicI64::new(0),
+            last_runner_cleanup: std::sync::atomic::AtomicI64::new(0),
+            runner_marks: Default::default(),
+            ghost_since: Default::default(),
             store,
             settings,
             streams: Streams::default(),

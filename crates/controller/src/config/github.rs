@@ -14,8 +14,20 @@ use crate::github::{Credentials, Mode, Scope};
 const DEFAULT_MINT_BUDGET: u32 = 150;
 
 /// Accounts by API and credential, so pools that share an App share its client, token
-/// cache and budget.
-pub(super) type Accounts = HashMap<(String, String), Arc<Account>>;
+/// cache and budget; all record into one set of metrics.
+pub(super) struct Accounts {
+    by_key: HashMap<(String, String), Arc<Account>>,
+    metrics: crate::github::metrics::GitHubMetrics,
+}
+
+impl Accounts {
+    pub(super) fn new(metrics: crate::github::metrics::GitHubMetrics) -> Accounts {
+        Accounts {
+            by_key: HashMap::new(),
+            metrics,
+        }
+    }
+}
 
 fn invalid(name: String, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -86,11 +98,11 @@ fn account(
     budget: u32,
     accounts: &mut Accounts,
 ) -> Result<Arc<Account>, ConfigError> {
-    let key = match creds {
-        Credentials::App { app_id, .. } => format!("app:{app_id}"),
-        Credentials::Pat { file } => format!("pat:{}", file.display()),
+    let (key, label) = match creds {
+        Credentials::App { app_id, .. } => (format!("app:{app_id}"), format!("app:{app_id}")),
+        Credentials::Pat { file } => (format!("pat:{}", file.display()), "pat".to_owned()),
     };
-    if let Some(a) = accounts.get(&(api_url.to_owned(), key.clone())) {
+    if let Some(a) = accounts.by_key.get(&(api_url.to_owned(), key.clone())) {
         return Ok(a.clone());
     }
     let clock = crate::clock::Clock::system();
@@ -112,14 +124,16 @@ fn account(
         }
         Credentials::Pat { file } => Auth::Pat(file.clone()),
     };
-    let api = Api::new(api_url, clock)
+    let api = Api::with_metrics(api_url, clock, accounts.metrics.clone(), &label)
         .map_err(|e| invalid(format!("{name}.github.api_url"), e.to_string()))?;
     let account = Arc::new(Account {
         api,
         auth,
         budget: std::sync::Mutex::new(MintBudget::new(budget)),
     });
-    accounts.insert((api_url.to_owned(), key), account.clone());
+    accounts
+        .by_key
+        .insert((api_url.to_owned(), key), account.clone());
     Ok(account)
 }
 

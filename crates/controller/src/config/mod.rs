@@ -76,6 +76,8 @@ pub struct Settings {
     pub retention: RetentionSettings,
     /// The controller's time (adjustable in tests).
     pub clock: crate::clock::Clock,
+    /// Where every GitHub client records its calls (registered with the other metrics).
+    pub github_metrics: crate::github::metrics::GitHubMetrics,
 }
 
 /// TLS files of both listeners.
@@ -189,7 +191,9 @@ impl Settings {
         let data_dir = layered([args.data_dir.as_ref(), file.data_dir.as_ref()])
             .unwrap_or_else(|| PathBuf::from("./controller_data"));
         let auth_mode = args.auth_mode.or(file.auth_mode).unwrap_or_default();
-        let (pools, dev_defaults) = build_pools(&args, &file.pools, &data_dir, auth_mode)?;
+        let github_metrics = crate::github::metrics::GitHubMetrics::default();
+        let (pools, dev_defaults) =
+            build_pools(&args, &file.pools, &data_dir, auth_mode, &github_metrics)?;
         let audience = layered([args.audience.as_ref(), file.auth.audience.as_ref()]);
         if auth_mode == AuthMode::Authenticated && audience.is_none() && pools.any_gce() {
             return Err(ConfigError::Invalid {
@@ -240,6 +244,7 @@ impl Settings {
             metrics_addr: layered([args.metrics_addr.as_ref(), file.metrics_addr.as_ref()]),
             retention,
             clock: crate::clock::Clock::system(),
+            github_metrics,
         })
     }
 }

@@ -10,6 +10,7 @@ pub(super) fn build_pools(
     pools: &HashMap<String, PoolConfig>,
     data_dir: &Path,
     auth_mode: AuthMode,
+    metrics: &crate::github::metrics::GitHubMetrics,
 ) -> Result<(Pools, bool), ConfigError> {
     if pools.is_empty() {
         return Ok((
@@ -19,7 +20,7 @@ pub(super) fn build_pools(
     }
     let mut by_id = HashMap::new();
     let mut fallback = None;
-    let mut accounts = Accounts::new();
+    let mut accounts = Accounts::new(metrics.clone());
     for (id, p) in pools {
         let reg = pool_registration(id, p, auth_mode, &mut accounts)?;
         if id == "*" {

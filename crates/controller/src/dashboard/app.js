@@ -113,6 +113,9 @@ async function fleetView() {
       el("div", {}, `${p.total} VMs, ${p.connected} streaming`),
       el("div", { class: "counts" }, Object.entries(p.by_state).map(([s, n]) => el("span", { class: "chip" }, `${s} ${n}`))),
       el("div", { class: "counts" }, Object.entries(p.by_health).map(([s, n]) => el("span", { class: "chip health-" + s }, `${s} ${n}`))),
+      p.registration && p.registration.last_error
+        ? el("div", { class: "chip health-lost", role: "alert" }, `GitHub: ${p.registration.last_error}`)
+        : null,
     )));
   const field = (name, label, input) => el("label", {}, label, input);
   const sel = (name, opts) => el("select", { name, id: "f-" + name },

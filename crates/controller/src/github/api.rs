@@ -4,6 +4,7 @@
 //! (5xx, timeout) is retried a few times with jitter. Nothing here loops on its own.
 
 use super::GitHubError;
+use super::metrics::{AccountLabel, GitHubMetrics, RequestLabels, endpoint};
 use super::rules::{Answer, classify};
 use crate::clock::Clock;
 use crate::model::Millis;
@@ -36,6 +37,9 @@ pub struct Api {
     http: reqwest::Client,
     base: String,
     clock: Clock,
+    metrics: GitHubMetrics,
+    /// `app:<id>` or `pat`, for the metrics.
+    account: String,
     /// Controller time (ms) before which no call is made, after a rate limit.
     blocked_until: Mutex<Millis>,
     /// `X-RateLimit-Remaining` of the last answer (-1 before any).
@@ -44,6 +48,16 @@ pub struct Api {
 
 impl Api {
     pub fn new(api_url: &str, clock: Clock) -> Result<Api, GitHubError> {
+        Api::with_metrics(api_url, clock, GitHubMetrics::default(), "app")
+    }
+
+    /// A client whose calls are counted in `metrics` under `account`.
+    pub fn with_metrics(
+        api_url: &str,
+        clock: Clock,
+        metrics: GitHubMetrics,
+        account: &str,
+    ) -> Result<Api, GitHubError> {
         let http = reqwest::Client::builder()
             .timeout(CALL_TIMEOUT)
             .user_agent(concat!("mig-controller/", env!("CARGO_PKG_VERSION")))
@@ -53,6 +67,8 @@ impl Api {
             http,
             base: api_url.trim_end_matches('/').to_owned(),
             clock,
+            metrics,
+            account: account.to_owned(),
             blocked_until: Mutex::new(0),
             remaining: AtomicI64::new(-1),
         })
@@ -139,6 +155,7 @@ impl Api {
                 message: "held back after a rate limit".into(),
             });
         }
+        let method_name = method.to_string();
         let mut req = self
             .http
             .request(method, self.url(path)?)
@@ -148,11 +165,16 @@ impl Api {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| GitHubError::Transport(crate::error::chain(&e)))?;
+        let endpoint = endpoint(method_name.as_str(), path);
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                self.count(endpoint, 0);
+                return Err(GitHubError::Transport(crate::error::chain(&e)));
+            }
+        };
         let status = resp.status().as_u16();
+        self.count(endpoint, status);
         let header = |name: &str| {
             resp.headers()
                 .get(name)
@@ -164,8 +186,14 @@ impl Api {
         let reset = header("x-ratelimit-reset").and_then(|v| v.trim().parse().ok());
         let next = header("link").and_then(|l| next_link(&l));
         if let Some(r) = remaining {
-            self.remaining
-                .store(i64::try_from(r).unwrap_or(i64::MAX), Ordering::Relaxed);
+            let r = i64::try_from(r).unwrap_or(i64::MAX);
+            self.remaining.store(r, Ordering::Relaxed);
+            self.metrics
+                .rate_limit_remaining
+                .get_or_create(&AccountLabel {
+                    account: self.account.clone(),
+                })
+                .set(r);
         }
         let bytes = resp
             .bytes()
@@ -193,6 +221,23 @@ impl Api {
                 Err(e)
             }
         }
+    }
+}
+
+impl Api {
+    fn count(&self, endpoint: String, status: u16) {
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                endpoint,
+                status: status.to_string(),
+            })
+            .inc();
+    }
+
+    /// The metrics this client records into, and its account label.
+    pub fn metrics(&self) -> (&GitHubMetrics, &str) {
+        (&self.metrics, &self.account)
     }
 }
 

@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod app;
+pub mod metrics;
 pub mod rules;
 pub mod source;
 

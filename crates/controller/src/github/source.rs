@@ -4,13 +4,15 @@
 
 use super::api::Api;
 use super::app::{Auth, expiry};
+use super::metrics::{AccountLabel, KindLabel};
 use super::rules::{MintBudget, due_for_refresh};
 use super::{GitHubError, Mode, Scope};
 use crate::clock::Clock;
+use crate::lifecycle::GitHubRunner;
 use crate::model::Millis;
 use crate::token::{
-    IssuedToken, Registration, RegistrationFuture, RunnerRequest, TokenError, TokenFuture,
-    TokenSource,
+    IssuedToken, Registration, RegistrationFuture, RemoveFuture, Removed, RunnerRequest,
+    RunnersFuture, SourceStatus, TokenError, TokenFuture, TokenSource,
 };
 use chrono::{DateTime, Utc};
 use reqwest::Method;
@@ -24,6 +26,8 @@ const TOKEN_MARGIN_MS: Millis = 10 * 60 * 1000;
 /// GitHub's registration tokens live an hour; a JIT config has no documented end, and an
 /// unused JIT runner is removed after a day offline: an hour bounds how long we hand one out.
 const LIFETIME: Duration = Duration::from_secs(3600);
+/// Pages of 100 runners read per cleanup pass, at most.
+const MAX_PAGES: usize = 50;
 
 /// One App or PAT on one API: its client, credential and mint budget, shared by every pool
 /// that uses it.
@@ -37,11 +41,31 @@ pub struct Account {
 impl Account {
     /// Takes one mint from the budget, or says when the next is free.
     fn take_mint(&self, now: Millis) -> Result<(), TokenError> {
-        self.budget
+        let mut budget = self
+            .budget
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take(now)
-            .map_err(TokenError::Budget)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let taken = budget.take(now).map_err(TokenError::Budget);
+        let (metrics, account) = self.api.metrics();
+        metrics
+            .mint_budget_used
+            .get_or_create(&AccountLabel {
+                account: account.to_owned(),
+            })
+            .set(budget.used(now));
+        taken
+    }
+
+    /// Records how long a mint took.
+    fn minted(&self, kind: &str, started: std::time::Instant) {
+        self.api
+            .metrics()
+            .0
+            .mint_seconds
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -58,6 +82,7 @@ pub struct GitHubSource {
     token: tokio::sync::Mutex<Option<IssuedToken>>,
     /// JIT configs by runner name, so a redelivery hands out the same runner.
     jit: Mutex<HashMap<String, Registration>>,
+    status: Mutex<SourceStatus>,
     clock: Clock,
 }
 
@@ -89,6 +114,7 @@ impl GitHubSource {
             group_id: tokio::sync::Mutex::new(None),
             token: tokio::sync::Mutex::new(None),
             jit: Mutex::new(HashMap::new()),
+            status: Mutex::new(SourceStatus::default()),
             clock,
         }
     }
@@ -150,7 +176,9 @@ impl GitHubSource {
         }
         self.account.take_mint(self.clock.now_ms())?;
         let path = format!("{}/actions/runners/registration-token", self.scope.path());
+        let started = std::time::Instant::now();
         let reply = self.call(Method::POST, &path, None).await?;
+        self.account.minted("registration_token", started);
         let token = reply.body["token"]
             .as_str()
             .filter(|t| !t.is_empty())
@@ -193,7 +221,12 @@ impl GitHubSource {
             "work_folder": req.work_folder,
         });
         let path = format!("{}/actions/runners/generate-jitconfig", self.scope.path());
-        let reply = match self.call(Method::POST, &path, Some(&body)).await {
+        let started = std::time::Instant::now();
+        let answer = self.call(Method::POST, &path, Some(&body)).await;
+        if answer.is_ok() {
+            self.account.minted("jit", started);
+        }
+        let reply = match answer {
             // The group may have been deleted and made again: look it up next time.
             Err(GitHubError::NotFound(m)) => {
                 *self.group_id.lock().await = None;
@@ -229,6 +262,65 @@ impl GitHubSource {
         Ok(reg)
     }
 
+    /// Every runner of the scope that carries our label (all pages).
+    async fn list_ours(&self) -> Result<Vec<GitHubRunner>, GitHubError> {
+        let mut out = Vec::new();
+        let mut next = Some(format!(
+            "{}/actions/runners?per_page=100",
+            self.scope.path()
+        ));
+        let mut pages = 0;
+        while let Some(page) = next.take() {
+            pages += 1;
+            if pages > MAX_PAGES {
+                tracing::warn!(scope = %self.scope.path(), "More than {MAX_PAGES} pages of runners; the rest waits for the next pass");
+                break;
+            }
+            let reply = self.call(Method::GET, &page, None).await?;
+            for r in reply.body["runners"].as_array().into_iter().flatten() {
+                let ours = r["labels"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|l| l["name"].as_str() == Some(self.installation_label.as_str()));
+                let (Some(id), Some(name)) = (r["id"].as_u64(), r["name"].as_str()) else {
+                    continue;
+                };
+                if ours {
+                    out.push(GitHubRunner {
+                        id,
+                        name: name.to_owned(),
+                        online: r["status"].as_str() == Some("online"),
+                        busy: r["busy"].as_bool().unwrap_or(true),
+                    });
+                }
+            }
+            next = reply.next;
+        }
+        Ok(out)
+    }
+
+    /// Notes how a mint went, for the pool view. Waiting for the budget is not a failure.
+    fn note<T>(&self, result: &Result<T, TokenError>) {
+        let now = self.clock.now_ms();
+        let mut st = self
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match result {
+            Ok(_) => {
+                st.last_ok_at = Some(now);
+                st.last_error = None;
+                st.last_error_at = None;
+            }
+            Err(TokenError::Budget(_)) => {}
+            Err(e) => {
+                st.last_error = Some(crate::error::chain(e));
+                st.last_error_at = Some(now);
+            }
+        }
+    }
+
     /// Forgets JIT configs handed out for good (their command finished or expired).
     pub fn forget_runner(&self, runner_name: &str) {
         self.jit
@@ -255,17 +347,44 @@ impl TokenSource for GitHubSource {
         now: DateTime<Utc>,
     ) -> RegistrationFuture<'a> {
         Box::pin(async move {
-            match self.mode {
+            let result = match self.mode {
                 Mode::Token => self
                     .registration_token_now(now)
                     .await
                     .map(Registration::Token),
                 Mode::Jit => self.jit_now(request, now).await,
-            }
+            };
+            self.note(&result);
+            result
         })
+    }
+
+    fn status(&self) -> Option<SourceStatus> {
+        Some(
+            self.status
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        )
     }
 
     fn lifetime(&self) -> Duration {
         LIFETIME
+    }
+
+    fn our_runners(&self) -> RunnersFuture<'_> {
+        Box::pin(async move { self.list_ours().await.map(Some).map_err(TokenError::from) })
+    }
+
+    fn remove_runner(&self, runner_id: u64) -> RemoveFuture<'_> {
+        Box::pin(async move {
+            let path = format!("{}/actions/runners/{runner_id}", self.scope.path());
+            match self.call(Method::DELETE, &path, None).await {
+                Ok(_) => Ok(Removed::Deleted),
+                Err(GitHubError::NotFound(_)) => Ok(Removed::Gone),
+                Err(GitHubError::Rejected { status: 422, .. }) => Ok(Removed::Busy),
+                Err(e) => Err(e.into()),
+            }
+        })
     }
 }

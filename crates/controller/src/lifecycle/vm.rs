@@ -356,6 +356,30 @@ pub fn silent_change(vm: &SilentVm, t: &Silence) -> Option<SilentChange> {
     })
 }
 
+/// A VM record for tests: announced once, then set to the given facts.
+#[cfg(test)]
+pub(crate) fn test_vm(
+    vm_id: &str,
+    state: &str,
+    health: Health,
+    connected: bool,
+    seen: Millis,
+) -> VmRecord {
+    let contact = Contact {
+        kind: ContactKind::VmStarted,
+        boot_id: Some("b"),
+        pool_id: Some("p"),
+        org_id: None,
+        version: None,
+    };
+    let (mut vm, _) = on_contact(None, vm_id, &contact, seen);
+    vm.state = state.into();
+    vm.health = health;
+    vm.connected = connected;
+    vm.last_seen_at = seen;
+    vm
+}
+
 #[cfg(test)]
 mod silence_tests {
     use super::*;

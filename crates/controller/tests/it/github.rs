@@ -7,6 +7,7 @@ use super::common::TestResult;
 use mig_controller::clock::Clock;
 use mig_controller::github::api::Api;
 use mig_controller::github::app::{AppAuth, Auth};
+use mig_controller::github::metrics::GitHubMetrics;
 use mig_controller::github::rules::MintBudget;
 use mig_controller::github::source::{Account, GitHubSource};
 use mig_controller::github::{GitHubError, Mode, Scope};
@@ -26,11 +27,21 @@ async fn stand_in() -> Result<(FakeGitHub, String), Box<dyn std::error::Error + 
 }
 
 fn source(base: &str, clock: &Clock, mode: Mode, budget: u32) -> Result<GitHubSource, GitHubError> {
+    source_with(base, clock, mode, budget, GitHubMetrics::default())
+}
+
+fn source_with(
+    base: &str,
+    clock: &Clock,
+    mode: Mode,
+    budget: u32,
+    metrics: GitHubMetrics,
+) -> Result<GitHubSource, GitHubError> {
     let key = jsonwebtoken::EncodingKey::from_rsa_pem(APP_PRIVATE_KEY.as_bytes())
         .map_err(|e| GitHubError::Config(e.to_string()))?;
     let scope = Scope::Org("acme".into());
     let account = Arc::new(Account {
-        api: Api::new(base, clock.clone())?,
+        api: Api::with_metrics(base, clock.clone(), metrics, "app:4242")?,
         auth: Auth::App(AppAuth::new(
             APP_ID,
             key,
@@ -59,6 +70,40 @@ fn calls_to(gh: &FakeGitHub, path_end: &str) -> usize {
 
 fn labels() -> Vec<String> {
     vec!["self-hosted".into(), "linux".into()]
+}
+
+/// A controller whose fallback pool mints on the stand-in at `base`, recording into the
+/// controller's GitHub metrics; and that pool's source, for the test to mint with too.
+async fn server_with_source(
+    base: &str,
+    clock: &Clock,
+) -> Result<(super::common::TestServer, Arc<GitHubSource>), Box<dyn std::error::Error + Send + Sync>>
+{
+    let slot = Arc::new(std::sync::Mutex::new(None));
+    let shared = slot.clone();
+    let s = super::common::TestServer::start_with(|st| {
+        let src = Arc::new(
+            source_with(base, clock, Mode::Jit, 150, st.github_metrics.clone())
+                .unwrap_or_else(|e| panic!("source: {e}")),
+        );
+        *shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(src.clone());
+        let mut reg = st
+            .pools
+            .get("pool-001")
+            .unwrap_or_else(|e| panic!("fallback pool: {e}"))
+            .clone();
+        reg.token = src;
+        st.pools = mig_controller::token::Pools::new(Default::default(), Some(reg));
+    })
+    .await;
+    let src = slot
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+        .ok_or("source")?;
+    Ok((s, src))
 }
 
 async fn jit(src: &GitHubSource, clock: &Clock, name: &str) -> Result<Registration, TokenError> {
@@ -235,5 +280,178 @@ async fn a_boot_storm_of_500_stays_within_the_budget_and_every_runner_is_minted_
     assert_eq!(ids.len(), 500, "each runner minted once");
     assert_eq!(calls_to(&gh, "/generate-jitconfig"), 500);
     assert_eq!(gh.runners().len(), 500);
+    Ok(())
+}
+
+/// Runners no VM needs are removed in two passes, never a busy one; the runner of a live VM
+/// is left alone until the VM boots again.
+#[tokio::test]
+async fn stale_runners_are_removed_in_two_passes_and_never_a_busy_one() -> TestResult {
+    let (gh, base) = stand_in().await?;
+    let clock = Clock::adjustable();
+    let (s, src) = server_with_source(&base, &clock).await?;
+    s.vm_started("vm-live", "pool-001").await;
+    for name in ["vm-live-1", "vm-gone-1", "vm-busy-1"] {
+        jit(&src, &clock, name).await?;
+    }
+    gh.set_busy("vm-busy-1", true);
+    let app = s.app();
+    let now = app.clock().now_ms();
+    assert_eq!(
+        app.cleanup_runners(now).await?,
+        (2, 0),
+        "first pass only marks"
+    );
+    assert_eq!(gh.listed_runners(), ["vm-busy-1", "vm-gone-1", "vm-live-1"]);
+    assert_eq!(
+        app.cleanup_runners(now).await?,
+        (0, 1),
+        "second pass deletes the idle one"
+    );
+    assert_eq!(gh.listed_runners(), ["vm-busy-1", "vm-live-1"]);
+    // The busy runner stays however many passes; once idle, it goes.
+    assert_eq!(app.cleanup_runners(now).await?, (0, 0));
+    gh.set_busy("vm-busy-1", false);
+    assert_eq!(app.cleanup_runners(now).await?, (0, 1));
+    assert_eq!(gh.listed_runners(), ["vm-live-1"]);
+    // The VM boots again: its old runner is stale now.
+    let (status, _) = s
+        .post(
+            "/api/v1/vms/vm-live/events",
+            &serde_json::json!({"type": "vm_started", "vm_id": "vm-live", "pool_id": "pool-001", "boot_id": "second-boot"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(app.cleanup_runners(now).await?, (1, 0));
+    assert_eq!(app.cleanup_runners(now).await?, (0, 1));
+    assert!(gh.listed_runners().is_empty());
+    let deletes: Vec<u16> = gh
+        .rest_calls()
+        .iter()
+        .filter(|(m, _, _)| m == "DELETE")
+        .map(|(_, _, s)| *s)
+        .collect();
+    assert_eq!(
+        deletes,
+        [204, 204, 204],
+        "no delete was tried on a busy runner"
+    );
+    // What it cost, in the metrics.
+    let m = app.render_metrics().await;
+    for line in [
+        "mig_github_requests_total{endpoint=\"POST generate-jitconfig\",status=\"201\"} 3",
+        "mig_github_requests_total{endpoint=\"DELETE runner\",status=\"204\"} 3",
+        "mig_github_runners_deleted_total 3",
+        "mig_github_runners_stale 0",
+        "mig_github_mint_seconds_count{kind=\"jit\"} 3",
+    ] {
+        assert!(m.contains(line), "{line} not in:\n{m}");
+    }
+    assert!(
+        m.contains("mig_github_mint_budget_used_ratio{account=\"app:4242\"}"),
+        "{m}"
+    );
+    Ok(())
+}
+
+/// GitHub refusing the credential (a 403 that is not a rate limit) leaves the VM waiting in
+/// `ready` with its registration queued, shows the reason in the pool view, and the
+/// registration goes out once GitHub accepts again: no crash, no second registration.
+#[tokio::test]
+async fn a_refused_mint_is_shown_on_the_pool_and_retried() -> TestResult {
+    let (gh, base) = stand_in().await?;
+    let clock = Clock::adjustable();
+    let (s, _src) = server_with_source(&base, &clock).await?;
+    gh.fail(Failure {
+        path_contains: "generate-jitconfig".into(),
+        status: 403,
+        message: "Resource not accessible by integration".into(),
+        retry_after: None,
+        times: 1,
+    });
+    s.vm_started("vm-refused", "pool-001").await;
+    assert!(s.poll("vm-refused").await.is_empty(), "held back");
+    let pools = |s: &super::common::TestServer| {
+        let (client, url, token) = (
+            s.client.clone(),
+            format!("{}/api/v1/admin/pools", s.base),
+            s.admin_token(),
+        );
+        async move {
+            let r = client.get(url).bearer_auth(token).send().await?;
+            r.json::<serde_json::Value>().await
+        }
+    };
+    let view = pools(&s).await?;
+    let reg = &view["pools"][0]["registration"];
+    assert!(
+        reg["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("403") && e.contains("Resource not accessible")),
+        "{view}"
+    );
+    let got = s.poll("vm-refused").await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["type"], "register_runner");
+    assert!(
+        got[0]["parameters"]["jit_config"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+    );
+    assert_eq!(got[0]["parameters"]["runner_name"], "vm-refused-1");
+    let view = pools(&s).await?;
+    assert!(
+        view["pools"][0]["registration"]["last_error"].is_null(),
+        "{view}"
+    );
+    assert!(
+        view["pools"][0]["registration"]["last_ok_at"].is_i64(),
+        "{view}"
+    );
+    let cmds = s.app().store().commands_for_vm("vm-refused").await?;
+    assert_eq!(cmds.len(), 1, "one registration");
+    Ok(())
+}
+
+/// An agent that says its runner is idle while GitHub reports the runner offline is flagged
+/// as a ghost after five minutes: on the VM's timeline and in the metrics, once.
+#[tokio::test]
+async fn a_ghost_runner_is_flagged_after_five_minutes() -> TestResult {
+    let (gh, base) = stand_in().await?;
+    let clock = Clock::adjustable();
+    let (s, src) = server_with_source(&base, &clock).await?;
+    s.vm_started("vm-ghost", "pool-001").await;
+    let (status, _) = s
+        .post(
+            "/api/v1/vms/vm-ghost/heartbeat",
+            &serde_json::json!({"type": "job_heartbeat", "vm_id": "vm-ghost", "miglet_state": "idle"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    jit(&src, &clock, "vm-ghost-1").await?;
+    let app = s.app();
+    let ghost_logs = || async {
+        app.store()
+            .vm_log_for_vm("vm-ghost")
+            .await
+            .map(|l| l.iter().filter(|l| l.kind == "ghost_runner").count())
+    };
+    app.cleanup_runners(app.clock().now_ms()).await?;
+    assert_eq!(ghost_logs().await?, 0, "not yet");
+    app.clock().advance(Duration::from_secs(5 * 60));
+    for _ in 0..2 {
+        assert_eq!(
+            app.cleanup_runners(app.clock().now_ms()).await?,
+            (0, 0),
+            "a ghost is not deleted"
+        );
+    }
+    assert_eq!(ghost_logs().await?, 1, "flagged once");
+    assert!(
+        app.render_metrics()
+            .await
+            .contains("mig_github_ghost_runners 1")
+    );
+    assert_eq!(gh.listed_runners(), ["vm-ghost-1"]);
     Ok(())
 }

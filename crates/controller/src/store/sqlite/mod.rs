@@ -346,19 +346,7 @@ mod tests {
     }
 
     fn vm_record(id: &str, state: &str, health: Health, connected: bool, seen: Millis) -> VmRecord {
-        let contact = crate::lifecycle::Contact {
-            kind: crate::lifecycle::ContactKind::VmStarted,
-            boot_id: Some("b"),
-            pool_id: Some("p"),
-            org_id: None,
-            version: None,
-        };
-        let (mut vm, _) = crate::lifecycle::on_contact(None, id, &contact, seen);
-        vm.state = state.into();
-        vm.health = health;
-        vm.connected = connected;
-        vm.last_seen_at = seen;
-        vm
+        crate::lifecycle::test_vm(id, state, health, connected, seen)
     }
 
     /// The sweep's candidate read returns exactly the silent VMs the lifecycle says silence

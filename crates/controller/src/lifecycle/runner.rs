@@ -1,0 +1,157 @@
+//! Runners on GitHub that no VM needs any more, and their removal in two phases.
+//!
+//! Every runner the controller mints carries its label and is named `<vm id>-<boot>`. A
+//! runner is **stale** when its VM is unknown, has booted again since, was terminated, or
+//! has been lost longer than a grace period. A stale runner is first marked; only at a later
+//! pass, if it is still stale, offline and not busy, is it deleted, so a runner that was
+//! about to come online (or is running a job GitHub knows of) is never removed.
+
+use crate::model::{Health, Millis, VmRecord};
+
+/// What GitHub lists about one of our runners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitHubRunner {
+    pub id: u64,
+    pub name: String,
+    pub online: bool,
+    pub busy: bool,
+}
+
+/// The VM id and boot a runner name stands for (`<vm id>-<boot>`).
+pub fn runner_owner(name: &str) -> Option<(&str, i64)> {
+    let (vm, boot) = name.rsplit_once('-')?;
+    let boot: i64 = boot.parse().ok()?;
+    (!vm.is_empty() && boot > 0).then_some((vm, boot))
+}
+
+/// Whether a runner is one no VM needs: its VM is unknown, booted again, terminated, or lost
+/// since before `lost_before`.
+pub fn runner_is_stale(runner: &GitHubRunner, vm: Option<&VmRecord>, lost_before: Millis) -> bool {
+    let Some((_, boot)) = runner_owner(&runner.name) else {
+        // Carries our label but not our naming: not ours to judge.
+        return false;
+    };
+    let Some(vm) = vm else {
+        return true;
+    };
+    vm.boot_seq > boot
+        || vm.state == "terminated"
+        || (vm.health == Health::Lost && vm.last_seen_at < lost_before)
+}
+
+/// A runner is a **ghost** when its VM's agent says the runner is idle (waiting for a job) but
+/// GitHub reports the runner offline: jobs will not reach it. Flagged once it has been so
+/// since before `flag_before`.
+pub fn is_ghost(runner: &GitHubRunner, vm: Option<&VmRecord>) -> bool {
+    !runner.online && vm.is_some_and(|v| v.state == "idle" && v.health != Health::Lost)
+}
+
+/// What a cleanup pass does with one runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cleanup {
+    Keep,
+    /// Stale for the first time: remember it, delete at a later pass.
+    Mark,
+    Delete,
+}
+
+/// The two-phase step: a stale runner is marked; one marked at an earlier pass and still
+/// stale, offline and idle is deleted. A runner that is not stale any more is unmarked
+/// (`Keep`).
+pub fn cleanup_step(stale: bool, marked_before: bool, runner: &GitHubRunner) -> Cleanup {
+    match (stale, marked_before) {
+        (false, _) => Cleanup::Keep,
+        (true, false) => Cleanup::Mark,
+        (true, true) if !runner.online && !runner.busy => Cleanup::Delete,
+        (true, true) => Cleanup::Mark,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runner(name: &str, online: bool, busy: bool) -> GitHubRunner {
+        GitHubRunner {
+            id: 1,
+            name: name.into(),
+            online,
+            busy,
+        }
+    }
+
+    fn vm(boot_seq: i64, state: &str, health: Health, seen: Millis) -> VmRecord {
+        let mut v = crate::lifecycle::test_vm("vm-1", state, health, false, seen);
+        v.boot_seq = boot_seq;
+        v
+    }
+
+    #[test]
+    fn names_say_whose_runner_it_is() {
+        assert_eq!(runner_owner("vm-1-3"), Some(("vm-1", 3)));
+        assert_eq!(runner_owner("build-box"), None);
+        assert_eq!(runner_owner("-3"), None);
+        assert_eq!(runner_owner("vm-0"), None);
+    }
+
+    #[test]
+    fn stale_runners_are_those_no_vm_needs() {
+        let r = runner("vm-1-2", false, false);
+        assert!(runner_is_stale(&r, None, 0), "unknown VM");
+        assert!(
+            runner_is_stale(&r, Some(&vm(3, "ready", Health::Healthy, 0)), 0),
+            "booted again"
+        );
+        assert!(runner_is_stale(
+            &r,
+            Some(&vm(2, "terminated", Health::Healthy, 0)),
+            0
+        ));
+        assert!(
+            runner_is_stale(&r, Some(&vm(2, "idle", Health::Lost, 5)), 10),
+            "lost long ago"
+        );
+        assert!(
+            !runner_is_stale(&r, Some(&vm(2, "idle", Health::Lost, 50)), 10),
+            "lost just now"
+        );
+        assert!(!runner_is_stale(
+            &r,
+            Some(&vm(2, "job_running", Health::Healthy, 0)),
+            0
+        ));
+        assert!(!runner_is_stale(
+            &runner("someone-else", false, false),
+            None,
+            0
+        ));
+    }
+
+    #[test]
+    fn a_ghost_is_idle_by_its_agent_and_offline_on_github() {
+        let idle = vm(1, "idle", Health::Healthy, 0);
+        assert!(is_ghost(&runner("vm-1-1", false, false), Some(&idle)));
+        assert!(!is_ghost(&runner("vm-1-1", true, false), Some(&idle)));
+        assert!(!is_ghost(
+            &runner("vm-1-1", false, false),
+            Some(&vm(1, "job_running", Health::Healthy, 0))
+        ));
+        assert!(!is_ghost(&runner("vm-1-1", false, false), None));
+    }
+
+    #[test]
+    fn deletion_takes_two_passes_and_never_a_busy_or_online_runner() {
+        let idle = runner("vm-1-1", false, false);
+        assert_eq!(cleanup_step(true, false, &idle), Cleanup::Mark);
+        assert_eq!(cleanup_step(true, true, &idle), Cleanup::Delete);
+        assert_eq!(
+            cleanup_step(true, true, &runner("vm-1-1", false, true)),
+            Cleanup::Mark
+        );
+        assert_eq!(
+            cleanup_step(true, true, &runner("vm-1-1", true, false)),
+            Cleanup::Mark
+        );
+        assert_eq!(cleanup_step(false, true, &idle), Cleanup::Keep);
+    }
+}
