@@ -643,6 +643,7 @@ impl Machine {
                     Some(0) => "runner exited before running a job".to_owned(),
                     Some(1) => "runner exited with terminated error (1)".to_owned(),
                     Some(5) => "runner session conflict (5)".to_owned(),
+                    Some(7) => "runner version deprecated by GitHub (exit code 7)".to_owned(),
                     Some(c) => format!("runner exited with code {c}"),
                     None => "runner killed by a signal".to_owned(),
                 };

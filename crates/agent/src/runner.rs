@@ -313,7 +313,10 @@ impl Supervisor {
             .env(
                 "ACTIONS_RUNNER_HOOK_JOB_COMPLETED",
                 &self.settings.hooks.completed,
-            );
+            )
+            // A runner version GitHub no longer accepts exits with its own code (7) instead
+            // of 1, so the controller can say so on the pool.
+            .env("ACTIONS_RUNNER_RETURN_VERSION_DEPRECATED_EXIT_CODE", "true");
         if let Some(j) = &jit {
             cmd.env("ACTIONS_RUNNER_INPUT_JITCONFIG", j);
         }

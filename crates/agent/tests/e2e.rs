@@ -1019,6 +1019,54 @@ fn chromedriver() -> Option<(PathBuf, PathBuf)> {
 /// The dashboard in headless Chromium (Debian's package, driven over WebDriver by
 /// fantoccini) against a controller with live agents: they are listed with their states, a
 /// VM's timeline opens, and Drain is acknowledged. Screenshots go to target/screenshots/.
+/// The dashboard re-renders on live updates, so an element found a moment ago may be gone:
+/// these find it again (a few times, bounded) when the browser says it went stale.
+fn stale(e: &fantoccini::error::CmdError) -> bool {
+    e.to_string().contains("stale element")
+}
+
+async fn fresh_text(
+    c: &fantoccini::Client,
+    at: fantoccini::Locator<'_>,
+) -> Result<String, fantoccini::error::CmdError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let found = c
+            .wait()
+            .at_most(Duration::from_secs(20))
+            .for_element(at)
+            .await?;
+        match found.text().await {
+            Err(e) if stale(&e) && tries < 10 => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn fresh_click(
+    c: &fantoccini::Client,
+    at: fantoccini::Locator<'_>,
+) -> Result<(), fantoccini::error::CmdError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let found = c
+            .wait()
+            .at_most(Duration::from_secs(20))
+            .for_element(at)
+            .await?;
+        match found.click().await {
+            Err(e) if stale(&e) && tries < 10 => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => return other.map(|_| ()),
+        }
+    }
+}
+
 #[tokio::test]
 async fn dashboard_in_a_real_browser() -> R {
     tokio::time::timeout(Duration::from_secs(240), dashboard_in_a_real_browser_run())
@@ -1159,41 +1207,25 @@ async fn dashboard_in_a_real_browser_run() -> R {
         }
         std::fs::write(shots.join("dashboard-fleet.png"), c.screenshot().await?)?;
         // A VM's page with its timeline.
-        c.find(Locator::LinkText("vm-dash-idle"))
-            .await?
-            .click()
-            .await?;
-        let timeline = c
-            .wait()
-            .at_most(Duration::from_secs(20))
-            .for_element(Locator::Css("#timeline"))
-            .await?
-            .text()
-            .await?;
+        fresh_click(&c, Locator::LinkText("vm-dash-idle")).await?;
+        let timeline = fresh_text(&c, Locator::Css("#timeline")).await?;
         if !(timeline.contains("vm_started")
             && timeline.contains("runner_registered")
             && timeline.contains("enrolled"))
         {
             return Err(format!("timeline incomplete: {timeline}").into());
         }
-        let shown_state = c
-            .find(Locator::Css("dd[data-field=state]"))
-            .await?
-            .text()
-            .await?;
+        let shown_state = fresh_text(&c, Locator::Css("dd[data-field=state]")).await?;
         if shown_state != "idle" {
             return Err(format!("VM page shows state {shown_state:?}").into());
         }
         std::fs::write(shots.join("dashboard-vm.png"), c.screenshot().await?)?;
         // Drain, confirm, and see it acknowledged.
-        c.find(Locator::Css("#drain")).await?.click().await?;
+        fresh_click(&c, Locator::Css("#drain")).await?;
         c.accept_alert().await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let text = c
-                .find(Locator::Css("#command-result"))
-                .await?
-                .text()
+            let text = fresh_text(&c, Locator::Css("#command-result"))
                 .await
                 .unwrap_or_default();
             if text.contains("drain acknowledged") {
@@ -1208,13 +1240,7 @@ async fn dashboard_in_a_real_browser_run() -> R {
         // Event search.
         c.goto(&format!("{base}/dashboard/#/events?type=job_started"))
             .await?;
-        let events = c
-            .wait()
-            .at_most(Duration::from_secs(20))
-            .for_element(Locator::Css("#events"))
-            .await?
-            .text()
-            .await?;
+        let events = fresh_text(&c, Locator::Css("#events")).await?;
         if !events.contains("vm-dash-busy") {
             return Err(format!("event search: {events}").into());
         }

@@ -117,6 +117,10 @@ pub async fn start(
     if settings.auth_mode == AuthMode::Authenticated {
         first_start_secrets(&settings, &store).await?;
     }
+    let installation = installation_id(&settings.data_dir)?;
+    for (_, pool) in settings.pools.iter() {
+        pool.token.bind_installation(&installation);
+    }
     let tls = settings.tls.as_ref().map(TlsFiles::load).transpose()?;
     let shutdown = CancellationToken::new();
     let settings = Arc::new(settings);
@@ -362,6 +366,27 @@ async fn first_start_secrets(settings: &Settings, store: &Store) -> Result<(), S
         warn!(file = %path.display(), "No operator token existed: created an admin token in this file (readable by its owner only). Create named tokens with `mig-controller token create` and delete this file.");
     }
     Ok(())
+}
+
+/// This installation's id: random at the first start, kept in the data dir. It tells this
+/// controller's runners on GitHub from those of any other.
+fn installation_id(data_dir: &std::path::Path) -> Result<String, ServeError> {
+    let path = data_dir.join("installation-id");
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && !text.trim().is_empty()
+    {
+        return Ok(text.trim().to_owned());
+    }
+    let bytes = crate::auth::random_bytes(6).map_err(|_| ServeError::Write {
+        path: path.display().to_string(),
+        source: std::io::Error::other("no randomness available"),
+    })?;
+    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&path, format!("{id}\n")).map_err(|source| ServeError::Write {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(id)
 }
 
 /// A new controller process holds no stream yet: whatever the last one recorded as connected

@@ -103,6 +103,16 @@ pub struct SourceStatus {
     pub last_error_at: Option<i64>,
 }
 
+/// Something about a pool an operator must act on (e.g. a runner version GitHub no longer
+/// accepts), with the VM that showed it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct PoolAlert {
+    /// When it was last seen (Unix ms).
+    pub at: i64,
+    pub vm_id: String,
+    pub message: String,
+}
+
 /// What removing a runner on GitHub came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Removed {
@@ -147,6 +157,12 @@ pub trait TokenSource: Send + Sync + fmt::Debug {
     ) -> RegistrationFuture<'a> {
         let _ = request;
         Box::pin(async move { self.registration_token(now).await.map(Registration::Token) })
+    }
+
+    /// Tells the source this controller installation's id (from its data dir), for what it
+    /// registers on GitHub.
+    fn bind_installation(&self, installation_id: &str) {
+        let _ = installation_id;
     }
 
     /// How minting has been going (`None` for a source with nothing to report).

@@ -501,7 +501,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                     s(&p["connected"]),
                                     counts("by_state"),
                                     counts("by_health"),
-                                    registration_status(&p["registration"]),
+                                    match p["alert"]["message"].as_str() {
+                                        Some(a) => format!("alert: {a}"),
+                                        None => registration_status(&p["registration"]),
+                                    },
                                 ]
                             })
                             .collect()
@@ -511,7 +514,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     return "No pools yet: no VM has contacted the controller.\n".into();
                 }
                 table::render(
-                    &["POOL", "VMS", "STREAMS", "STATES", "HEALTH", "GITHUB"],
+                    &["POOL", "VMS", "STREAMS", "STATES", "HEALTH", "RUNNERS"],
                     &rows,
                 )
             });

@@ -167,6 +167,11 @@ impl EventReport {
         }
     }
 
+    /// The `exit_code` the event carries (a number, or a string of one).
+    pub fn exit_code(&self) -> Option<i64> {
+        self.int_field("exit_code")
+    }
+
     fn int_field(&self, k: &str) -> Option<i64> {
         match self.fields.get(k) {
             Some(Value::Number(n)) => n.as_i64(),

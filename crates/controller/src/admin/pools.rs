@@ -17,6 +17,8 @@ pub struct PoolSummary {
     pub labels: Vec<String>,
     /// How minting registrations on GitHub has been going, for a pool that mints them.
     pub registration: Option<crate::token::SourceStatus>,
+    /// The pool's latest alert (e.g. a runner version GitHub no longer accepts).
+    pub alert: Option<crate::token::PoolAlert>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -44,6 +46,7 @@ pub(super) async fn list_pools(State(app): State<AppState>) -> Result<Json<PoolL
                     .get(&c.pool_id)
                     .map(|r| r.labels.clone())
                     .unwrap_or_default(),
+                alert: app.pool_alert(&c.pool_id),
                 registration: app
                     .settings()
                     .pools

@@ -54,7 +54,7 @@ impl Controller {
             vm_id: vm.vm_id.clone(),
             at: now,
         }];
-        batch.extend(plan.mutation.clone());
+        batch.extend(plan.writes.iter().cloned());
         self.store.write(batch).await?;
         self.delivered(vm, &plan, via, now);
         Ok((plan.envelopes, plan.open.len()))
@@ -72,9 +72,16 @@ impl Controller {
         let open = self.store.commands_open_for_vm(&vm.vm_id).await?;
         let chosen = lifecycle::select_deliverable(&open, channel, now, self.redeliver_after());
         let mut envelopes = Vec::with_capacity(chosen.len());
+        let mut notes = Vec::new();
         for c in chosen {
             match self.materialize(vm, c).await {
-                Ok(env) => envelopes.push(env),
+                Ok((env, note)) => {
+                    envelopes.push(env);
+                    // A runner minted for this boot is remembered on its first delivery.
+                    if c.delivery_count == 0 {
+                        notes.extend(note.map(Mutation::VmLog));
+                    }
+                }
                 Err(reason) => {
                     // Per delivery attempt (a stream retries every half redelivery period):
                     // one line a second is enough to say a token source is down.
@@ -86,15 +93,19 @@ impl Controller {
                 }
             }
         }
-        let mutation = (!envelopes.is_empty()).then(|| Mutation::MarkDelivered {
-            ids: envelopes.iter().map(|e| e.id.clone()).collect(),
-            at: now,
-            via: via.to_owned(),
-        });
+        let mut writes: Vec<Mutation> = Vec::with_capacity(notes.len() + 1);
+        if !envelopes.is_empty() {
+            writes.push(Mutation::MarkDelivered {
+                ids: envelopes.iter().map(|e| e.id.clone()).collect(),
+                at: now,
+                via: via.to_owned(),
+            });
+        }
+        writes.extend(notes);
         Ok(DeliveryPlan {
             open,
             envelopes,
-            mutation,
+            writes,
         })
     }
 
@@ -123,9 +134,10 @@ impl Controller {
         &self,
         vm: &VmRecord,
         c: &CommandRecord,
-    ) -> Result<CommandEnvelope, String> {
+    ) -> Result<(CommandEnvelope, Option<VmLogRow>), String> {
         let mut command = Command::from_json_parameters(&c.command_type, &c.parameters)
             .map_err(|e| e.to_string())?;
+        let mut note = None;
         if let Command::RegisterRunner(r) = &mut command
             && r.registration_token.as_deref() == Some(REDACTED)
         {
@@ -157,8 +169,20 @@ impl Controller {
                     r.expires_at = until(token.expires_at);
                 }
                 Registration::Jit {
-                    config, expires_at, ..
+                    config,
+                    runner_id,
+                    expires_at,
                 } => {
+                    // The runner GitHub knows this boot by, on the VM's timeline.
+                    note = Some(VmLogRow {
+                        vm_id: vm.vm_id.clone(),
+                        at: self.now_ms(),
+                        kind: "github_runner".into(),
+                        detail: Some(
+                            json!({"runner_id": runner_id, "runner_name": runner_name, "boot_id": vm.boot_id})
+                                .to_string(),
+                        ),
+                    });
                     r.registration_token = None;
                     r.jit_config = Some(config);
                     r.runner_name = Some(runner_name);
@@ -166,11 +190,14 @@ impl Controller {
                 }
             }
         }
-        Ok(CommandEnvelope {
-            id: c.id.clone(),
-            created_at: crate::store::from_millis(c.created_at),
-            command,
-        })
+        Ok((
+            CommandEnvelope {
+                id: c.id.clone(),
+                created_at: crate::store::from_millis(c.created_at),
+                command,
+            },
+            note,
+        ))
     }
 
     /// Records an agent's acknowledgment. Idempotent: acknowledging a finished command again

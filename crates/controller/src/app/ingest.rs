@@ -143,10 +143,38 @@ impl Controller {
         if let Some(r) = &registration {
             self.registration_queued(&vm, r);
         }
+        self.watch_runner_crash(&vm, &report, &kind, now);
         Ok(EventAccepted {
             vm,
             duplicate: false,
         })
+    }
+
+    /// A runner that stopped because GitHub no longer accepts its version raises an alert on
+    /// its pool (every VM of the pool has the same runner).
+    fn watch_runner_crash(
+        &self,
+        vm: &VmRecord,
+        report: &EventReport,
+        kind: &EventKind,
+        now: Millis,
+    ) {
+        let EventKind::RunnerCrashed { reason } = kind else {
+            return;
+        };
+        if !lifecycle::runner_deprecated(report.exit_code(), reason.as_deref()) {
+            return;
+        }
+        let message = "the runner's version is deprecated: GitHub no longer accepts it; update the runner in the VM image (or set runner_download_url and runner_sha256 on the agent)";
+        warn!(vm_id = %vm.vm_id, pool_id = %vm.pool_id, "Pool alert: {message}");
+        self.pool_alerts().insert(
+            vm.pool_id.clone(),
+            crate::token::PoolAlert {
+                at: now,
+                vm_id: vm.vm_id.clone(),
+                message: message.into(),
+            },
+        );
     }
 
     /// Stores a heartbeat from `caller` and applies it to the VM. Every part of the

@@ -129,7 +129,8 @@ struct OpenCommit {
 struct DeliveryPlan {
     open: Vec<CommandRecord>,
     envelopes: Vec<CommandEnvelope>,
-    mutation: Option<Mutation>,
+    /// Marks them delivered, and notes on the VM's log what GitHub minted for it.
+    writes: Vec<Mutation>,
 }
 
 /// What one reconciler pass did.
@@ -164,6 +165,8 @@ pub struct Controller {
     /// When the last GitHub runner cleanup ran (Unix ms), and the runners it marked stale.
     last_runner_cleanup: std::sync::atomic::AtomicI64,
     runner_marks: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// The latest alert of each pool (in memory: the events that raised it are stored).
+    pool_alerts: std::sync::Mutex<std::collections::HashMap<String, crate::token::PoolAlert>>,
     /// Runners that look like ghosts: since when (Unix ms), and whether flagged yet.
     ghost_since: std::sync::Mutex<std::collections::HashMap<u64, (Millis, bool)>>,
 }
@@ -206,6 +209,7 @@ impl Controller {
             last_runner_cleanup: std::sync::atomic::AtomicI64::new(0),
             runner_marks: Default::default(),
             ghost_since: Default::default(),
+            pool_alerts: Default::default(),
             store,
             settings,
             streams: Streams::default(),
@@ -220,6 +224,19 @@ impl Controller {
     /// Unix ms now, on the controller's clock.
     pub(crate) fn now_ms(&self) -> Millis {
         self.settings.clock.now_ms()
+    }
+
+    /// The latest alert of `pool_id`, if any.
+    pub fn pool_alert(&self, pool_id: &str) -> Option<crate::token::PoolAlert> {
+        self.pool_alerts().get(pool_id).cloned()
+    }
+
+    fn pool_alerts(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, crate::token::PoolAlert>> {
+        self.pool_alerts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The controller's clock (tests move it forward instead of sleeping).

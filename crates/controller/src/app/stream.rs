@@ -95,7 +95,7 @@ impl Controller {
             }
         };
         let registration = self.put_vm_with_registration(&mut batch, &mut vm, now);
-        batch.extend(plan.as_ref().and_then(|p| p.mutation.clone()));
+        batch.extend(plan.iter().flat_map(|p| p.writes.iter().cloned()));
         batch.push(connected_log(vm_id, &handle, remote, &c.version, now));
         let write = match self.store.submit(batch).await {
             Ok(w) => w,

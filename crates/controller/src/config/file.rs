@@ -190,7 +190,8 @@ pub struct GitHubConfig {
     /// the pools that use it [default: 150, under GitHub's secondary limit of about 180].
     pub mint_budget_per_minute: Option<u32>,
     /// Label added to every runner this controller registers, to tell them from others in
-    /// the scope [default: mig-controller].
+    /// the scope (other controllers' included) [default: `mig-<installation id>`, the id
+    /// kept in the data dir's `installation-id`; set it to share runners between replicas].
     pub controller_label: Option<String>,
 }
 

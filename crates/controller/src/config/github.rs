@@ -168,11 +168,7 @@ pub(super) fn source(
             "must be at least 1",
         ));
     }
-    let label = g
-        .controller_label
-        .clone()
-        .filter(|l| !l.is_empty())
-        .unwrap_or_else(|| "mig-controller".into());
+    let configured = g.controller_label.clone().filter(|l| !l.is_empty());
     let account = account(name, &api_url, &creds, &scope, budget, accounts)?;
     let runner_url = scope.runner_url(&api_url);
     let source = GitHubSource::new(
@@ -180,8 +176,15 @@ pub(super) fn source(
         scope,
         mode,
         g.runner_group.clone().filter(|n| !n.is_empty()),
-        label,
+        configured
+            .clone()
+            .unwrap_or_else(|| "mig-controller".into()),
         crate::clock::Clock::system(),
     );
+    let source = if configured.is_some() {
+        source
+    } else {
+        source.label_from_installation()
+    };
     Ok((Arc::new(source), runner_url))
 }

@@ -116,6 +116,7 @@ async function fleetView() {
       p.registration && p.registration.last_error
         ? el("div", { class: "chip health-lost", role: "alert" }, `GitHub: ${p.registration.last_error}`)
         : null,
+      p.alert ? el("div", { class: "chip health-lost", role: "alert" }, `${p.alert.vm_id}: ${p.alert.message}`) : null,
     )));
   const field = (name, label, input) => el("label", {}, label, input);
   const sel = (name, opts) => el("select", { name, id: "f-" + name },

@@ -76,8 +76,11 @@ pub struct GitHubSource {
     mode: Mode,
     /// The runner group by name (`None`: the default group, id 1).
     runner_group: Option<String>,
-    /// Added to every runner, so that our runners can be told from others in the scope.
-    installation_label: String,
+    /// Added to every runner, so that our runners can be told from others in the scope
+    /// (another controller's included): configured, or bound at start to this
+    /// installation's id ([`TokenSource::bind_installation`]).
+    installation_label: std::sync::RwLock<String>,
+    label_configured: bool,
     group_id: tokio::sync::Mutex<Option<u64>>,
     token: tokio::sync::Mutex<Option<IssuedToken>>,
     /// JIT configs by runner name, so a redelivery hands out the same runner.
@@ -110,7 +113,8 @@ impl GitHubSource {
             scope,
             mode,
             runner_group,
-            installation_label,
+            installation_label: std::sync::RwLock::new(installation_label),
+            label_configured: true,
             group_id: tokio::sync::Mutex::new(None),
             token: tokio::sync::Mutex::new(None),
             jit: Mutex::new(HashMap::new()),
@@ -213,7 +217,8 @@ impl GitHubSource {
         };
         self.account.take_mint(self.clock.now_ms())?;
         let mut labels: Vec<&str> = req.labels.iter().map(String::as_str).collect();
-        labels.push(&self.installation_label);
+        let ours = self.label();
+        labels.push(&ours);
         let body = json!({
             "name": req.runner_name,
             "runner_group_id": group,
@@ -264,6 +269,7 @@ impl GitHubSource {
 
     /// Every runner of the scope that carries our label (all pages).
     async fn list_ours(&self) -> Result<Vec<GitHubRunner>, GitHubError> {
+        let ours = self.label();
         let mut out = Vec::new();
         let mut next = Some(format!(
             "{}/actions/runners?per_page=100",
@@ -282,7 +288,7 @@ impl GitHubSource {
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .any(|l| l["name"].as_str() == Some(self.installation_label.as_str()));
+                    .any(|l| l["name"].as_str() == Some(ours.as_str()));
                 let (Some(id), Some(name)) = (r["id"].as_u64(), r["name"].as_str()) else {
                     continue;
                 };
@@ -298,6 +304,22 @@ impl GitHubSource {
             next = reply.next;
         }
         Ok(out)
+    }
+
+    /// The label that marks our runners.
+    pub fn label(&self) -> String {
+        self.installation_label
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Marks our runners with this installation's label (bound at start) unless one is
+    /// configured: two controllers in one scope must never take each other's runners for
+    /// their own.
+    pub fn label_from_installation(mut self) -> GitHubSource {
+        self.label_configured = false;
+        self
     }
 
     /// Notes how a mint went, for the pool view. Waiting for the budget is not a failure.
@@ -357,6 +379,16 @@ impl TokenSource for GitHubSource {
             self.note(&result);
             result
         })
+    }
+
+    fn bind_installation(&self, installation_id: &str) {
+        if !self.label_configured {
+            *self
+                .installation_label
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                format!("mig-{installation_id}");
+        }
     }
 
     fn status(&self) -> Option<SourceStatus> {

@@ -46,6 +46,16 @@ pub fn is_ghost(runner: &GitHubRunner, vm: Option<&VmRecord>) -> bool {
     !runner.online && vm.is_some_and(|v| v.state == "idle" && v.health != Health::Lost)
 }
 
+/// The listener's exit code for a version GitHub no longer accepts.
+pub const RUNNER_DEPRECATED_EXIT: i64 = 7;
+
+/// Whether a `runner_crashed` event says the runner's version is deprecated (its exit code,
+/// or the reason the agent gives).
+pub fn runner_deprecated(exit_code: Option<i64>, reason: Option<&str>) -> bool {
+    exit_code == Some(RUNNER_DEPRECATED_EXIT)
+        || reason.is_some_and(|r| r.to_ascii_lowercase().contains("deprecated"))
+}
+
 /// What a cleanup pass does with one runner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cleanup {
@@ -137,6 +147,17 @@ mod tests {
             Some(&vm(1, "job_running", Health::Healthy, 0))
         ));
         assert!(!is_ghost(&runner("vm-1-1", false, false), None));
+    }
+
+    #[test]
+    fn a_deprecated_runner_is_recognised_by_code_or_reason() {
+        assert!(runner_deprecated(Some(7), None));
+        assert!(runner_deprecated(
+            Some(1),
+            Some("Runner version v2.300.0 is deprecated")
+        ));
+        assert!(!runner_deprecated(Some(1), Some("terminated error")));
+        assert!(!runner_deprecated(None, None));
     }
 
     #[test]

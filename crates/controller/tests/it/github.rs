@@ -410,6 +410,14 @@ async fn a_refused_mint_is_shown_on_the_pool_and_retried() -> TestResult {
     );
     let cmds = s.app().store().commands_for_vm("vm-refused").await?;
     assert_eq!(cmds.len(), 1, "one registration");
+    // The runner GitHub minted for this boot is remembered on the VM's timeline.
+    let log = s.app().store().vm_log_for_vm("vm-refused").await?;
+    let minted: Vec<_> = log.iter().filter(|l| l.kind == "github_runner").collect();
+    assert_eq!(minted.len(), 1, "{log:?}");
+    let detail: serde_json::Value =
+        serde_json::from_str(minted[0].detail.as_deref().unwrap_or("{}"))?;
+    assert_eq!(detail["runner_id"], 1);
+    assert_eq!(detail["runner_name"], "vm-refused-1");
     Ok(())
 }
 
@@ -453,5 +461,84 @@ async fn a_ghost_runner_is_flagged_after_five_minutes() -> TestResult {
             .contains("mig_github_ghost_runners 1")
     );
     assert_eq!(gh.listed_runners(), ["vm-ghost-1"]);
+    Ok(())
+}
+
+/// A pool configured in TOML marks its runners with this installation's label (kept in the
+/// data dir), so another controller's runners in the same scope are never taken for ours.
+#[tokio::test]
+async fn runners_carry_this_installations_label_from_the_data_dir() -> TestResult {
+    let (gh, base) = stand_in().await?;
+    let dir = tempfile::tempdir()?;
+    let key = dir.path().join("app.pem");
+    std::fs::write(&key, APP_PRIVATE_KEY)?;
+    let toml = format!(
+        "[pools.p]\n[pools.p.github]\norg = \"acme\"\napi_url = {base:?}\napp_id = {APP_ID}\nprivate_key_file = {key:?}\n[pools.p.enrollment]\nenrollment_tokens = true\n"
+    );
+    let file: mig_controller::config::FileConfig = toml::from_str(&toml)?;
+    let resolved = mig_controller::config::Settings::resolve(
+        mig_controller::config::ServeArgs::default(),
+        file,
+    )?;
+    let s = super::common::TestServer::start_with(|st| {
+        let mut reg = resolved
+            .pools
+            .get("p")
+            .unwrap_or_else(|e| panic!("pool: {e}"))
+            .clone();
+        reg.enrollment = st
+            .pools
+            .get("pool-001")
+            .unwrap_or_else(|e| panic!("fallback pool: {e}"))
+            .enrollment
+            .clone();
+        st.pools = mig_controller::token::Pools::new(Default::default(), Some(reg));
+    })
+    .await;
+    s.vm_started("vm-lbl", "pool-001").await;
+    let got = s.poll("vm-lbl").await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    let id = std::fs::read_to_string(s.data_dir.join("installation-id"))?;
+    let label = format!("mig-{}", id.trim());
+    assert_eq!(label.len(), 16, "{label}");
+    let runners = gh.runners();
+    assert_eq!(runners.len(), 1);
+    assert!(
+        runners[0].labels.contains(&label),
+        "{:?}",
+        runners[0].labels
+    );
+    Ok(())
+}
+
+/// A runner that exits because GitHub no longer accepts its version raises an alert on its
+/// pool, with what to do.
+#[tokio::test]
+async fn a_deprecated_runner_raises_a_pool_alert() -> TestResult {
+    let s = super::common::TestServer::start().await;
+    s.vm_started("vm-old", "pool-001").await;
+    let (status, _) = s
+        .post(
+            "/api/v1/vms/vm-old/events",
+            &serde_json::json!({"type": "runner_crashed", "vm_id": "vm-old", "reason": "runner version deprecated by GitHub (exit code 7)", "exit_code": 7}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let view: serde_json::Value = s
+        .client
+        .get(format!("{}/api/v1/admin/pools", s.base))
+        .bearer_auth(s.admin_token())
+        .send()
+        .await?
+        .json()
+        .await?;
+    let alert = &view["pools"][0]["alert"];
+    assert_eq!(alert["vm_id"], "vm-old", "{view}");
+    assert!(
+        alert["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("deprecated") && m.contains("update the runner")),
+        "{view}"
+    );
     Ok(())
 }
