@@ -755,11 +755,23 @@ runner_url = "{github}"
 token_file = "{dir}/github.token"
 labels = ["self-hosted", "linux", "x64", "e2e"]
 enrollment = {{ bootstrap_secret_file = "{dir}/pool.secret" }}
+[pools.pool-gh]
+labels = ["self-hosted", "linux", "x64", "e2e"]
+enrollment = {{ bootstrap_secret_file = "{dir}/pool.secret" }}
+[pools.pool-gh.github]
+org = "test-org"
+api_url = "{api}"
+app_id = {app_id}
+private_key_file = "{dir}/app.pem"
 "#,
         tls = env.tls("").display(),
         github = env.github_url,
         dir = dir.display(),
+        api = env.github_api,
+        app_id = APP_ID,
     );
+    std::fs::write(dir.join("app.pem"), miglet_sim::github::APP_PRIVATE_KEY)?;
+    let github_app = env.github.clone().with_app(APP_ID, APP_INSTALLATION);
     std::fs::write(dir.join("controller.toml"), config)?;
     let bin = controller_binary();
     let ctl_log = dir.join("controller.log");
@@ -857,6 +869,31 @@ enrollment = {{ bootstrap_secret_file = "{dir}/pool.secret" }}
         "log:\n{}",
         agent.log_text()
     );
+    // Then a VM of a pool whose runners the controller mints with a GitHub App (JIT).
+    github_app.enqueue_job(job("scan-jit", "Succeeded", 500));
+    let mut jit_agent = Agent::spawn(
+        &env,
+        "vm-scan-gh",
+        http,
+        Some(grpc),
+        &[
+            ("MIGLET_LOGGING_LEVEL", "debug"),
+            ("MIGLET_POOL_ID", "pool-gh"),
+        ],
+    );
+    assert_eq!(
+        jit_agent.wait_exit(60).await,
+        Some(0),
+        "log:\n{}",
+        jit_agent.log_text()
+    );
+    assert!(
+        github_app
+            .rest_calls()
+            .iter()
+            .any(|(_, p, s)| p.ends_with("/generate-jitconfig") && *s == 201),
+        "the JIT runner was minted on GitHub"
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(ctl.id().ok_or("pid")? as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -881,6 +918,19 @@ enrollment = {{ bootstrap_secret_file = "{dir}/pool.secret" }}
         ("an operator token".into(), "migop_".into()),
         ("a private key".into(), "PRIVATE KEY".into()),
     ];
+    // What the GitHub App pool handled: the App's key, installation tokens (`ghs_`), and the
+    // JIT runner config (base64 of a JSON object of the runner's files).
+    for line in miglet_sim::github::APP_PRIVATE_KEY
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+    {
+        secrets.push(("a line of the GitHub App key".into(), line.to_owned()));
+    }
+    secrets.push(("an installation token".into(), "ghs_".into()));
+    secrets.push((
+        "a JIT runner config".into(),
+        "eyIuY3JlZGVudGlhbHMiOiI".into(),
+    ));
     for key in ["server-key.pem", "client-key.pem", "ca-key.pem"] {
         for line in read(env.tls(key))
             .lines()
@@ -890,7 +940,7 @@ enrollment = {{ bootstrap_secret_file = "{dir}/pool.secret" }}
         }
     }
     let ctl_text = read(ctl_log.clone());
-    let agent_text = agent.log_text();
+    let agent_text = format!("{}\n{}", agent.log_text(), jit_agent.log_text());
     assert!(ctl_text.lines().count() > 20 && ctl_text.contains("\"level\":\"DEBUG\""));
     assert!(agent_text.contains("DEBUG"));
     let rows = dump_sqlite(&data.join("controller.db")).await?;
