@@ -1075,10 +1075,17 @@ fn stale(e: &fantoccini::error::CmdError) -> bool {
     e.to_string().contains("stale element")
 }
 
-async fn fresh_text(
+/// Finds `at` (waiting up to 20 s) and does `act` on it, finding it again (up to 10 times)
+/// while the browser says the element went stale.
+async fn fresh<T, F, Fut>(
     c: &fantoccini::Client,
     at: fantoccini::Locator<'_>,
-) -> Result<String, fantoccini::error::CmdError> {
+    act: F,
+) -> Result<T, fantoccini::error::CmdError>
+where
+    F: Fn(fantoccini::elements::Element) -> Fut,
+    Fut: std::future::Future<Output = Result<T, fantoccini::error::CmdError>>,
+{
     let mut tries = 0;
     loop {
         tries += 1;
@@ -1087,7 +1094,7 @@ async fn fresh_text(
             .at_most(Duration::from_secs(20))
             .for_element(at)
             .await?;
-        match found.text().await {
+        match act(found).await {
             Err(e) if stale(&e) && tries < 10 => {
                 tokio::time::sleep(Duration::from_millis(100)).await
             }
@@ -1096,25 +1103,18 @@ async fn fresh_text(
     }
 }
 
+async fn fresh_text(
+    c: &fantoccini::Client,
+    at: fantoccini::Locator<'_>,
+) -> Result<String, fantoccini::error::CmdError> {
+    fresh(c, at, |e| async move { e.text().await }).await
+}
+
 async fn fresh_click(
     c: &fantoccini::Client,
     at: fantoccini::Locator<'_>,
 ) -> Result<(), fantoccini::error::CmdError> {
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        let found = c
-            .wait()
-            .at_most(Duration::from_secs(20))
-            .for_element(at)
-            .await?;
-        match found.click().await {
-            Err(e) if stale(&e) && tries < 10 => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            other => return other.map(|_| ()),
-        }
-    }
+    fresh(c, at, |e| async move { e.click().await.map(|_| ()) }).await
 }
 
 #[tokio::test]

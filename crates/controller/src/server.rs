@@ -117,9 +117,12 @@ pub async fn start(
     if settings.auth_mode == AuthMode::Authenticated {
         first_start_secrets(&settings, &store).await?;
     }
-    let installation = installation_id(&settings.data_dir)?;
-    for (_, pool) in settings.pools.iter() {
-        pool.token.bind_installation(&installation);
+    // Only a pool that registers runners on GitHub needs this installation's id.
+    if settings.pools.any_github() {
+        let installation = installation_id(&settings.data_dir)?;
+        for (_, pool) in settings.pools.iter() {
+            pool.token.bind_installation(&installation);
+        }
     }
     let tls = settings.tls.as_ref().map(TlsFiles::load).transpose()?;
     let shutdown = CancellationToken::new();

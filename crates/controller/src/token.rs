@@ -327,6 +327,14 @@ impl Pools {
             .chain(self.fallback.as_ref().map(|p| ("*", p)))
     }
 
+    /// Does any pool mint its registrations on GitHub (a source that reports its minting)?
+    pub fn any_github(&self) -> bool {
+        self.by_id
+            .values()
+            .chain(self.fallback.as_ref())
+            .any(|p| p.token.status().is_some())
+    }
+
     /// Does any pool enroll VMs with GCE identity tokens?
     pub fn any_gce(&self) -> bool {
         self.by_id

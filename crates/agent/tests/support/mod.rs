@@ -580,18 +580,9 @@ pub fn count(v: &[String], ty: &str) -> usize {
 /// No file the agent or the runner wrote, and no log line, holds the token.
 pub fn assert_no_token(env: &Env, agent: &Agent) {
     assert!(!agent.log_text().contains(TOKEN), "token in the agent log");
-    let mut stack = vec![agent.data.clone(), env.dir.path().join("runner")];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.file_name().is_some_and(|n| n != "Runner.Listener") {
-                let text =
-                    String::from_utf8_lossy(&std::fs::read(&p).unwrap_or_default()).into_owned();
+    for dir in [agent.data.clone(), env.dir.path().join("runner")] {
+        for (p, text) in miglet_sim::testkit::all_bytes_under(&dir) {
+            if p.file_name().is_some_and(|n| n != "Runner.Listener") {
                 assert!(!text.contains(TOKEN), "token found in {}", p.display());
             }
         }

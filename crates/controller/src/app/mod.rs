@@ -192,12 +192,9 @@ impl Controller {
         shutdown: CancellationToken,
         gate: crate::auth::Gatekeeper,
     ) -> Arc<Controller> {
-        // GitHub's metrics only where a pool mints on GitHub (a source that reports its
-        // minting), so a controller without one exports none of them empty.
-        let mints_on_github = settings
-            .pools
-            .iter()
-            .any(|(_, p)| p.token.status().is_some());
+        // GitHub's metrics only where a pool mints on GitHub, so a controller without one
+        // exports none of them empty.
+        let mints_on_github = settings.pools.any_github();
         let metrics = crate::metrics::Metrics::new(
             &store,
             mints_on_github.then_some(&settings.github_metrics),

@@ -202,19 +202,22 @@ impl GitHubSource {
         req: RunnerRequest<'_>,
         now: DateTime<Utc>,
     ) -> Result<Registration, TokenError> {
-        let known = self
-            .jit
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(req.runner_name)
-            .cloned();
+        let known = {
+            let mut jit = self
+                .jit
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // A config past its expiry is never handed out again (its command expires no
+            // later), so the cache holds only runners that may still be delivered.
+            jit.retain(
+                |_, r| !matches!(r, Registration::Jit { expires_at, .. } if *expires_at <= now),
+            );
+            jit.get(req.runner_name).cloned()
+        };
         if let Some(r) = known {
             return Ok(r);
         }
-        let group = match self.group_id().await {
-            Ok(id) => id,
-            Err(e) => return Err(e.into()),
-        };
+        let group = self.group_id().await?;
         self.account.take_mint(self.clock.now_ms())?;
         let mut labels: Vec<&str> = req.labels.iter().map(String::as_str).collect();
         let ours = self.label();
@@ -341,14 +344,6 @@ impl GitHubSource {
                 st.last_error_at = Some(now);
             }
         }
-    }
-
-    /// Forgets JIT configs handed out for good (their command finished or expired).
-    pub fn forget_runner(&self, runner_name: &str) {
-        self.jit
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(runner_name);
     }
 }
 

@@ -106,6 +106,17 @@ async fn server_with_source(
     Ok((s, src))
 }
 
+/// `GET /api/v1/admin/pools` with the initial admin token.
+async fn admin_pools(s: &super::common::TestServer) -> reqwest::Result<serde_json::Value> {
+    s.client
+        .get(format!("{}/api/v1/admin/pools", s.base))
+        .bearer_auth(s.admin_token())
+        .send()
+        .await?
+        .json()
+        .await
+}
+
 async fn jit(src: &GitHubSource, clock: &Clock, name: &str) -> Result<Registration, TokenError> {
     let labels = labels();
     let req = RunnerRequest {
@@ -371,18 +382,7 @@ async fn a_refused_mint_is_shown_on_the_pool_and_retried() -> TestResult {
     });
     s.vm_started("vm-refused", "pool-001").await;
     assert!(s.poll("vm-refused").await.is_empty(), "held back");
-    let pools = |s: &super::common::TestServer| {
-        let (client, url, token) = (
-            s.client.clone(),
-            format!("{}/api/v1/admin/pools", s.base),
-            s.admin_token(),
-        );
-        async move {
-            let r = client.get(url).bearer_auth(token).send().await?;
-            r.json::<serde_json::Value>().await
-        }
-    };
-    let view = pools(&s).await?;
+    let view = admin_pools(&s).await?;
     let reg = &view["pools"][0]["registration"];
     assert!(
         reg["last_error"]
@@ -399,7 +399,7 @@ async fn a_refused_mint_is_shown_on_the_pool_and_retried() -> TestResult {
             .is_some_and(|c| !c.is_empty())
     );
     assert_eq!(got[0]["parameters"]["runner_name"], "vm-refused-1");
-    let view = pools(&s).await?;
+    let view = admin_pools(&s).await?;
     assert!(
         view["pools"][0]["registration"]["last_error"].is_null(),
         "{view}"
@@ -524,14 +524,7 @@ async fn a_deprecated_runner_raises_a_pool_alert() -> TestResult {
         )
         .await;
     assert_eq!(status, 200);
-    let view: serde_json::Value = s
-        .client
-        .get(format!("{}/api/v1/admin/pools", s.base))
-        .bearer_auth(s.admin_token())
-        .send()
-        .await?
-        .json()
-        .await?;
+    let view = admin_pools(&s).await?;
     let alert = &view["pools"][0]["alert"];
     assert_eq!(alert["vm_id"], "vm-old", "{view}");
     assert!(
