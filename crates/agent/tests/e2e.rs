@@ -1429,6 +1429,12 @@ async fn registration_token_minted_with_a_pat_runs_a_job_end_to_end() -> R {
         runners[0].status, "deleted",
         "the ephemeral runner removed itself"
     );
+    // Named and labelled as this controller's, so that its cleanup can find it.
+    assert_eq!(runners[0].name, format!("{vm}-1"));
+    assert!(
+        runners[0].labels.iter().any(|l| l.starts_with("mig-")),
+        "{runners:?}"
+    );
     let minted: Vec<_> = github
         .rest_calls()
         .into_iter()

@@ -89,6 +89,8 @@ pub struct RunningServer {
     http_task: JoinHandle<()>,
     grpc_task: JoinHandle<()>,
     reconciler: JoinHandle<()>,
+    /// Removes runners on GitHub no VM needs (only where a pool mints on GitHub).
+    runner_loop: Option<JoinHandle<()>>,
     sessions: TaskTracker,
     store: Store,
 }
@@ -117,13 +119,7 @@ pub async fn start(
     if settings.auth_mode == AuthMode::Authenticated {
         first_start_secrets(&settings, &store).await?;
     }
-    // Only a pool that registers runners on GitHub needs this installation's id.
-    if settings.pools.any_github() {
-        let installation = installation_id(&settings.data_dir)?;
-        for (_, pool) in settings.pools.iter() {
-            pool.token.bind_installation(&installation);
-        }
-    }
+    bind_installation(&settings)?;
     let tls = settings.tls.as_ref().map(TlsFiles::load).transpose()?;
     let shutdown = CancellationToken::new();
     let settings = Arc::new(settings);
@@ -159,11 +155,7 @@ pub async fn start(
         None => None,
         Some(addr) => Some(serve_metrics(app.clone(), addr, shutdown.clone()).await?),
     };
-    let reconciler = tokio::spawn(reconcile_loop(
-        app.clone(),
-        settings.reconcile_interval,
-        shutdown.clone(),
-    ));
+    let (reconciler, runner_loop) = background(&app, &settings, &shutdown);
     info!(%http_addr, %grpc_addr, data_dir = %settings.data_dir.display(), auth_mode = settings.auth_mode.as_str(), tls = tls.is_some(), mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()), metrics_addr = ?metrics_addr, "MIG controller listening");
     Ok(RunningServer {
         http_addr,
@@ -175,9 +167,43 @@ pub async fn start(
         http_task,
         grpc_task,
         reconciler,
+        runner_loop,
         sessions,
         store,
     })
+}
+
+/// Only a pool that registers runners on GitHub needs this installation's id: it is read
+/// (or created) in the data dir and given to every pool's source.
+fn bind_installation(settings: &Settings) -> Result<(), ServeError> {
+    if settings.pools.any_github() {
+        let installation = installation_id(&settings.data_dir)?;
+        for (_, pool) in settings.pools.iter() {
+            pool.token.bind_installation(&installation);
+        }
+    }
+    Ok(())
+}
+
+/// The background loops: the reconciler, and the runner loop where a pool mints on GitHub.
+fn background(
+    app: &Arc<Controller>,
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) -> (JoinHandle<()>, Option<JoinHandle<()>>) {
+    let reconciler = tokio::spawn(reconcile_loop(
+        app.clone(),
+        settings.reconcile_interval,
+        shutdown.clone(),
+    ));
+    let runner_loop = settings.pools.any_github().then(|| {
+        tokio::spawn(runner_loop(
+            app.clone(),
+            settings.reconcile_interval,
+            shutdown.clone(),
+        ))
+    });
+    (reconciler, runner_loop)
 }
 
 /// Each listener's TLS config (watched for renewal until `shutdown`), or plain TCP.
@@ -424,6 +450,26 @@ async fn reconcile_loop(app: Arc<Controller>, every: Duration, shutdown: Cancell
     }
 }
 
+/// The runners on GitHub, in their own loop so that a slow GitHub never holds up the
+/// reconciler: one pass per interval, until shutdown.
+async fn runner_loop(app: Arc<Controller>, every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let report = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = app.runners_once() => r,
+        };
+        if report != Default::default() {
+            info!(?report, "Runner pass");
+        }
+    }
+}
+
 impl RunningServer {
     /// A token that stops the server when cancelled (e.g. from a signal handler).
     pub fn shutdown_token(&self) -> CancellationToken {
@@ -456,6 +502,9 @@ impl RunningServer {
         bounded("gRPC server", self.grpc_task).await;
         bounded("HTTP server", self.http_task).await;
         bounded("reconciler", self.reconciler).await;
+        if let Some(task) = self.runner_loop {
+            bounded("runner loop", task).await;
+        }
         self.store.close().await;
         info!("Store flushed; shutdown complete");
     }

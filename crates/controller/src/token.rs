@@ -182,6 +182,21 @@ pub trait TokenSource: Send + Sync + fmt::Debug {
         Box::pin(async { Ok(Removed::Gone) })
     }
 
+    /// Removes our runner named `name`: by `id` when it is known (remembered from its
+    /// mint), else found by name among the scope's runners that carry our label. A runner
+    /// GitHub reports busy is left alone.
+    fn remove_runner_named<'a>(&'a self, name: &'a str, id: Option<u64>) -> RemoveFuture<'a> {
+        let _ = (name, id);
+        Box::pin(async { Ok(Removed::Gone) })
+    }
+
+    /// The label that marks this controller's runners, for a source that registers runners
+    /// it will clean up (`None`: the source does not manage runners). A registration token
+    /// carries it in the command's labels, with the runner's name.
+    fn runner_label(&self) -> Option<String> {
+        None
+    }
+
     /// Checked once at start-up, so that a source that cannot work stops the controller
     /// with a clear message instead of failing every registration later.
     fn check_at_start(&self) -> Result<(), TokenError> {

@@ -149,8 +149,7 @@ impl Controller {
                 .pools
                 .get(&vm.pool_id)
                 .map_err(|e| e.to_string())?;
-            // Unique per boot: a JIT runner of an earlier boot may still be registered.
-            let runner_name = format!("{}-{}", vm.vm_id, vm.boot_seq);
+            let runner_name = lifecycle::runner_name(&vm.vm_id, vm.boot_seq);
             let request = RunnerRequest {
                 runner_name: &runner_name,
                 labels: &r.labels,
@@ -167,6 +166,13 @@ impl Controller {
                 Registration::Token(token) => {
                     r.registration_token = Some(token.token);
                     r.expires_at = until(token.expires_at);
+                    // A runner we will clean up is named and labelled as ours.
+                    if let Some(label) = reg.token.runner_label() {
+                        if !r.labels.contains(&label) {
+                            r.labels.push(label);
+                        }
+                        r.runner_name = Some(runner_name);
+                    }
                 }
                 Registration::Jit {
                     config,

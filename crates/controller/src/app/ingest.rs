@@ -144,6 +144,16 @@ impl Controller {
             self.registration_queued(&vm, r);
         }
         self.watch_runner_crash(&vm, &report, &kind, now);
+        let of_current_boot = !new_boot
+            && existing
+                .as_ref()
+                .is_some_and(|e| lifecycle::is_current_boot(e, report.boot_id.as_deref()));
+        self.note_runner_done(
+            existing.as_ref(),
+            &vm,
+            of_current_boot.then_some(&kind),
+            now,
+        );
         Ok(EventAccepted {
             vm,
             duplicate: false,

@@ -141,6 +141,13 @@ pub struct ReconcileReport {
     pub registrations_issued: usize,
     pub heartbeats_pruned: u64,
     pub events_pruned: u64,
+}
+
+/// What one pass over the runners on GitHub did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunnerReport {
+    /// Runners of boots that ended, removed by id (or found gone already).
+    pub removed_at_end: usize,
     /// Runners on GitHub no VM needs: marked this pass, and deleted (marked at an earlier one).
     pub runners_marked: usize,
     pub runners_deleted: usize,
@@ -169,6 +176,8 @@ pub struct Controller {
     pool_alerts: std::sync::Mutex<std::collections::HashMap<String, crate::token::PoolAlert>>,
     /// Runners that look like ghosts: since when (Unix ms), and whether flagged yet.
     ghost_since: std::sync::Mutex<std::collections::HashMap<u64, (Millis, bool)>>,
+    /// Runners of boots that are done, by runner name, to remove from GitHub once due.
+    ended_runners: std::sync::Mutex<std::collections::HashMap<String, runners::EndedRunner>>,
 }
 
 /// Why a registration token is refused once a job ran on the VM's current boot.
@@ -206,6 +215,7 @@ impl Controller {
             last_runner_cleanup: std::sync::atomic::AtomicI64::new(0),
             runner_marks: Default::default(),
             ghost_since: Default::default(),
+            ended_runners: Default::default(),
             pool_alerts: Default::default(),
             store,
             settings,

@@ -19,10 +19,6 @@ impl Controller {
         }
         report.health_changes = self.sweep_silent(now).await?;
         report.registrations_issued = self.issue_missing_registrations().await?;
-        if let Some((marked, deleted)) = self.cleanup_runners_if_due(now).await? {
-            report.runners_marked = marked;
-            report.runners_deleted = deleted;
-        }
         Ok(report)
     }
 

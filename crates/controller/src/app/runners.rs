@@ -1,9 +1,39 @@
-//! Runners on GitHub that no VM needs any more (their VM ended, booted again, or is long
-//! lost; or a runner whose VM we never heard of): removed in two passes, as
-//! [`lifecycle::cleanup_step`] says, never while GitHub reports it online or busy.
+//! Runners on GitHub that no VM needs any more. Two paths, both in their own loop (GitHub
+//! being slow never holds up the reconciler):
+//! - **at the end of a boot** ([`lifecycle::runner_done`]: the VM booted again, shut down,
+//!   or its ephemeral job completed and the runner had a minute to remove itself), the
+//!   boot's runner is removed by the id remembered when it was minted (found by name for a
+//!   registration-token runner), unless GitHub says it is busy;
+//! - **a cleanup pass** every minute lists the scope's runners with our label and removes
+//!   whatever the first path missed (a VM lost past a grace period, a runner whose VM we
+//!   never heard of, a controller restart) in two passes, as [`lifecycle::cleanup_step`]
+//!   says, never while GitHub reports it online or busy.
 
 use super::*;
 use crate::token::Removed;
+use futures_util::StreamExt;
+
+/// A boot's runner waiting to be removed from GitHub (in memory: after a restart, the
+/// cleanup pass finds what was waiting here).
+#[derive(Debug, Clone)]
+pub(super) struct EndedRunner {
+    pool_id: String,
+    vm_id: String,
+    why: lifecycle::RunnerEnd,
+    due_at: Millis,
+    tries: u32,
+}
+
+/// At most this many runners wait for removal; beyond, the cleanup pass finds them.
+const MAX_ENDED: usize = 100_000;
+/// Removals tried per pass, and at once.
+const REMOVALS_PER_PASS: usize = 500;
+const REMOVALS_AT_ONCE: usize = 4;
+/// A removal that failed is tried again after this long, this many times in all.
+const REMOVAL_RETRY_MS: Millis = 60_000;
+const REMOVAL_TRIES: u32 = 3;
+/// How many of a VM's `github_runner` notes are searched for a runner's id (one per boot).
+const MINTED_NOTES_READ: u32 = 16;
 
 /// How often the runner lists are read (each pass costs a page of API calls per scope).
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
@@ -13,6 +43,159 @@ const LOST_GRACE: Duration = Duration::from_secs(10 * 60);
 const GHOST_AFTER: Duration = Duration::from_secs(5 * 60);
 
 impl Controller {
+    /// One pass over the runners on GitHub: removes the runners of ended boots that are
+    /// due, and runs a cleanup pass if one is due. Errors are logged, never returned: every
+    /// step is tried again later.
+    pub async fn runners_once(&self) -> RunnerReport {
+        let now = self.now_ms();
+        let mut report = RunnerReport {
+            removed_at_end: self.remove_ended_runners(now).await,
+            ..RunnerReport::default()
+        };
+        match self.cleanup_runners_if_due(now).await {
+            Ok(Some((marked, deleted))) => {
+                report.runners_marked = marked;
+                report.runners_deleted = deleted;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(error = %crate::error::chain(&e), "Runner cleanup pass failed; the next pass tries again");
+            }
+        }
+        report
+    }
+
+    /// Notes the runner of a boot that is done after the VM changed from `old` to `vm`
+    /// (`event`: an event of the current boot that caused it), if the pool's source
+    /// registers runners on GitHub; it is removed once due ([`Controller::runners_once`]).
+    pub(super) fn note_runner_done(
+        &self,
+        old: Option<&VmRecord>,
+        vm: &VmRecord,
+        event: Option<&EventKind>,
+        now: Millis,
+    ) {
+        let Some(done) = lifecycle::runner_done(old, vm, event) else {
+            return;
+        };
+        let manages = self
+            .settings
+            .pools
+            .get(&vm.pool_id)
+            .is_ok_and(|p| p.token.runner_label().is_some());
+        if !manages {
+            return;
+        }
+        let mut ended = self.ended();
+        if ended.len() >= MAX_ENDED {
+            return;
+        }
+        let name = lifecycle::runner_name(&vm.vm_id, done.boot_seq);
+        ended.entry(name).or_insert(EndedRunner {
+            pool_id: vm.pool_id.clone(),
+            vm_id: vm.vm_id.clone(),
+            why: done.why,
+            due_at: now + done.why.grace_ms(),
+            tries: 0,
+        });
+    }
+
+    /// Removes the runners of ended boots that are due (a few at once). Returns how many
+    /// were removed or found gone.
+    pub async fn remove_ended_runners(&self, now: Millis) -> usize {
+        let due: Vec<(String, EndedRunner)> = {
+            let mut ended = self.ended();
+            let names: Vec<String> = ended
+                .iter()
+                .filter(|(_, r)| r.due_at <= now)
+                .map(|(n, _)| n.clone())
+                .take(REMOVALS_PER_PASS)
+                .collect();
+            names
+                .into_iter()
+                .filter_map(|n| ended.remove(&n).map(|r| (n, r)))
+                .collect()
+        };
+        futures_util::stream::iter(due)
+            .map(|(name, r)| self.remove_ended(name, r, now))
+            .buffer_unordered(REMOVALS_AT_ONCE)
+            .filter(|removed| std::future::ready(*removed))
+            .count()
+            .await
+    }
+
+    /// Removes one ended boot's runner. Returns whether it is gone from GitHub.
+    async fn remove_ended(&self, name: String, mut r: EndedRunner, now: Millis) -> bool {
+        let Ok(reg) = self.settings.pools.get(&r.pool_id) else {
+            return false;
+        };
+        let id = match self.minted_runner_id(&r.vm_id, &name).await {
+            Ok(id) => id,
+            Err(e) => {
+                warn!(vm_id = %r.vm_id, runner = %name, error = %crate::error::chain(&e), "Could not read which runner GitHub minted for the VM; the cleanup pass removes it");
+                return false;
+            }
+        };
+        match reg.token.remove_runner_named(&name, id).await {
+            Ok(Removed::Deleted) => {
+                self.settings.github_metrics.runners_deleted.inc();
+                info!(vm_id = %r.vm_id, pool_id = %r.pool_id, runner = %name, runner_id = ?id, why = r.why.as_str(), "Runner removed from GitHub: its boot is done");
+                self.log_runner_removed(&r, &name, id, now).await;
+                true
+            }
+            Ok(Removed::Gone) => true,
+            Ok(Removed::Busy) => {
+                info!(vm_id = %r.vm_id, runner = %name, why = r.why.as_str(), "Runner not removed: GitHub says it is running a job; the cleanup pass removes it once it is idle");
+                false
+            }
+            Err(e) => {
+                r.tries += 1;
+                if r.tries < REMOVAL_TRIES {
+                    r.due_at = now + REMOVAL_RETRY_MS;
+                    self.ended().insert(name, r);
+                } else {
+                    warn!(vm_id = %r.vm_id, runner = %name, error = %crate::error::chain(&e), "Could not remove an ended boot's runner from GitHub after {REMOVAL_TRIES} tries; the cleanup pass removes it");
+                }
+                false
+            }
+        }
+    }
+
+    /// The id GitHub gave runner `name` when it was minted for the VM (noted on the VM's
+    /// timeline at first delivery); `None` for a runner registered with a token.
+    async fn minted_runner_id(&self, vm_id: &str, name: &str) -> Result<Option<u64>, ApiError> {
+        let notes = self
+            .store
+            .vm_log_latest(vm_id, "github_runner", MINTED_NOTES_READ)
+            .await?;
+        Ok(notes.iter().find_map(|n| {
+            let d: Value = serde_json::from_str(n.detail.as_deref()?).ok()?;
+            (d["runner_name"].as_str() == Some(name))
+                .then(|| d["runner_id"].as_u64())
+                .flatten()
+        }))
+    }
+
+    async fn log_runner_removed(&self, r: &EndedRunner, name: &str, id: Option<u64>, now: Millis) {
+        let row = VmLogRow {
+            vm_id: r.vm_id.clone(),
+            at: now,
+            kind: "github_runner_removed".into(),
+            detail: Some(
+                json!({"runner_name": name, "runner_id": id, "why": r.why.as_str()}).to_string(),
+            ),
+        };
+        if let Err(e) = self.store.write(vec![Mutation::VmLog(row)]).await {
+            warn!(vm_id = %r.vm_id, error = %crate::error::chain(&e), "Could not record a runner's removal on the VM's timeline");
+        }
+    }
+
+    fn ended(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, EndedRunner>> {
+        self.ended_runners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// One cleanup pass, if one is due. Returns (marked, deleted).
     pub(super) async fn cleanup_runners_if_due(
         &self,

@@ -104,6 +104,7 @@ impl Controller {
                 return Err(e.into());
             }
         };
+        self.note_runner_done(existing.as_ref(), &vm, None, now);
         let (commands, open) = match &plan {
             Some(p) => (
                 p.envelopes.iter().map(CommandEnvelope::to_pb).collect(),

@@ -41,6 +41,7 @@ pub struct GitHubMetrics {
     pub requests: Family<RequestLabels, Counter>,
     pub rate_limit_remaining: Family<AccountLabel, Gauge>,
     pub mint_budget_used: Family<AccountLabel, FloatGauge>,
+    pub mint_waiting: Family<AccountLabel, Gauge>,
     pub mint_seconds: Family<KindLabel, Histogram, fn() -> Histogram>,
     pub runners_deleted: Counter,
     pub runners_stale: Gauge,
@@ -53,6 +54,7 @@ impl Default for GitHubMetrics {
             requests: Family::default(),
             rate_limit_remaining: Family::default(),
             mint_budget_used: Family::default(),
+            mint_waiting: Family::default(),
             mint_seconds: Family::new_with_constructor(mint_histogram),
             runners_deleted: Counter::default(),
             runners_stale: Gauge::default(),
@@ -78,6 +80,11 @@ impl GitHubMetrics {
             "github_mint_budget_used_ratio",
             "Share of the mint budget (registration tokens and JIT configs per minute) in use, per App or PAT",
             self.mint_budget_used.clone(),
+        );
+        r.register(
+            "github_mint_waiting",
+            "Registrations waiting for the mint budget, per App or PAT (served in the order they asked)",
+            self.mint_waiting.clone(),
         );
         r.register(
             "github_mint_seconds",

@@ -69,14 +69,26 @@ pub fn due_for_refresh(expires_at: Millis, now: Millis, margin_ms: Millis) -> bo
     expires_at - now <= margin_ms
 }
 
+/// A waiter that has not asked again for this long is gone (its VM ended or was served by
+/// another path): it no longer holds a place in the queue. Agents ask again every few
+/// seconds while their registration is held back.
+pub const WAITER_GONE_MS: Millis = 2 * 60 * 1000;
+/// At most this many waiters keep a place; beyond, askers are refused without one (they
+/// still get a mint once the queue is short again).
+const MAX_WAITERS: usize = 100_000;
+
 /// A budget of mints (registration tokens, JIT configs) per minute, shared by every pool
 /// that uses one GitHub App or PAT: a token bucket over explicit times, so that a boot storm
-/// is spread out instead of tripping GitHub's secondary limit.
+/// is spread out instead of tripping GitHub's secondary limit. While mints are scarce they
+/// are handed out **in the order they were first asked for** (a queue of waiters), so no VM
+/// of a storm waits behind VMs that asked later, however their retries fall.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MintBudget {
     per_minute: f64,
     tokens: f64,
     last: Option<Millis>,
+    /// Who is waiting, oldest first, with when each last asked.
+    waiting: std::collections::VecDeque<(String, Millis)>,
 }
 
 impl MintBudget {
@@ -87,6 +99,7 @@ impl MintBudget {
             per_minute,
             tokens: per_minute,
             last: None,
+            waiting: std::collections::VecDeque::new(),
         }
     }
 
@@ -98,16 +111,37 @@ impl MintBudget {
         self.last = Some(now);
     }
 
-    /// Takes one mint at `now`, or says how many milliseconds until one is free.
-    pub fn take(&mut self, now: Millis) -> Result<(), Millis> {
+    /// Takes one mint at `now` for `who` (a runner name, or a pool's token), or says how
+    /// many milliseconds until its turn may come. A mint is granted only when every waiter
+    /// that asked before `who` can be served too; otherwise `who` keeps (or takes) its place
+    /// at the end of the queue.
+    pub fn take_for(&mut self, who: &str, now: Millis) -> Result<(), Millis> {
         self.refill(now);
-        if self.tokens >= 1.0 {
+        self.waiting
+            .retain(|(_, asked)| now - *asked < WAITER_GONE_MS);
+        let place = self.waiting.iter().position(|(w, _)| w == who);
+        let ahead = place.unwrap_or(self.waiting.len()) as f64;
+        if self.tokens >= ahead + 1.0 {
             self.tokens -= 1.0;
-            Ok(())
-        } else {
-            let missing = 1.0 - self.tokens;
-            Err((missing * 60_000.0 / self.per_minute).ceil() as Millis)
+            if let Some(p) = place {
+                self.waiting.remove(p);
+            }
+            return Ok(());
         }
+        match place {
+            Some(p) => self.waiting[p].1 = now,
+            None if self.waiting.len() < MAX_WAITERS => {
+                self.waiting.push_back((who.to_owned(), now))
+            }
+            None => {}
+        }
+        let missing = ahead + 1.0 - self.tokens;
+        Err((missing * 60_000.0 / self.per_minute).ceil() as Millis)
+    }
+
+    /// How many askers wait for a mint.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
     }
 
     /// The share of the budget in use at `now` (0 = all free, 1 = exhausted), for metrics.
@@ -207,17 +241,54 @@ mod tests {
         let mut b = MintBudget::new(180);
         let mut granted = 0;
         for _ in 0..500 {
-            if b.take(0).is_ok() {
+            if b.take_for("storm", 0).is_ok() {
                 granted += 1;
             }
         }
         assert_eq!(granted, 180, "a minute's worth at once");
         assert!((b.used(0) - 1.0).abs() < 1e-9);
         // One more every 60/180 s.
-        assert_eq!(b.take(0), Err(334));
-        assert!(b.take(334).is_ok());
-        assert!(b.take(334).is_err());
+        assert_eq!(b.take_for("storm", 0), Err(334));
+        assert!(b.take_for("storm", 334).is_ok());
+        assert!(b.take_for("storm", 334).is_err());
         // After a quiet minute the whole budget is back, never more.
         assert!(b.used(120_000) < 1e-9);
+    }
+
+    #[test]
+    fn scarce_mints_go_in_the_order_they_were_asked_for() {
+        let mut b = MintBudget::new(60);
+        for i in 0..60 {
+            assert!(b.take_for(&format!("early-{i}"), 0).is_ok());
+        }
+        // Three VMs ask in turn while the budget is empty: they queue in that order.
+        for who in ["a", "b", "c"] {
+            assert!(b.take_for(who, 0).is_err());
+        }
+        assert_eq!(b.waiting(), 3);
+        // One mint a second comes back. After a second, only "a" may have it, however
+        // eagerly "c" retries; after two, "b"; a newcomer waits behind all of them.
+        assert_eq!(b.take_for("c", 1_000), Err(2_000));
+        assert!(b.take_for("newcomer", 1_000).is_err());
+        assert!(b.take_for("a", 1_000).is_ok());
+        assert!(b.take_for("c", 2_000).is_err());
+        assert!(b.take_for("b", 2_000).is_ok());
+        assert!(b.take_for("c", 3_000).is_ok());
+        assert!(b.take_for("newcomer", 4_000).is_ok());
+        assert_eq!(b.waiting(), 0);
+    }
+
+    #[test]
+    fn a_waiter_that_stops_asking_loses_its_place() {
+        let mut b = MintBudget::new(1);
+        assert!(b.take_for("first", 0).is_ok());
+        assert!(b.take_for("gone", 0).is_err());
+        assert!(b.take_for("patient", 1).is_err());
+        // "gone" never asks again; after a minute the mint is "patient"'s.
+        assert!(
+            b.take_for("patient", 60_000).is_err(),
+            "gone still holds its place"
+        );
+        assert!(b.take_for("patient", WAITER_GONE_MS).is_ok());
     }
 }

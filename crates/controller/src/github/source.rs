@@ -39,20 +39,26 @@ pub struct Account {
 }
 
 impl Account {
-    /// Takes one mint from the budget, or says when the next is free.
-    fn take_mint(&self, now: Millis) -> Result<(), TokenError> {
+    /// Takes one mint from the budget for `who`, or says when its turn may come (mints
+    /// are handed out in the order they were first asked for).
+    fn take_mint(&self, who: &str, now: Millis) -> Result<(), TokenError> {
         let mut budget = self
             .budget
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let taken = budget.take(now).map_err(TokenError::Budget);
+        let taken = budget.take_for(who, now).map_err(TokenError::Budget);
         let (metrics, account) = self.api.metrics();
+        let label = AccountLabel {
+            account: account.to_owned(),
+        };
         metrics
             .mint_budget_used
-            .get_or_create(&AccountLabel {
-                account: account.to_owned(),
-            })
+            .get_or_create(&label)
             .set(budget.used(now));
+        metrics
+            .mint_waiting
+            .get_or_create(&label)
+            .set(i64::try_from(budget.waiting()).unwrap_or(i64::MAX));
         taken
     }
 
@@ -178,7 +184,8 @@ impl GitHubSource {
         {
             return Ok(t.clone());
         }
-        self.account.take_mint(self.clock.now_ms())?;
+        self.account
+            .take_mint(&format!("token {}", self.scope.path()), self.clock.now_ms())?;
         let path = format!("{}/actions/runners/registration-token", self.scope.path());
         let started = std::time::Instant::now();
         let reply = self.call(Method::POST, &path, None).await?;
@@ -218,7 +225,8 @@ impl GitHubSource {
             return Ok(r);
         }
         let group = self.group_id().await?;
-        self.account.take_mint(self.clock.now_ms())?;
+        self.account
+            .take_mint(req.runner_name, self.clock.now_ms())?;
         let mut labels: Vec<&str> = req.labels.iter().map(String::as_str).collect();
         let ours = self.label();
         labels.push(&ours);
@@ -272,7 +280,6 @@ impl GitHubSource {
 
     /// Every runner of the scope that carries our label (all pages).
     async fn list_ours(&self) -> Result<Vec<GitHubRunner>, GitHubError> {
-        let ours = self.label();
         let mut out = Vec::new();
         let mut next = Some(format!(
             "{}/actions/runners?per_page=100",
@@ -286,27 +293,60 @@ impl GitHubSource {
                 break;
             }
             let reply = self.call(Method::GET, &page, None).await?;
-            for r in reply.body["runners"].as_array().into_iter().flatten() {
-                let ours = r["labels"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|l| l["name"].as_str() == Some(ours.as_str()));
-                let (Some(id), Some(name)) = (r["id"].as_u64(), r["name"].as_str()) else {
-                    continue;
-                };
-                if ours {
-                    out.push(GitHubRunner {
-                        id,
-                        name: name.to_owned(),
-                        online: r["status"].as_str() == Some("online"),
-                        busy: r["busy"].as_bool().unwrap_or(true),
-                    });
-                }
-            }
+            out.extend(self.ours_in(&reply.body));
             next = reply.next;
         }
         Ok(out)
+    }
+
+    /// `DELETE` a runner by id; GitHub refuses (422) while it runs a job.
+    async fn delete_runner(&self, runner_id: u64) -> Result<Removed, GitHubError> {
+        let path = format!("{}/actions/runners/{runner_id}", self.scope.path());
+        match self.call(Method::DELETE, &path, None).await {
+            Ok(_) => Ok(Removed::Deleted),
+            Err(GitHubError::NotFound(_)) => Ok(Removed::Gone),
+            Err(GitHubError::Rejected { status: 422, .. }) => Ok(Removed::Busy),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Our runner named `name` (with our label), if the scope has one.
+    async fn find_ours(&self, name: &str) -> Result<Option<GitHubRunner>, GitHubError> {
+        let page = format!(
+            "{}/actions/runners?per_page=100&name={}",
+            self.scope.path(),
+            urlencoding(name)
+        );
+        let reply = self.call(Method::GET, &page, None).await?;
+        Ok(self
+            .ours_in(&reply.body)
+            .into_iter()
+            .find(|r| r.name == name))
+    }
+
+    /// The runners of one page of a runner list that carry our label.
+    fn ours_in(&self, page: &serde_json::Value) -> Vec<GitHubRunner> {
+        let ours = self.label();
+        page["runners"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| {
+                r["labels"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|l| l["name"].as_str() == Some(ours.as_str()))
+            })
+            .filter_map(|r| {
+                Some(GitHubRunner {
+                    id: r["id"].as_u64()?,
+                    name: r["name"].as_str()?.to_owned(),
+                    online: r["status"].as_str() == Some("online"),
+                    busy: r["busy"].as_bool().unwrap_or(true),
+                })
+            })
+            .collect()
     }
 
     /// The label that marks our runners.
@@ -405,13 +445,40 @@ impl TokenSource for GitHubSource {
 
     fn remove_runner(&self, runner_id: u64) -> RemoveFuture<'_> {
         Box::pin(async move {
-            let path = format!("{}/actions/runners/{runner_id}", self.scope.path());
-            match self.call(Method::DELETE, &path, None).await {
-                Ok(_) => Ok(Removed::Deleted),
-                Err(GitHubError::NotFound(_)) => Ok(Removed::Gone),
-                Err(GitHubError::Rejected { status: 422, .. }) => Ok(Removed::Busy),
-                Err(e) => Err(e.into()),
-            }
+            self.delete_runner(runner_id)
+                .await
+                .map_err(TokenError::from)
         })
     }
+
+    fn remove_runner_named<'a>(&'a self, name: &'a str, id: Option<u64>) -> RemoveFuture<'a> {
+        Box::pin(async move {
+            let id = match id {
+                Some(id) => id,
+                None => match self.find_ours(name).await? {
+                    None => return Ok(Removed::Gone),
+                    Some(r) if r.busy => return Ok(Removed::Busy),
+                    Some(r) => r.id,
+                },
+            };
+            self.delete_runner(id).await.map_err(TokenError::from)
+        })
+    }
+
+    fn runner_label(&self) -> Option<String> {
+        Some(self.label())
+    }
+}
+
+/// `s` as a query value (unreserved characters as they are, the rest percent-encoded).
+fn urlencoding(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }

@@ -7,6 +7,98 @@
 //! about to come online (or is running a job GitHub knows of) is never removed.
 
 use crate::model::{Health, Millis, VmRecord};
+use miglet_proto::event::EventKind;
+
+/// The name a VM's boot registers its runner under on GitHub: unique per boot, since a
+/// runner of an earlier boot may still be registered.
+pub fn runner_name(vm_id: &str, boot_seq: i64) -> String {
+    format!("{vm_id}-{boot_seq}")
+}
+
+/// Why a boot's runner is not needed any more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunnerEnd {
+    /// The VM booted again: the earlier boot's runner process is gone.
+    NewBoot,
+    /// Its (ephemeral) job completed: the runner takes no other job.
+    JobCompleted,
+    /// The VM is shutting down or terminated.
+    VmEnded,
+}
+
+/// An ephemeral runner removes itself once its job is done; it is given this long to do
+/// so before it is removed for it.
+pub const SELF_REMOVAL_GRACE_MS: Millis = 60_000;
+
+impl RunnerEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunnerEnd::NewBoot => "new_boot",
+            RunnerEnd::JobCompleted => "job_completed",
+            RunnerEnd::VmEnded => "vm_ended",
+        }
+    }
+
+    /// How long after the change the runner is removed.
+    pub fn grace_ms(self) -> Millis {
+        match self {
+            RunnerEnd::JobCompleted => SELF_REMOVAL_GRACE_MS,
+            RunnerEnd::NewBoot | RunnerEnd::VmEnded => 0,
+        }
+    }
+}
+
+/// A boot whose runner no VM needs any more, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunnerDone {
+    pub boot_seq: i64,
+    pub why: RunnerEnd,
+}
+
+/// Whether a boot of the VM may have a runner on GitHub: it was sent a registration, or
+/// registered one.
+fn may_have_runner(vm: &VmRecord) -> bool {
+    vm.registration_command_id.is_some() || vm.runner_registered
+}
+
+fn has_ended(vm: &VmRecord) -> bool {
+    matches!(vm.state.as_str(), "shutting_down" | "terminated")
+}
+
+/// The boot whose runner is done after the VM changed from `old` to `new`, removed right
+/// away (by its remembered id) instead of waiting for a cleanup pass: the earlier boot's
+/// when the VM booted again; the current boot's when its job completed (`event`, of the
+/// current boot) or the VM started shutting down.
+pub fn runner_done(
+    old: Option<&VmRecord>,
+    new: &VmRecord,
+    event: Option<&EventKind>,
+) -> Option<RunnerDone> {
+    let old = old?;
+    if !may_have_runner(old) && !may_have_runner(new) {
+        return None;
+    }
+    let done = |why| {
+        Some(RunnerDone {
+            boot_seq: old.boot_seq,
+            why,
+        })
+    };
+    if new.boot_seq > old.boot_seq {
+        return if may_have_runner(old) {
+            done(RunnerEnd::NewBoot)
+        } else {
+            None
+        };
+    }
+    if has_ended(new) && !has_ended(old) {
+        return done(RunnerEnd::VmEnded);
+    }
+    if matches!(event, Some(EventKind::JobCompleted(_))) && !has_ended(old) {
+        return done(RunnerEnd::JobCompleted);
+    }
+    None
+}
 
 /// What GitHub lists about one of our runners.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +186,51 @@ mod tests {
         let mut v = crate::lifecycle::test_vm("vm-1", state, health, false, seen);
         v.boot_seq = boot_seq;
         v
+    }
+
+    #[test]
+    fn a_runner_is_done_when_its_boot_ends_its_job_or_its_vm() {
+        let mut registered = vm(2, "idle", Health::Healthy, 0);
+        registered.runner_registered = true;
+        let done = |why| Some(RunnerDone { boot_seq: 2, why });
+        // Booted again.
+        let again = vm(3, "ready", Health::Healthy, 0);
+        assert_eq!(
+            runner_done(Some(&registered), &again, None),
+            done(RunnerEnd::NewBoot)
+        );
+        // A boot that never got a registration has no runner to remove.
+        let fresh = vm(2, "ready", Health::Healthy, 0);
+        assert_eq!(runner_done(Some(&fresh), &again, None), None);
+        assert_eq!(runner_done(None, &again, None), None);
+        // Shutting down, once.
+        let ending = vm(2, "shutting_down", Health::Healthy, 0);
+        let mut ending_registered = ending.clone();
+        ending_registered.runner_registered = true;
+        assert_eq!(
+            runner_done(Some(&registered), &ending_registered, None),
+            done(RunnerEnd::VmEnded)
+        );
+        assert_eq!(
+            runner_done(Some(&ending_registered), &ending_registered, None),
+            None
+        );
+        // Its job completed: removed after the runner had time to remove itself.
+        let completed = EventKind::JobCompleted(Default::default());
+        assert_eq!(
+            runner_done(Some(&registered), &registered, Some(&completed)),
+            done(RunnerEnd::JobCompleted)
+        );
+        assert_eq!(RunnerEnd::JobCompleted.grace_ms(), SELF_REMOVAL_GRACE_MS);
+        assert_eq!(RunnerEnd::VmEnded.grace_ms(), 0);
+        // Any other event of a live VM leaves its runner alone.
+        let started = EventKind::JobStarted(Default::default());
+        assert_eq!(
+            runner_done(Some(&registered), &registered, Some(&started)),
+            None
+        );
+        assert_eq!(runner_name("vm-1", 2), "vm-1-2");
+        assert_eq!(runner_owner(&runner_name("vm-1", 2)), Some(("vm-1", 2)));
     }
 
     #[test]

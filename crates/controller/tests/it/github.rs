@@ -72,18 +72,30 @@ fn labels() -> Vec<String> {
     vec!["self-hosted".into(), "linux".into()]
 }
 
+type ServerAndSource = (super::common::TestServer, Arc<GitHubSource>);
+
 /// A controller whose fallback pool mints on the stand-in at `base`, recording into the
 /// controller's GitHub metrics; and that pool's source, for the test to mint with too.
 async fn server_with_source(
     base: &str,
     clock: &Clock,
-) -> Result<(super::common::TestServer, Arc<GitHubSource>), Box<dyn std::error::Error + Send + Sync>>
-{
+) -> Result<ServerAndSource, Box<dyn std::error::Error + Send + Sync>> {
+    server_with_budget(base, clock, 150).await
+}
+
+/// The same, with a mint budget of `budget` a minute. The background loops run once at
+/// start: the test drives every pass itself.
+async fn server_with_budget(
+    base: &str,
+    clock: &Clock,
+    budget: u32,
+) -> Result<ServerAndSource, Box<dyn std::error::Error + Send + Sync>> {
     let slot = Arc::new(std::sync::Mutex::new(None));
     let shared = slot.clone();
     let s = super::common::TestServer::start_with(|st| {
+        st.reconcile_interval = Duration::from_secs(3600);
         let src = Arc::new(
-            source_with(base, clock, Mode::Jit, 150, st.github_metrics.clone())
+            source_with(base, clock, Mode::Jit, budget, st.github_metrics.clone())
                 .unwrap_or_else(|e| panic!("source: {e}")),
         );
         *shared
@@ -333,9 +345,11 @@ async fn stale_runners_are_removed_in_two_passes_and_never_a_busy_one() -> TestR
         )
         .await;
     assert_eq!(status, 200);
-    assert_eq!(app.cleanup_runners(now).await?, (1, 0));
-    assert_eq!(app.cleanup_runners(now).await?, (0, 1));
+    // Its old runner is removed at once (found by name: this one was not minted through a
+    // delivery, so no id was remembered); the cleanup pass has nothing left to do.
+    assert_eq!(app.remove_ended_runners(app.clock().now_ms()).await, 1);
     assert!(gh.listed_runners().is_empty());
+    assert_eq!(app.cleanup_runners(now).await?, (0, 0));
     let deletes: Vec<u16> = gh
         .rest_calls()
         .iter()
@@ -532,6 +546,284 @@ async fn a_deprecated_runner_raises_a_pool_alert() -> TestResult {
             .as_str()
             .is_some_and(|m| m.contains("deprecated") && m.contains("update the runner")),
         "{view}"
+    );
+    Ok(())
+}
+
+/// Posts an event of the VM's first boot.
+async fn event(s: &super::common::TestServer, vm: &str, kind: &str, extra: serde_json::Value) {
+    let mut body = serde_json::json!({"type": kind, "vm_id": vm, "pool_id": "pool-001"});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    let (status, answer) = s.post(&format!("/api/v1/vms/{vm}/events"), &body).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// A VM booted and given its JIT runner over HTTP; returns the runner's name.
+async fn vm_with_runner(s: &super::common::TestServer, vm: &str) -> String {
+    s.vm_started(vm, "pool-001").await;
+    let got = s.poll(vm).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    got[0]["parameters"]["runner_name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn deletes(gh: &FakeGitHub) -> Vec<(String, u16)> {
+    gh.rest_calls()
+        .into_iter()
+        .filter(|(m, _, _)| m == "DELETE")
+        .map(|(_, p, s)| (p, s))
+        .collect()
+}
+
+/// When a VM shuts down, its runner is removed by the id GitHub gave it at mint time (no
+/// listing), and the removal is on the VM's timeline; a VM whose job completed gives its
+/// ephemeral runner a minute to remove itself first; a busy runner is never deleted.
+#[tokio::test]
+async fn an_ended_boots_runner_is_removed_by_its_minted_id() -> TestResult {
+    let (gh, base) = stand_in().await?;
+    let clock = Clock::adjustable();
+    let (s, _src) = server_with_source(&base, &clock).await?;
+    let app = s.app();
+    let shutting = vm_with_runner(&s, "vm-down").await;
+    let finished = vm_with_runner(&s, "vm-done").await;
+    let busy = vm_with_runner(&s, "vm-busy").await;
+    assert_eq!(
+        gh.listed_runners(),
+        [busy.as_str(), finished.as_str(), shutting.as_str()]
+    );
+    let listings_before = calls_to(&gh, "/actions/runners?per_page=100");
+
+    event(&s, "vm-down", "vm_shutting_down", serde_json::json!({})).await;
+    event(
+        &s,
+        "vm-done",
+        "job_started",
+        serde_json::json!({"job_id": "j1"}),
+    )
+    .await;
+    event(
+        &s,
+        "vm-done",
+        "job_completed",
+        serde_json::json!({"job_id": "j1", "result": "succeeded"}),
+    )
+    .await;
+    gh.set_busy(&busy, true);
+    event(&s, "vm-busy", "vm_shutting_down", serde_json::json!({})).await;
+
+    let now = app.clock().now_ms();
+    assert_eq!(app.remove_ended_runners(now).await, 1, "the shut-down VM's");
+    assert_eq!(gh.listed_runners(), [busy.as_str(), finished.as_str()]);
+    // The busy runner's DELETE is refused by GitHub (422) and it stays; it is not retried.
+    let mut tried = deletes(&gh);
+    tried.sort();
+    assert_eq!(
+        tried,
+        [
+            ("/orgs/acme/actions/runners/1".to_owned(), 204),
+            ("/orgs/acme/actions/runners/3".to_owned(), 422)
+        ]
+    );
+    assert_eq!(
+        calls_to(&gh, "/actions/runners?per_page=100"),
+        listings_before,
+        "removed by id, no listing"
+    );
+    let log = app.store().vm_log_for_vm("vm-down").await?;
+    let removed: Vec<_> = log
+        .iter()
+        .filter(|l| l.kind == "github_runner_removed")
+        .collect();
+    assert_eq!(removed.len(), 1, "{log:?}");
+    assert!(
+        removed[0]
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("vm_ended") && d.contains("\"runner_id\":1")),
+        "{removed:?}"
+    );
+
+    // The finished job's runner had a minute to remove itself; it did not, so it goes.
+    app.clock().advance(Duration::from_secs(59));
+    assert_eq!(app.remove_ended_runners(app.clock().now_ms()).await, 0);
+    app.clock().advance(Duration::from_secs(1));
+    assert_eq!(app.remove_ended_runners(app.clock().now_ms()).await, 1);
+    assert_eq!(gh.listed_runners(), [busy.as_str()]);
+    // Nothing is tried twice.
+    app.clock().advance(Duration::from_secs(600));
+    assert_eq!(app.remove_ended_runners(app.clock().now_ms()).await, 0);
+    assert_eq!(deletes(&gh).len(), 3);
+    // The busy one is the cleanup pass's, once its VM went quiet after shutting down
+    // (terminated): marked, then removed once GitHub says idle.
+    app.reconcile_once().await?;
+    let now = app.clock().now_ms();
+    assert_eq!(app.cleanup_runners(now).await?, (1, 0));
+    assert_eq!(app.cleanup_runners(now).await?, (0, 0));
+    gh.set_busy(&busy, false);
+    assert_eq!(app.cleanup_runners(now).await?, (0, 1));
+    assert!(gh.listed_runners().is_empty());
+    assert!(
+        app.render_metrics()
+            .await
+            .contains("mig_github_runners_deleted_total 3")
+    );
+    Ok(())
+}
+
+/// A boot storm through a running controller: 500 VMs ask over HTTP while the budget allows
+/// 180 mints a minute. Mints stay within the budget each minute, every VM gets its runner
+/// within three minutes, and scarce mints go in the order VMs first asked, however their
+/// retries fall (the second minute's asks come in reverse order).
+#[tokio::test]
+async fn a_boot_storm_through_the_controller_is_served_in_order_within_the_budget() -> TestResult {
+    let (gh, base) = stand_in().await?;
+    // The test's clock moves a minute between rounds; real time flows too, and refills the
+    // budget by 3 a second while a round runs.
+    let clock = Clock::adjustable();
+    let (s, _src) = server_with_budget(&base, &clock, 180).await?;
+    let names: Vec<String> = (0..500).map(|i| format!("vm-{i:03}")).collect();
+    for n in &names {
+        s.vm_started(n, "pool-001").await;
+    }
+    let mut served = vec![false; names.len()];
+    let mut minutes = 0;
+    while !served.iter().all(|s| *s) {
+        assert!(minutes < 3, "500 runners within 3 minutes at 180 a minute");
+        let order: Vec<usize> = if minutes % 2 == 0 {
+            (0..names.len()).collect()
+        } else {
+            (0..names.len()).rev().collect()
+        };
+        let first_waiting = served.iter().position(|s| !s).unwrap_or(0);
+        let round = std::time::Instant::now();
+        let mut this_minute = Vec::new();
+        for i in order {
+            if served[i] {
+                continue;
+            }
+            let got = s.poll(&names[i]).await;
+            if let Some(c) = got.first() {
+                assert!(c["parameters"]["jit_config"].as_str().is_some(), "{c}");
+                served[i] = true;
+                this_minute.push(i);
+            }
+        }
+        let refilled = (round.elapsed().as_secs_f64() * 3.0).ceil() as usize;
+        this_minute.sort_unstable();
+        assert!(
+            this_minute.len() <= 180 + refilled,
+            "{} mints in one minute (+{refilled} refilled while it ran)",
+            this_minute.len()
+        );
+        assert_eq!(
+            this_minute,
+            (first_waiting..first_waiting + this_minute.len()).collect::<Vec<_>>(),
+            "minute {minutes}: the VMs that asked first, not those that retried first"
+        );
+        if minutes == 0 {
+            let m = s.app().render_metrics().await;
+            let waiting = 500 - this_minute.len();
+            assert!(
+                m.contains(&format!(
+                    "mig_github_mint_waiting{{account=\"app:4242\"}} {waiting}"
+                )),
+                "{m}"
+            );
+        }
+        clock.advance(Duration::from_secs(60));
+        minutes += 1;
+    }
+    assert_eq!(
+        calls_to(&gh, "/generate-jitconfig"),
+        500,
+        "each minted once"
+    );
+    for n in names.iter().step_by(50) {
+        let cmds = s.app().store().commands_for_vm(n).await?;
+        assert_eq!(cmds.len(), 1, "one registration for {n}");
+    }
+    Ok(())
+}
+
+/// Enterprise and repository pools mint, list and remove under their own paths (a PAT:
+/// enterprise runners cannot be managed by an App); a repository's runners are in the
+/// default group without a group lookup.
+#[tokio::test]
+async fn enterprise_and_repository_scopes_mint_under_their_own_paths() -> TestResult {
+    let (gh, base) = stand_in().await?;
+    let pat = "ghp_SCOPETEST0123456789";
+    let gh = gh.with_pat(pat);
+    let dir = tempfile::tempdir()?;
+    let pat_file = dir.path().join("pat");
+    std::fs::write(&pat_file, pat)?;
+    let clock = Clock::adjustable();
+    let scopes = [
+        (
+            Scope::Enterprise("acme-corp".into()),
+            "/enterprises/acme-corp",
+        ),
+        (
+            Scope::Repo {
+                owner: "acme".into(),
+                repo: "app".into(),
+            },
+            "/repos/acme/app",
+        ),
+    ];
+    for (scope, prefix) in scopes {
+        let account = Arc::new(Account {
+            api: Api::with_metrics(&base, clock.clone(), GitHubMetrics::default(), "pat")?,
+            auth: Auth::Pat(pat_file.clone()),
+            budget: std::sync::Mutex::new(MintBudget::new(150)),
+        });
+        let src = GitHubSource::new(
+            account.clone(),
+            scope.clone(),
+            Mode::Jit,
+            None,
+            "mig-test".into(),
+            clock.clone(),
+        );
+        let name = format!("vm{}-1", prefix.len());
+        let Registration::Jit { runner_id, .. } = jit(&src, &clock, &name).await? else {
+            return Err("not JIT".into());
+        };
+        let token_src = GitHubSource::new(
+            account,
+            scope,
+            Mode::Token,
+            None,
+            "mig-test".into(),
+            clock.clone(),
+        );
+        assert!(matches!(
+            jit(&token_src, &clock, "unused").await?,
+            Registration::Token(_)
+        ));
+        let listed = src.our_runners().await?.unwrap_or_default();
+        assert!(listed.iter().any(|r| r.id == runner_id), "{listed:?}");
+        src.remove_runner(runner_id).await?;
+        for end in [
+            "/actions/runners/generate-jitconfig".to_owned(),
+            "/actions/runners/registration-token".to_owned(),
+            format!("/actions/runners/{runner_id}"),
+        ] {
+            let path = format!("{prefix}{end}");
+            assert!(
+                gh.rest_calls().iter().any(|(_, p, _)| *p == path),
+                "{path} not called: {:?}",
+                gh.rest_calls()
+            );
+        }
+    }
+    assert_eq!(
+        calls_to(&gh, "/runner-groups"),
+        0,
+        "no named group, no lookup"
     );
     Ok(())
 }

@@ -433,14 +433,34 @@ impl Reads {
             .fetch_all(&self.pool)
             .await?
             .iter()
-            .map(|r| {
-                Ok(VmLogRow {
-                    vm_id: r.try_get("vm_id")?,
-                    at: r.try_get("at")?,
-                    kind: r.try_get("kind")?,
-                    detail: r.try_get("detail")?,
-                })
-            })
+            .map(vm_log_row)
             .collect()
     }
+
+    /// The VM's latest `limit` log rows of one kind, newest first (walks the VM's index).
+    pub async fn vm_log_latest(
+        &self,
+        vm_id: &str,
+        kind: &str,
+        limit: u32,
+    ) -> Result<Vec<VmLogRow>, StoreError> {
+        sqlx::query("SELECT * FROM vm_log WHERE vm_id = ? AND kind = ? ORDER BY seq DESC LIMIT ?")
+            .bind(vm_id)
+            .bind(kind)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(vm_log_row)
+            .collect()
+    }
+}
+
+fn vm_log_row(r: &sqlx::sqlite::SqliteRow) -> Result<VmLogRow, StoreError> {
+    Ok(VmLogRow {
+        vm_id: r.try_get("vm_id")?,
+        at: r.try_get("at")?,
+        kind: r.try_get("kind")?,
+        detail: r.try_get("detail")?,
+    })
 }
