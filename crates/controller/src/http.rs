@@ -91,6 +91,7 @@ pub fn router(app: AppState) -> Router {
             post(post_registration_token),
         )
         .route("/api/v1/vms/{vm_id}/commands", get(get_commands))
+        .route("/api/v1/github/webhook", post(post_webhook))
         .route(
             "/api/v1/vms/{vm_id}/commands/{command_id}/ack",
             post(post_ack),
@@ -268,6 +269,27 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
 
 fn body_text(bytes: &Bytes) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// GitHub's webhook: authenticated by its signature, not by a bearer token.
+async fn post_webhook(
+    State(app): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes = body_bytes(body)?;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let answer = app
+        .ingest_webhook(
+            crate::app::WebhookHeaders {
+                event: header("x-github-event"),
+                delivery: header("x-github-delivery"),
+                signature: header("x-hub-signature-256"),
+            },
+            &bytes,
+        )
+        .await?;
+    Ok(axum::Json(answer).into_response())
 }
 
 async fn post_event(

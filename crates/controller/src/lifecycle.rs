@@ -10,11 +10,13 @@
 //! * `runner.rs`: which runners on GitHub no VM needs, and their two-phase removal.
 
 mod command;
+mod job;
 mod registration;
 mod runner;
 mod vm;
 
 pub use command::*;
+pub use job::*;
 pub use registration::*;
 pub use runner::*;
 pub use vm::*;

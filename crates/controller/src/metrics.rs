@@ -54,6 +54,14 @@ pub struct ListenerLabel {
     pub listener: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    /// `workflow_job`, `ping`, or `other`.
+    pub event: String,
+    /// `applied`, `duplicate`, `ignored`, `unsigned`, `bad_signature`, `bad_payload`.
+    pub result: String,
+}
+
 pub use crate::net::RefusedLabels;
 
 type FloatGauge = Gauge<f64, AtomicU64>;
@@ -88,6 +96,41 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     connections_open: Family<ListenerLabel, Gauge>,
     connections_refused: Family<RefusedLabels, Counter>,
+    pub demand: DemandMetrics,
+}
+
+/// What GitHub asks of the fleet: webhook deliveries and how long jobs wait.
+#[derive(Debug, Clone)]
+pub struct DemandMetrics {
+    pub webhook_deliveries: Family<WebhookLabels, Counter>,
+    pub job_queue_seconds: Family<PoolLabel, Histogram, fn() -> Histogram>,
+}
+
+impl DemandMetrics {
+    fn register(r: &mut Registry) -> DemandMetrics {
+        let webhook_deliveries = Family::<WebhookLabels, Counter>::default();
+        r.register(
+            "webhook_deliveries",
+            "GitHub webhook deliveries, by event and result (unsigned and bad_signature are refused with 401)",
+            webhook_deliveries.clone(),
+        );
+        let job_queue_seconds: Family<PoolLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(queue_histogram);
+        r.register(
+            "job_queue_seconds",
+            "How long jobs waited for a runner (workflow_job queued to in_progress), per pool",
+            job_queue_seconds.clone(),
+        );
+        DemandMetrics {
+            webhook_deliveries,
+            job_queue_seconds,
+        }
+    }
+}
+
+fn queue_histogram() -> Histogram {
+    // 0.5 s .. about 4.5 hours.
+    Histogram::new(exponential_buckets(0.5, 2.0, 15))
 }
 
 impl std::fmt::Debug for Metrics {
@@ -166,6 +209,7 @@ impl Metrics {
             connections_refused.clone(),
         );
         Metrics {
+            demand: DemandMetrics::register(&mut r),
             registry: r,
             connections_open,
             connections_refused,

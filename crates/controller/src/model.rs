@@ -413,3 +413,29 @@ impl FromStr for Role {
         }
     }
 }
+
+/// A job GitHub told us of (`workflow_job`), as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobRecord {
+    pub job_id: i64,
+    pub run_id: i64,
+    pub run_attempt: i64,
+    /// `owner/name`.
+    pub repository: String,
+    pub name: String,
+    pub workflow_name: Option<String>,
+    /// The job's `runs-on` labels.
+    pub labels: Vec<String>,
+    /// `queued`, `waiting`, `in_progress` or `completed`.
+    pub status: String,
+    pub conclusion: Option<String>,
+    /// The pool whose labels match the job's (`None`: none of ours can run it).
+    pub pool_id: Option<String>,
+    /// The runner that took it, and that runner's VM when it is one of ours.
+    pub runner_name: Option<String>,
+    pub vm_id: Option<String>,
+    pub queued_at: Millis,
+    pub started_at: Option<Millis>,
+    pub completed_at: Option<Millis>,
+    pub updated_at: Millis,
+}

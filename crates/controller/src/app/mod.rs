@@ -9,6 +9,8 @@ mod announce;
 mod delivery;
 mod identity;
 mod ingest;
+mod jobs;
+pub use jobs::{WebhookAnswer, WebhookHeaders};
 pub mod local;
 mod reconcile;
 mod registration;

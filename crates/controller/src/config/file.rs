@@ -29,6 +29,18 @@ pub struct FileConfig {
     /// Registration config per pool id; the key `"*"` serves every pool not listed.
     #[serde(default)]
     pub pools: HashMap<String, PoolConfig>,
+    #[serde(default)]
+    pub webhook: WebhookFileConfig,
+}
+
+/// `[webhook]` of the config file: GitHub's `workflow_job` deliveries to
+/// `POST /api/v1/github/webhook`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookFileConfig {
+    /// The webhook's secret (as set on GitHub), re-read at every delivery; without it the
+    /// endpoint answers 404.
+    pub secret_file: Option<PathBuf>,
 }
 
 /// `[auth]` of the config file.

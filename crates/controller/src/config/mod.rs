@@ -78,6 +78,8 @@ pub struct Settings {
     pub clock: crate::clock::Clock,
     /// Where every GitHub client records its calls (registered with the other metrics).
     pub github_metrics: crate::github::metrics::GitHubMetrics,
+    /// The GitHub webhook's secret (`[webhook] secret_file`); no webhook endpoint without it.
+    pub webhook_secret_file: Option<PathBuf>,
 }
 
 /// TLS files of both listeners.
@@ -140,6 +142,12 @@ impl Settings {
                     name: format!("{name}.token_file"),
                     reason: crate::error::chain(&e),
                 })?;
+        }
+        if let Some(file) = &self.webhook_secret_file {
+            crate::github::webhook::read_secret(file).map_err(|reason| ConfigError::Invalid {
+                name: "webhook.secret_file".into(),
+                reason,
+            })?;
         }
         if let Some(tls) = &self.tls {
             let files = [
@@ -245,6 +253,7 @@ impl Settings {
             retention,
             clock: crate::clock::Clock::system(),
             github_metrics,
+            webhook_secret_file: file.webhook.secret_file.clone(),
         })
     }
 }

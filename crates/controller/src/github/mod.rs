@@ -16,6 +16,7 @@ pub mod app;
 pub mod metrics;
 pub mod rules;
 pub mod source;
+pub mod webhook;
 
 use std::path::PathBuf;
 use thiserror::Error;

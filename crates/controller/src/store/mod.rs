@@ -318,6 +318,16 @@ pub enum Mutation {
         change: SilentChange,
         at: Millis,
     },
+    /// Record a webhook delivery as applied unless it was before: [`Outcome::Inserted`] is
+    /// false for a redelivery. Also forgets deliveries older than `forget_before`.
+    ClaimDelivery {
+        delivery_id: String,
+        at: Millis,
+        forget_before: Millis,
+    },
+    /// Insert or replace a job's row, unless the stored row is at a later status (a late
+    /// delivery never moves a job back): [`Outcome::Applied`] says whether.
+    PutJob(JobRecord),
 }
 
 /// The result of one [`Mutation`], in order.

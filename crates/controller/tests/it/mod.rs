@@ -10,6 +10,7 @@ mod github;
 mod grpc_flow;
 mod hardening;
 mod http_flow;
+mod jobs;
 mod layers;
 mod metrics;
 mod queue;

@@ -74,5 +74,11 @@ pub(super) async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Ou
         Mutation::UseEnrollmentToken { id, at } => {
             identity::use_enrollment_token(conn, &id, at).await
         }
+        Mutation::ClaimDelivery {
+            delivery_id,
+            at,
+            forget_before,
+        } => job::claim_delivery(conn, &delivery_id, at, forget_before).await,
+        Mutation::PutJob(j) => job::put_job(conn, j).await,
     }
 }

@@ -21,6 +21,7 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "pool_binding",
         include_str!("../../../migrations/0005_pool_binding.sql"),
     ),
+    (6, "jobs", include_str!("../../../migrations/0006_jobs.sql")),
 ];
 
 pub(super) async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {

@@ -9,6 +9,7 @@ mod checkpoint;
 mod command;
 mod heartbeat;
 mod identity;
+mod job;
 mod migrate;
 mod read;
 mod rows;

@@ -437,6 +437,40 @@ impl Reads {
             .collect()
     }
 
+    pub async fn job_get(&self, job_id: i64) -> Result<Option<JobRecord>, StoreError> {
+        sqlx::query("SELECT * FROM jobs WHERE job_id = ?")
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| job::job_from_row(&r))
+            .transpose()
+    }
+
+    /// The jobs of `pool_id` not completed yet (queued, waiting or in progress), oldest
+    /// first: what the scaler sizes the pool by.
+    pub async fn jobs_open_for_pool(&self, pool_id: &str) -> Result<Vec<JobRecord>, StoreError> {
+        sqlx::query(
+            "SELECT * FROM jobs WHERE pool_id = ? AND status IN ('queued', 'waiting', 'in_progress')              ORDER BY queued_at, job_id",
+        )
+        .bind(pool_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(job::job_from_row)
+        .collect()
+    }
+
+    /// The `limit` jobs updated last, newest first.
+    pub async fn jobs_recent(&self, limit: u32) -> Result<Vec<JobRecord>, StoreError> {
+        sqlx::query("SELECT * FROM jobs ORDER BY updated_at DESC, job_id DESC LIMIT ?")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(job::job_from_row)
+            .collect()
+    }
+
     /// The VM's latest `limit` log rows of one kind, newest first (walks the VM's index).
     pub async fn vm_log_latest(
         &self,

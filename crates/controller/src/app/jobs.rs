@@ -1,0 +1,177 @@
+//! Demand: GitHub's `workflow_job` webhook deliveries, checked, deduplicated and stored as
+//! jobs matched to a pool ([`lifecycle::match_pool`], [`lifecycle::apply_job_update`]).
+
+use super::*;
+use crate::github::webhook::{self, Delivery, WebhookError};
+use crate::model::JobRecord;
+
+/// Deliveries are remembered (for deduplication) this long; GitHub redelivers on request
+/// for up to three days.
+const DELIVERIES_KEPT_MS: Millis = 7 * 24 * 3600 * 1000;
+
+/// The headers of a webhook delivery that matter.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WebhookHeaders<'a> {
+    /// `X-GitHub-Event`.
+    pub event: Option<&'a str>,
+    /// `X-GitHub-Delivery`.
+    pub delivery: Option<&'a str>,
+    /// `X-Hub-Signature-256`.
+    pub signature: Option<&'a str>,
+}
+
+/// What became of a delivery.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WebhookAnswer {
+    /// `applied`, `duplicate` (this delivery, or this step of the job, was seen before) or
+    /// `ignored` (an event or action the controller does not act on; `ping`).
+    pub result: &'static str,
+    pub job_id: Option<i64>,
+    /// The pool the job was matched to.
+    pub pool_id: Option<String>,
+}
+
+impl Controller {
+    /// `POST /api/v1/github/webhook`: verifies the signature over the raw `body`, then
+    /// stores what a `workflow_job` says. Unsigned or wrongly signed deliveries are refused
+    /// (401) and counted; nothing is stored for them.
+    pub async fn ingest_webhook(
+        &self,
+        headers: WebhookHeaders<'_>,
+        body: &[u8],
+    ) -> Result<WebhookAnswer, ApiError> {
+        let event = headers.event.unwrap_or_default();
+        let event_label = match event {
+            "workflow_job" | "ping" => event,
+            _ => "other",
+        };
+        let count = |result: &str| {
+            self.metrics
+                .demand
+                .webhook_deliveries
+                .get_or_create(&crate::metrics::WebhookLabels {
+                    event: event_label.into(),
+                    result: result.into(),
+                })
+                .inc();
+        };
+        let Some(file) = &self.settings.webhook_secret_file else {
+            return Err(ApiError::NotFound(
+                "no webhook is configured here: set [webhook] secret_file".into(),
+            ));
+        };
+        let secret = webhook::read_secret(file).map_err(|reason| {
+            warn!(%reason, "Webhook delivery refused: the webhook secret cannot be read; fix [webhook] secret_file");
+            ApiError::Unavailable("the webhook secret cannot be read".into())
+        })?;
+        if let Err(e) = webhook::verify_signature(&secret, body, headers.signature) {
+            count(if e == WebhookError::Unsigned {
+                "unsigned"
+            } else {
+                "bad_signature"
+            });
+            static REFUSED: crate::throttle::LogThrottle = crate::throttle::LogThrottle::new(1_000);
+            if let Some(similar_not_logged) = REFUSED.allow_now() {
+                warn!(error = %e, similar_not_logged, "Webhook delivery refused");
+            }
+            return Err(ApiError::Unauthorized(e.to_string()));
+        }
+        let delivery = headers
+            .delivery
+            .ok_or(WebhookError::MissingHeader("X-GitHub-Delivery"))
+            .and_then(|d| {
+                validate_id("X-GitHub-Delivery", d)
+                    .map(|()| d)
+                    .map_err(|_| WebhookError::MissingHeader("X-GitHub-Delivery"))
+            })
+            .map_err(|e| {
+                count("bad_payload");
+                bad(e)
+            })?;
+        let update = match webhook::parse(event, body) {
+            Ok(Delivery::Job(u)) => u,
+            Ok(Delivery::Ping | Delivery::Ignored(_)) => {
+                count("ignored");
+                return Ok(WebhookAnswer {
+                    result: "ignored",
+                    job_id: None,
+                    pool_id: None,
+                });
+            }
+            Err(e) => {
+                count("bad_payload");
+                return Err(bad(e));
+            }
+        };
+        let answer = self.apply_job_delivery(delivery, &update).await?;
+        count(answer.result);
+        Ok(answer)
+    }
+
+    /// Applies one job delivery under the job's lock: the delivery is claimed once, and the
+    /// job moves only forward.
+    async fn apply_job_delivery(
+        &self,
+        delivery: &str,
+        update: &lifecycle::JobUpdate,
+    ) -> Result<WebhookAnswer, ApiError> {
+        let now = self.now_ms();
+        let _guard = self.locks.lock(&format!("job:{}", update.job_id)).await;
+        let existing = self.store.job_get(update.job_id).await?;
+        let pool_id = lifecycle::match_pool(
+            &update.labels,
+            self.settings
+                .pools
+                .iter()
+                .filter(|(id, _)| *id != "*")
+                .map(|(id, p)| (id, p.labels.as_slice())),
+        );
+        let job = lifecycle::apply_job_update(
+            existing.as_ref(),
+            update,
+            pool_id,
+            |runner| lifecycle::runner_owner(runner).map(|(vm, _)| vm.to_owned()),
+            now,
+        );
+        let mut batch = vec![Mutation::ClaimDelivery {
+            delivery_id: delivery.to_owned(),
+            at: now,
+            forget_before: now - DELIVERIES_KEPT_MS,
+        }];
+        batch.extend(job.clone().map(Mutation::PutJob));
+        let outcomes = self.store.write(batch).await?;
+        let fresh = outcomes.first() == Some(&Outcome::Inserted(true));
+        let applied = outcomes.get(1) == Some(&Outcome::Applied(true));
+        let shown = job.as_ref().or(existing.as_ref());
+        if applied && let Some(j) = &job {
+            self.job_changed(existing.as_ref(), j);
+        }
+        Ok(WebhookAnswer {
+            result: if fresh && applied {
+                "applied"
+            } else {
+                "duplicate"
+            },
+            job_id: Some(update.job_id),
+            pool_id: shown.and_then(|j| j.pool_id.clone()),
+        })
+    }
+
+    /// After a job's row changed: its queue time once it started, and a line in the log.
+    fn job_changed(&self, old: Option<&JobRecord>, job: &JobRecord) {
+        let was_started = old.is_some_and(|o| o.started_at.is_some());
+        if !was_started && let (Some(wait), Some(pool)) = (lifecycle::queue_time(job), &job.pool_id)
+        {
+            self.metrics
+                .demand
+                .job_queue_seconds
+                .get_or_create(&crate::metrics::PoolLabel { pool: pool.clone() })
+                .observe(wait as f64 / 1000.0);
+        }
+        if job.pool_id.is_none() && old.is_none() {
+            info!(job_id = job.job_id, repository = %job.repository, labels = ?job.labels, "Job queued that no pool's labels match; no VM is started for it");
+        } else {
+            info!(job_id = job.job_id, repository = %job.repository, pool_id = ?job.pool_id, status = %job.status, vm_id = ?job.vm_id, "Job");
+        }
+    }
+}

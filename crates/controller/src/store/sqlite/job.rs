@@ -1,0 +1,89 @@
+//! Jobs GitHub told us of, and the webhook deliveries already applied.
+
+use super::super::{JobRecord, Millis, Outcome, StoreError};
+use super::apply::to_json;
+use sqlx::Row;
+use sqlx::sqlite::{SqliteConnection, SqliteRow};
+
+pub(super) async fn claim_delivery(
+    conn: &mut SqliteConnection,
+    delivery_id: &str,
+    at: Millis,
+    forget_before: Millis,
+) -> Result<Outcome, StoreError> {
+    sqlx::query("DELETE FROM webhook_deliveries WHERE received_at < ?")
+        .bind(forget_before)
+        .execute(&mut *conn)
+        .await?;
+    let done = sqlx::query(
+        "INSERT OR IGNORE INTO webhook_deliveries (delivery_id, received_at) VALUES (?, ?)",
+    )
+    .bind(delivery_id)
+    .bind(at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Outcome::Inserted(done.rows_affected() > 0))
+}
+
+/// Writes a job unless the stored one may not move to its status
+/// ([`crate::lifecycle::job_may_move`]).
+pub(super) async fn put_job(
+    conn: &mut SqliteConnection,
+    j: JobRecord,
+) -> Result<Outcome, StoreError> {
+    let current: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE job_id = ?")
+        .bind(j.job_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if current.is_some_and(|c| !crate::lifecycle::job_may_move(&c, &j.status)) {
+        return Ok(Outcome::Applied(false));
+    }
+    sqlx::query(
+        "INSERT OR REPLACE INTO jobs (job_id, run_id, run_attempt, repository, name, \
+         workflow_name, labels, status, conclusion, pool_id, runner_name, vm_id, queued_at, \
+         started_at, completed_at, updated_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(j.job_id)
+    .bind(j.run_id)
+    .bind(j.run_attempt)
+    .bind(&j.repository)
+    .bind(&j.name)
+    .bind(&j.workflow_name)
+    .bind(to_json(&j.labels)?)
+    .bind(&j.status)
+    .bind(&j.conclusion)
+    .bind(&j.pool_id)
+    .bind(&j.runner_name)
+    .bind(&j.vm_id)
+    .bind(j.queued_at)
+    .bind(j.started_at)
+    .bind(j.completed_at)
+    .bind(j.updated_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Outcome::Applied(true))
+}
+
+pub(super) fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
+    let labels: String = r.try_get("labels")?;
+    Ok(JobRecord {
+        job_id: r.try_get("job_id")?,
+        run_id: r.try_get("run_id")?,
+        run_attempt: r.try_get("run_attempt")?,
+        repository: r.try_get("repository")?,
+        name: r.try_get("name")?,
+        workflow_name: r.try_get("workflow_name")?,
+        labels: serde_json::from_str(&labels)
+            .map_err(|e| StoreError::Corrupt(format!("job labels: {e}")))?,
+        status: r.try_get("status")?,
+        conclusion: r.try_get("conclusion")?,
+        pool_id: r.try_get("pool_id")?,
+        runner_name: r.try_get("runner_name")?,
+        vm_id: r.try_get("vm_id")?,
+        queued_at: r.try_get("queued_at")?,
+        started_at: r.try_get("started_at")?,
+        completed_at: r.try_get("completed_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
