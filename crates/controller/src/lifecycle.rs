@@ -13,12 +13,16 @@ mod command;
 mod job;
 mod registration;
 mod runner;
+mod scaler;
 mod vm;
 
 pub use command::*;
 pub use job::*;
 pub use registration::*;
 pub use runner::*;
+pub use scaler::{
+    Drain, Instance, Phase, Plan, Reason as ScaleReason, ScaleAction, ScalePolicy, phase, plan,
+};
 pub use vm::*;
 
 #[cfg(test)]
