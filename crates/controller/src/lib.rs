@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod pki;
+pub mod provider;
 pub mod server;
 pub mod store;
 pub mod streams;

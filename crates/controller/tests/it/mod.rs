@@ -13,6 +13,7 @@ mod http_flow;
 mod jobs;
 mod layers;
 mod metrics;
+mod provider;
 mod queue;
 mod reconciler;
 mod tls;
