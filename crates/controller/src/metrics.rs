@@ -96,18 +96,30 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     connections_open: Family<ListenerLabel, Gauge>,
     connections_refused: Family<RefusedLabels, Counter>,
-    pub demand: DemandMetrics,
+    pub scaling: ScalingMetrics,
 }
 
-/// What GitHub asks of the fleet: webhook deliveries and how long jobs wait.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub pool: String,
+    pub reason: String,
+}
+
+/// What GitHub asks of the fleet (webhook deliveries, how long jobs wait) and what the
+/// scaler does about it, per pool.
 #[derive(Debug, Clone)]
-pub struct DemandMetrics {
+pub struct ScalingMetrics {
     pub webhook_deliveries: Family<WebhookLabels, Counter>,
     pub job_queue_seconds: Family<PoolLabel, Histogram, fn() -> Histogram>,
+    pub desired: Family<PoolLabel, Gauge>,
+    pub actual: Family<PoolLabel, Gauge>,
+    pub queued: Family<PoolLabel, Gauge>,
+    pub created: Family<PoolLabel, Counter>,
+    pub deleted: Family<ReasonLabels, Counter>,
 }
 
-impl DemandMetrics {
-    fn register(r: &mut Registry) -> DemandMetrics {
+impl ScalingMetrics {
+    fn register(r: &mut Registry) -> ScalingMetrics {
         let webhook_deliveries = Family::<WebhookLabels, Counter>::default();
         r.register(
             "webhook_deliveries",
@@ -121,9 +133,46 @@ impl DemandMetrics {
             "How long jobs waited for a runner (workflow_job queued to in_progress), per pool",
             job_queue_seconds.clone(),
         );
-        DemandMetrics {
+        let gauge = |r: &mut Registry, name: &str, help: &str| {
+            let g = Family::<PoolLabel, Gauge>::default();
+            r.register(name, help, g.clone());
+            g
+        };
+        let desired = gauge(
+            r,
+            "pool_desired_vms",
+            "VMs the scaler wants: busy ones plus queued jobs plus min_idle, within max_size",
+        );
+        let actual = gauge(
+            r,
+            "pool_vms",
+            "VMs the scaler's pools have (not being deleted)",
+        );
+        let queued = gauge(
+            r,
+            "pool_queued_jobs",
+            "Jobs queued for the pool that no VM has taken yet",
+        );
+        let created = Family::<PoolLabel, Counter>::default();
+        r.register(
+            "pool_vms_created",
+            "VMs the scaler created",
+            created.clone(),
+        );
+        let deleted = Family::<ReasonLabels, Counter>::default();
+        r.register(
+            "pool_vms_deleted",
+            "VMs the scaler deleted, by reason (job_done, idle, over_max_size, max_lifetime, boot_timeout, registration_timeout, ended, lost)",
+            deleted.clone(),
+        );
+        ScalingMetrics {
             webhook_deliveries,
             job_queue_seconds,
+            desired,
+            actual,
+            queued,
+            created,
+            deleted,
         }
     }
 }
@@ -209,7 +258,7 @@ impl Metrics {
             connections_refused.clone(),
         );
         Metrics {
-            demand: DemandMetrics::register(&mut r),
+            scaling: ScalingMetrics::register(&mut r),
             registry: r,
             connections_open,
             connections_refused,

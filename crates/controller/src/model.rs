@@ -439,3 +439,21 @@ pub struct JobRecord {
     pub completed_at: Option<Millis>,
     pub updated_at: Millis,
 }
+
+/// An instance the scaler asked a provider for, or adopted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstanceRecord {
+    pub name: String,
+    pub pool_id: String,
+    pub provider: String,
+    /// `requested`, `running`, `deleting` or `deleted`.
+    pub state: String,
+    pub requested_at: Millis,
+    pub provider_id: Option<String>,
+    /// The `drain` the scaler sent it, and why.
+    pub drain_command_id: Option<String>,
+    pub drain_reason: Option<String>,
+    pub delete_reason: Option<String>,
+    pub deleted_at: Option<Millis>,
+    pub updated_at: Millis,
+}

@@ -89,8 +89,9 @@ pub struct RunningServer {
     http_task: JoinHandle<()>,
     grpc_task: JoinHandle<()>,
     reconciler: JoinHandle<()>,
-    /// Removes runners on GitHub no VM needs (only where a pool mints on GitHub).
-    runner_loop: Option<JoinHandle<()>>,
+    /// The runner loop (where a pool mints on GitHub) and the scaler (where a pool has a
+    /// provider).
+    loops: Vec<JoinHandle<()>>,
     sessions: TaskTracker,
     store: Store,
 }
@@ -155,7 +156,8 @@ pub async fn start(
         None => None,
         Some(addr) => Some(serve_metrics(app.clone(), addr, shutdown.clone()).await?),
     };
-    let (reconciler, runner_loop) = background(&app, &settings, &shutdown);
+    app.set_advertised(advertised(http_addr, grpc_addr, tls.is_some()));
+    let (reconciler, loops) = background(&app, &settings, &shutdown);
     info!(%http_addr, %grpc_addr, data_dir = %settings.data_dir.display(), auth_mode = settings.auth_mode.as_str(), tls = tls.is_some(), mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()), metrics_addr = ?metrics_addr, "MIG controller listening");
     Ok(RunningServer {
         http_addr,
@@ -167,10 +169,32 @@ pub async fn start(
         http_task,
         grpc_task,
         reconciler,
-        runner_loop,
+        loops,
         sessions,
         store,
     })
+}
+
+/// Where agents on this machine reach the listeners (an unspecified address is reached on
+/// loopback).
+fn advertised(http: SocketAddr, grpc: SocketAddr, tls: bool) -> crate::app::Advertised {
+    let scheme = if tls { "https" } else { "http" };
+    let url = |a: SocketAddr| {
+        let ip = match a.ip() {
+            std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+                std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+            }
+            std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+                std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+            }
+            ip => ip,
+        };
+        format!("{scheme}://{}", SocketAddr::new(ip, a.port()))
+    };
+    crate::app::Advertised {
+        http: url(http),
+        grpc: url(grpc),
+    }
 }
 
 /// Only a pool that registers runners on GitHub needs this installation's id: it is read
@@ -185,12 +209,13 @@ fn bind_installation(settings: &Settings) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// The background loops: the reconciler, and the runner loop where a pool mints on GitHub.
+/// The background loops: the reconciler; the runner loop where a pool mints on GitHub; the
+/// scaler where a pool has a provider.
 fn background(
     app: &Arc<Controller>,
     settings: &Settings,
     shutdown: &CancellationToken,
-) -> (JoinHandle<()>, Option<JoinHandle<()>>) {
+) -> (JoinHandle<()>, Vec<JoinHandle<()>>) {
     let reconciler = tokio::spawn(reconcile_loop(
         app.clone(),
         settings.reconcile_interval,
@@ -203,7 +228,32 @@ fn background(
             shutdown.clone(),
         ))
     });
-    (reconciler, runner_loop)
+    let scaler = settings.pools.any_scaled().then(|| {
+        tokio::spawn(scale_loop(
+            app.clone(),
+            settings.reconcile_interval,
+            shutdown.clone(),
+        ))
+    });
+    (reconciler, runner_loop.into_iter().chain(scaler).collect())
+}
+
+/// The scaler: a pass per interval and whenever demand or a VM changes (a burst of changes
+/// makes one pass), until shutdown.
+async fn scale_loop(app: Arc<Controller>, every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+            () = app.scaler_nudged() => {}
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = app.scale_once() => {}
+        }
+    }
 }
 
 /// Each listener's TLS config (watched for renewal until `shutdown`), or plain TCP.
@@ -502,8 +552,8 @@ impl RunningServer {
         bounded("gRPC server", self.grpc_task).await;
         bounded("HTTP server", self.http_task).await;
         bounded("reconciler", self.reconciler).await;
-        if let Some(task) = self.runner_loop {
-            bounded("runner loop", task).await;
+        for task in self.loops {
+            bounded("background loop", task).await;
         }
         self.store.close().await;
         info!("Store flushed; shutdown complete");

@@ -302,6 +302,9 @@ pub struct PoolRegistration {
     pub token: Arc<dyn TokenSource>,
     /// How the pool's VMs prove their identity.
     pub enrollment: crate::auth::enroll::PoolEnrollment,
+    /// Set when the controller creates and deletes the pool's VMs (`[pools.<id>.provider]`);
+    /// otherwise someone else creates them and the controller watches.
+    pub scaling: Option<crate::provider::PoolScaling>,
 }
 
 /// Registration config by pool id, with an optional fallback for pools not listed.
@@ -350,6 +353,11 @@ impl Pools {
             .any(|p| p.token.status().is_some())
     }
 
+    /// Does any pool have a provider (the controller creates its VMs)?
+    pub fn any_scaled(&self) -> bool {
+        self.by_id.values().any(|p| p.scaling.is_some())
+    }
+
     /// Does any pool enroll VMs with GCE identity tokens?
     pub fn any_gce(&self) -> bool {
         self.by_id
@@ -390,6 +398,7 @@ mod tests {
             runner_group: "default".into(),
             labels: vec![],
             token: Arc::new(StaticToken::new("t".into(), Duration::from_secs(1))),
+            scaling: None,
             enrollment: Default::default(),
         };
         let pools = Pools::new([("a".to_owned(), reg("A"))].into(), None);

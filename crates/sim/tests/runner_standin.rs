@@ -121,6 +121,7 @@ async fn configure_run_one_job_with_hooks_then_exit_as_ephemeral() -> R {
         sha: "abc123".into(),
         git_ref: "refs/heads/main".into(),
         runner: String::new(),
+        ..Job::default()
     });
     let mut child = tokio::process::Command::new(dir.join("bin/Runner.Listener"))
         .arg("run")

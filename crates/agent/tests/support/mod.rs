@@ -136,6 +136,16 @@ pub struct CtlConfig {
     pub plain_http: bool,
     /// Registrations minted on the GitHub stand-in instead of a static token.
     pub github_app: Option<GitHubMint>,
+    /// The pool `pool-e2e` sized by the scaler with the local provider, and the webhook.
+    pub scaled: Option<ScaledPool>,
+}
+
+/// A pool the controller creates VMs for (`local` provider: real `miglet` processes).
+#[derive(Debug, Clone)]
+pub struct ScaledPool {
+    pub policy: mig_controller::lifecycle::ScalePolicy,
+    pub local: mig_controller::provider::local::LocalSettings,
+    pub webhook_secret_file: PathBuf,
 }
 
 /// How the controller mints on the GitHub stand-in.
@@ -217,6 +227,7 @@ pub fn controller_settings(
                 "e2e".into(),
             ],
             token: token_source(cfg),
+            scaling: None,
             enrollment: PoolEnrollment {
                 bootstrap_secret_file: Some(cfg.secret_file.clone()),
                 gce: Some(GceRule {
@@ -230,6 +241,22 @@ pub fn controller_settings(
             },
         }),
     );
+    if let Some(scaled) = &cfg.scaled
+        && let Ok(fallback) = s.pools.get("pool-e2e")
+    {
+        let mut pool = fallback.clone();
+        pool.scaling = Some(mig_controller::provider::PoolScaling {
+            policy: scaled.policy.clone(),
+            provider: Arc::new(mig_controller::provider::local::LocalProvider::new(
+                scaled.local.clone(),
+            )),
+        });
+        s.pools = Pools::new(
+            [("pool-e2e".to_owned(), pool)].into(),
+            Some(fallback.clone()),
+        );
+        s.webhook_secret_file = Some(scaled.webhook_secret_file.clone());
+    }
     s.enroll.audience = Some(AUDIENCE.into());
     s.enroll.credential_ttl = cfg.credential_ttl;
     s.enroll.google_jwks_url = cfg.jwks_url.clone();
@@ -341,6 +368,7 @@ impl Env {
             credential_ttl: Duration::from_secs(3600),
             plain_http: false,
             github_app: None,
+            scaled: None,
         }
     }
 
@@ -570,6 +598,7 @@ pub fn job(name: &str, result: &str, ms: u64) -> Job {
         sha: "0123abcd".into(),
         git_ref: "refs/heads/main".into(),
         runner: String::new(),
+        ..Job::default()
     }
 }
 

@@ -154,6 +154,7 @@ impl Controller {
             of_current_boot.then_some(&kind),
             now,
         );
+        self.nudge_scaler();
         Ok(EventAccepted {
             vm,
             duplicate: false,

@@ -47,7 +47,7 @@ impl Controller {
         };
         let count = |result: &str| {
             self.metrics
-                .demand
+                .scaling
                 .webhook_deliveries
                 .get_or_create(&crate::metrics::WebhookLabels {
                     event: event_label.into(),
@@ -126,13 +126,12 @@ impl Controller {
                 .filter(|(id, _)| *id != "*")
                 .map(|(id, p)| (id, p.labels.as_slice())),
         );
-        let job = lifecycle::apply_job_update(
-            existing.as_ref(),
-            update,
-            pool_id,
-            |runner| lifecycle::runner_owner(runner).map(|(vm, _)| vm.to_owned()),
-            now,
-        );
+        let vm_id = match update.runner_name.as_deref() {
+            Some(runner) => self.vm_of_runner(runner).await?,
+            None => None,
+        };
+        let job =
+            lifecycle::apply_job_update(existing.as_ref(), update, pool_id, |_| vm_id.clone(), now);
         let mut batch = vec![Mutation::ClaimDelivery {
             delivery_id: delivery.to_owned(),
             at: now,
@@ -145,6 +144,7 @@ impl Controller {
         let shown = job.as_ref().or(existing.as_ref());
         if applied && let Some(j) = &job {
             self.job_changed(existing.as_ref(), j);
+            self.nudge_scaler();
         }
         Ok(WebhookAnswer {
             result: if fresh && applied {
@@ -157,13 +157,25 @@ impl Controller {
         })
     }
 
+    /// Which of our VMs a runner belongs to: runners we name are `<vm id>-<boot>`; a runner
+    /// the agent named itself carries the VM id. `None` for a runner that is not ours.
+    async fn vm_of_runner(&self, runner: &str) -> Result<Option<String>, ApiError> {
+        let owner = lifecycle::runner_owner(runner).map(|(vm, _)| vm);
+        for candidate in owner.into_iter().chain(std::iter::once(runner)) {
+            if validate_vm_id(candidate).is_ok() && self.store.vm_get(candidate).await?.is_some() {
+                return Ok(Some(candidate.to_owned()));
+            }
+        }
+        Ok(None)
+    }
+
     /// After a job's row changed: its queue time once it started, and a line in the log.
     fn job_changed(&self, old: Option<&JobRecord>, job: &JobRecord) {
         let was_started = old.is_some_and(|o| o.started_at.is_some());
         if !was_started && let (Some(wait), Some(pool)) = (lifecycle::queue_time(job), &job.pool_id)
         {
             self.metrics
-                .demand
+                .scaling
                 .job_queue_seconds
                 .get_or_create(&crate::metrics::PoolLabel { pool: pool.clone() })
                 .observe(wait as f64 / 1000.0);

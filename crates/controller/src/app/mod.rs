@@ -15,6 +15,8 @@ pub mod local;
 mod reconcile;
 mod registration;
 mod runners;
+mod scaler;
+pub use scaler::{Advertised, PoolScaleView};
 mod stream;
 
 pub(crate) use identity::fill_pool;
@@ -180,6 +182,12 @@ pub struct Controller {
     ghost_since: std::sync::Mutex<std::collections::HashMap<u64, (Millis, bool)>>,
     /// Runners of boots that are done, by runner name, to remove from GitHub once due.
     ended_runners: std::sync::Mutex<std::collections::HashMap<String, runners::EndedRunner>>,
+    /// Where agents of VMs the scaler creates reach this controller.
+    advertised: std::sync::OnceLock<scaler::Advertised>,
+    /// Asks the scaler for a pass (demand or a VM changed).
+    scale_nudge: tokio::sync::Notify,
+    /// The scaler's last figures per pool.
+    pool_scale: std::sync::Mutex<std::collections::HashMap<String, scaler::PoolScaleView>>,
 }
 
 /// Why a registration token is refused once a job ran on the VM's current boot.
@@ -218,6 +226,9 @@ impl Controller {
             runner_marks: Default::default(),
             ghost_since: Default::default(),
             ended_runners: Default::default(),
+            advertised: Default::default(),
+            scale_nudge: Default::default(),
+            pool_scale: Default::default(),
             pool_alerts: Default::default(),
             store,
             settings,

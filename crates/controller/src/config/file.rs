@@ -174,6 +174,44 @@ pub struct PoolConfig {
     pub enrollment: EnrollmentConfig,
     /// Credentials the controller mints registrations with, instead of `token`/`token_file`.
     pub github: Option<GitHubConfig>,
+    /// Where the pool's VMs come from; with it the controller sizes the pool itself.
+    pub provider: Option<ProviderConfig>,
+    /// Spare VMs kept ready beyond queued jobs [default: 0].
+    pub min_idle: Option<u32>,
+    /// VMs at most, busy ones included [default: 10].
+    pub max_size: Option<u32>,
+    /// A spare idle VM is removed after this long [default: 600].
+    pub idle_timeout_secs: Option<u64>,
+    /// An idle VM older than this is replaced [default: 86400].
+    pub max_vm_lifetime_secs: Option<u64>,
+    /// Created → `vm_started`, at most [default: 300].
+    pub boot_timeout_secs: Option<u64>,
+    /// `vm_started` → runner online, at most [default: 300].
+    pub registration_timeout_secs: Option<u64>,
+    /// VMs created per scaler pass, at most [default: 10].
+    pub scale_up_step: Option<u32>,
+}
+
+/// `[pools.<id>.provider]`: where the pool's VMs come from.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// `local` (each VM a `miglet` process on this machine).
+    pub kind: String,
+    /// local: the agent binary [default: `miglet` next to the controller, else on PATH].
+    pub miglet_bin: Option<PathBuf>,
+    /// local: the runner directory copied into each VM (required).
+    pub runner_template: Option<PathBuf>,
+    /// local: where VM directories are made [default: `<data_dir>/local-vms/<pool>`].
+    pub work_dir: Option<PathBuf>,
+    /// local: environment for every VM's agent (e.g. `MIGLET_CA_FILE`).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// local: command-line arguments for every VM's agent.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// local: a deleted VM's agent gets this long to stop [default: 30].
+    pub stop_grace_secs: Option<u64>,
 }
 
 /// `[pools.<id>.github]`: the runner scope and the credentials registrations are minted with.

@@ -22,7 +22,7 @@ pub(super) fn build_pools(
     let mut fallback = None;
     let mut accounts = Accounts::new(metrics.clone());
     for (id, p) in pools {
-        let reg = pool_registration(id, p, auth_mode, &mut accounts)?;
+        let reg = pool_registration(id, p, auth_mode, &mut accounts, data_dir)?;
         if id == "*" {
             fallback = Some(reg);
         } else {
@@ -54,6 +54,7 @@ fn dev_pool(args: &ServeArgs, data_dir: &Path) -> Result<PoolRegistration, Confi
             token,
             Duration::from_secs(default_token_ttl()),
         )),
+        scaling: None,
         enrollment: PoolEnrollment {
             bootstrap_secret_file: Some(dev_secret_file(data_dir)),
             ..PoolEnrollment::default()
@@ -67,6 +68,7 @@ fn pool_registration(
     p: &PoolConfig,
     auth_mode: AuthMode,
     accounts: &mut Accounts,
+    data_dir: &Path,
 ) -> Result<PoolRegistration, ConfigError> {
     if id != "*" {
         miglet_proto::ids::validate_id("pool id", id).map_err(|e| ConfigError::Invalid {
@@ -108,6 +110,7 @@ fn pool_registration(
         runner_group: p.runner_group.clone(),
         labels: p.labels.clone(),
         token,
+        scaling: pool_scaling(id, p, data_dir)?,
         enrollment: pool_enrollment(&name, &p.enrollment, auth_mode)?,
     })
 }
@@ -154,4 +157,124 @@ fn pool_enrollment(
         });
     }
     Ok(enrollment)
+}
+
+/// A pool's `[provider]` and sizing settings, checked: the scaler sizes only pools with a
+/// provider; sizing settings without one are refused (they would do nothing).
+fn pool_scaling(
+    id: &str,
+    p: &PoolConfig,
+    data_dir: &Path,
+) -> Result<Option<crate::provider::PoolScaling>, ConfigError> {
+    let name = format!("pools.{id}");
+    let invalid = |what: &str, reason: String| ConfigError::Invalid {
+        name: format!("{name}.{what}"),
+        reason,
+    };
+    let Some(prov) = &p.provider else {
+        let sizing = p.min_idle.is_some() || p.max_size.is_some() || p.scale_up_step.is_some();
+        return if sizing {
+            Err(invalid(
+                "provider",
+                "min_idle, max_size and scale_up_step size a pool the controller creates VMs for: add [pools.<id>.provider]".into(),
+            ))
+        } else {
+            Ok(None)
+        };
+    };
+    if id == "*" {
+        return Err(invalid(
+            "provider",
+            "the \"*\" pool cannot have a provider: name the pool".into(),
+        ));
+    }
+    let ms =
+        |what: &str, v: Option<u64>, default: u64| -> Result<crate::model::Millis, ConfigError> {
+            let secs = v.unwrap_or(default);
+            if secs == 0 {
+                return Err(invalid(what, "must be at least 1".into()));
+            }
+            Ok(i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX))
+        };
+    let policy = crate::lifecycle::ScalePolicy {
+        min_idle: p.min_idle.unwrap_or(0),
+        max_size: p.max_size.unwrap_or(10),
+        idle_timeout: ms("idle_timeout_secs", p.idle_timeout_secs, 600)?,
+        max_vm_lifetime: ms("max_vm_lifetime_secs", p.max_vm_lifetime_secs, 86_400)?,
+        boot_timeout: ms("boot_timeout_secs", p.boot_timeout_secs, 300)?,
+        registration_timeout: ms(
+            "registration_timeout_secs",
+            p.registration_timeout_secs,
+            300,
+        )?,
+        scale_up_step: p.scale_up_step.unwrap_or(10).max(1),
+    };
+    if policy.min_idle > policy.max_size {
+        return Err(invalid(
+            "min_idle",
+            format!(
+                "{} is more than max_size {}",
+                policy.min_idle, policy.max_size
+            ),
+        ));
+    }
+    let provider: Arc<dyn crate::provider::Provider> = match prov.kind.as_str() {
+        "local" => Arc::new(
+            local_provider(id, prov, data_dir)
+                .map_err(|(what, reason)| invalid(&format!("provider.{what}"), reason))?,
+        ),
+        other => {
+            return Err(invalid(
+                "provider.kind",
+                format!("{other:?} is not a provider this controller has (local)"),
+            ));
+        }
+    };
+    Ok(Some(crate::provider::PoolScaling { policy, provider }))
+}
+
+/// A `local` provider's settings, checked.
+fn local_provider(
+    id: &str,
+    prov: &ProviderConfig,
+    data_dir: &Path,
+) -> Result<crate::provider::local::LocalProvider, (&'static str, String)> {
+    let template = prov.runner_template.clone().ok_or((
+        "runner_template",
+        "required: the runner directory each VM gets a copy of".into(),
+    ))?;
+    if !template.join("config.sh").is_file() {
+        return Err((
+            "runner_template",
+            format!(
+                "{} holds no config.sh: give a runner directory",
+                template.display()
+            ),
+        ));
+    }
+    let miglet_bin = match &prov.miglet_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("miglet")))
+            .filter(|b| b.is_file())
+            .unwrap_or_else(|| PathBuf::from("miglet")),
+    };
+    Ok(crate::provider::local::LocalProvider::new(
+        crate::provider::local::LocalSettings {
+            miglet_bin,
+            runner_template: template,
+            work_dir: prov
+                .work_dir
+                .clone()
+                .unwrap_or_else(|| data_dir.join("local-vms").join(id)),
+            env: prov
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            args: prov.args.clone(),
+            stop_grace: Duration::from_secs(prov.stop_grace_secs.unwrap_or(30)),
+        },
+    ))
 }

@@ -52,6 +52,8 @@ pub struct Instance<'a> {
     /// What its agent reported, once it announced itself.
     pub vm: Option<&'a VmRecord>,
     pub drain: Drain,
+    /// The provider reports it stopped on its own (the agent exited, the VM powered off).
+    pub stopped: bool,
 }
 
 /// Why a VM is drained or deleted (also the metric label and the timeline's reason).
@@ -179,6 +181,14 @@ pub fn phase(vm: Option<&VmRecord>) -> Phase {
 /// The deletion an instance is due whatever the demand, if any.
 fn due_deletion(p: &ScalePolicy, i: &Instance<'_>, phase: Phase, now: Millis) -> Option<Reason> {
     let lifetime_over = now - i.created_at >= p.max_vm_lifetime;
+    let gone = i.stopped || matches!(phase, Phase::Ended | Phase::Lost | Phase::JobDone);
+    // A drained VM that shut down (as a drain ends) goes for the drain's reason.
+    if let (Drain::Sent(reason) | Drain::Acked(reason), true) = (i.drain, gone) {
+        return Some(reason);
+    }
+    if i.stopped {
+        return Some(Reason::Ended);
+    }
     match phase {
         Phase::Booting if now - i.created_at >= p.boot_timeout => Some(Reason::BootTimeout),
         Phase::Registering
@@ -321,6 +331,7 @@ mod tests {
             created_at,
             vm,
             drain: Drain::None,
+            stopped: false,
         }
     }
 
@@ -496,6 +507,32 @@ mod tests {
     }
 
     #[test]
+    fn a_drained_vm_that_shut_down_goes_for_the_drains_reason() {
+        let p = policy();
+        let down = vm("shutting_down", Health::Healthy, 0);
+        let mut i = inst("a", 0, Some(&down));
+        i.drain = Drain::Sent(Reason::Idle);
+        let delete = |reason| {
+            vec![ScaleAction::Delete {
+                name: "a".into(),
+                reason,
+            }]
+        };
+        assert_eq!(
+            plan(&p, &[i.clone()], 1, MIN).actions[..1],
+            delete(Reason::Idle)[..]
+        );
+        // A process that exited on its own: ended.
+        let idle = vm("idle", Health::Healthy, 0);
+        let mut exited = inst("a", 0, Some(&idle));
+        exited.stopped = true;
+        assert_eq!(
+            plan(&p, &[exited], 0, MIN).actions[..1],
+            delete(Reason::Ended)[..]
+        );
+    }
+
+    #[test]
     fn idle_vms_past_their_lifetime_are_recycled() {
         let p = policy();
         let v = vm("idle", Health::Healthy, 0);
@@ -549,6 +586,7 @@ mod tests {
                     created_at: 0,
                     vm: Some(v),
                     drain: match d { 0 => Drain::None, 1 => Drain::Sent(Reason::Idle), _ => Drain::Acked(Reason::Idle) },
+                    stopped: false,
                 })
                 .collect();
             let out = plan(&p, &instances, queued, now);

@@ -28,6 +28,8 @@ pub struct LocalSettings {
     pub work_dir: PathBuf,
     /// Environment given to every VM's agent (after the per-VM settings).
     pub env: Vec<(String, String)>,
+    /// Command-line arguments for every VM's agent.
+    pub args: Vec<String>,
     /// A deleted VM's agent gets this long after SIGTERM before SIGKILL.
     pub stop_grace: Duration,
 }
@@ -129,7 +131,8 @@ impl LocalProvider {
         std::fs::write(dir.join("created"), now_ms().to_string())
             .map_err(|e| fatal("cannot write in", &dir, e))?;
         let mut cmd = tokio::process::Command::new(&self.settings.miglet_bin);
-        cmd.env_clear()
+        cmd.args(&self.settings.args)
+            .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("MIGLET_VM_ID", name)
             .env("MIGLET_POOL_ID", &spec.pool_id)

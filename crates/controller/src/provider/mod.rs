@@ -72,6 +72,13 @@ pub enum ProviderError {
     Fatal(String),
 }
 
+/// A pool the scaler sizes: its rules and where its VMs come from.
+#[derive(Debug, Clone)]
+pub struct PoolScaling {
+    pub policy: crate::lifecycle::ScalePolicy,
+    pub provider: std::sync::Arc<dyn Provider>,
+}
+
 pub type ProviderFuture<'a, T> =
     Pin<Box<dyn Future<Output = Result<T, ProviderError>> + Send + 'a>>;
 

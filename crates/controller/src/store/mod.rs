@@ -328,6 +328,8 @@ pub enum Mutation {
     /// Insert or replace a job's row, unless the stored row is at a later status (a late
     /// delivery never moves a job back): [`Outcome::Applied`] says whether.
     PutJob(JobRecord),
+    /// Insert or replace an instance's row.
+    PutInstance(InstanceRecord),
 }
 
 /// The result of one [`Mutation`], in order.

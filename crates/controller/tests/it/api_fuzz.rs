@@ -57,6 +57,7 @@ async fn the_operator_api_answers_as_its_openapi_document_says() {
                 "ghs_fuzz".into(),
                 Duration::from_secs(600),
             )),
+            scaling: None,
             enrollment: PoolEnrollment {
                 bootstrap_secret_file: Some(secret_file.clone()),
                 enrollment_tokens: true,

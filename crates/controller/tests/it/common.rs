@@ -470,6 +470,7 @@ pub fn pools(st: &mut Settings, dir: &std::path::Path, jwks: &str) {
         runner_group: "default".into(),
         labels: vec!["self-hosted".into()],
         token: Arc::new(StaticToken::new(TOKEN.into(), Duration::from_secs(600))),
+        scaling: None,
         enrollment,
     };
     let secret = |name: &str, value: &str| {

@@ -155,6 +155,8 @@ async fn jobs_follow_their_deliveries_forward_only_and_go_to_the_most_specific_p
         let (_, answer) = deliver(&s, "workflow_job", id, &gpu_job, Some(SECRET)).await;
         assert_eq!(answer["result"], "duplicate", "{id}");
     }
+    // Runner `vm-gpu-1-1` is boot 1 of our VM `vm-gpu-1`.
+    s.vm_started("vm-gpu-1", "gpu").await;
     let started = job(
         "in_progress",
         7,

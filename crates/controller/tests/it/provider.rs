@@ -39,6 +39,7 @@ fn provider(dir: &std::path::Path) -> LocalProvider {
         runner_template: dir.join("template"),
         work_dir: dir.join("vms"),
         env: vec![("MIGLET_HEARTBEAT_INTERVAL".into(), "2s".into())],
+        args: vec![],
         stop_grace: Duration::from_secs(2),
     })
 }

@@ -68,6 +68,7 @@ async fn expired_register_runner_is_never_delivered_and_a_fresh_one_is_issued() 
             runner_group: "default".into(),
             labels: vec!["self-hosted".into()],
             token: Arc::new(StaticToken::new(TOKEN.into(), Duration::from_secs(1))),
+            scaling: None,
             enrollment: mig_controller::auth::enroll::PoolEnrollment {
                 bootstrap_secret_file: Some(mig_controller::config::dev_secret_file(&st.data_dir)),
                 ..Default::default()

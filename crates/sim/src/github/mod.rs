@@ -46,6 +46,23 @@ pub struct Job {
     /// Only this runner may take it; any registered runner when empty.
     #[serde(default)]
     pub runner: String,
+    /// The job's id (as in `workflow_job.id`); with a webhook set, its deliveries name it.
+    #[serde(default)]
+    pub id: u64,
+    /// The job's `runs-on` labels: only a runner with all of them takes it (every runner
+    /// has `self-hosted`, `linux` and `x64`, as GitHub's do).
+    #[serde(default)]
+    pub labels: Vec<String>,
+}
+
+/// Where the stand-in delivers `workflow_job` webhooks, signed with the secret.
+#[derive(Debug, Clone, Default)]
+struct Webhook {
+    url: String,
+    secret: String,
+    /// Deliveries to drop (a lost webhook), counted down.
+    lose: u32,
+    sent: u64,
 }
 
 fn succeeded() -> String {
@@ -80,6 +97,9 @@ struct Inner {
     queue: VecDeque<Job>,
     reports: Vec<JobReport>,
     rest: rest::Rest,
+    webhook: Option<Webhook>,
+    /// The job each runner took, for its `completed` delivery.
+    taken: HashMap<String, Job>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -102,7 +122,33 @@ impl FakeGitHub {
     }
 
     pub fn enqueue_job(&self, job: Job) {
-        self.lock().queue.push_back(job);
+        let mut inner = self.lock();
+        deliver(&mut inner, "queued", &job, None, None);
+        inner.queue.push_back(job);
+    }
+
+    /// Delivers `workflow_job` webhooks (queued when a job is enqueued, in_progress when a
+    /// runner takes it, completed when it reports) to `url`, signed with `secret` as GitHub
+    /// signs them.
+    pub fn with_webhook(self, url: &str, secret: &str) -> FakeGitHub {
+        self.lock().webhook = Some(Webhook {
+            url: url.to_owned(),
+            secret: secret.to_owned(),
+            ..Webhook::default()
+        });
+        self
+    }
+
+    /// Drops the next `n` webhook deliveries (GitHub does not retry them).
+    pub fn lose_webhooks(&self, n: u32) {
+        if let Some(w) = self.lock().webhook.as_mut() {
+            w.lose = n;
+        }
+    }
+
+    /// Jobs queued that no runner has taken.
+    pub fn queued_jobs(&self) -> usize {
+        self.lock().queue.len()
     }
 
     pub fn runners(&self) -> Vec<RegisteredRunner> {
@@ -226,12 +272,21 @@ async fn next_job(State(g): State<FakeGitHub>, Path(name): Path<String>) -> Resp
         Some(r) if r.status != "deleted" => r.status = "online".into(),
         _ => return (StatusCode::NOT_FOUND, "runner not registered").into_response(),
     }
+    let labels = inner
+        .runners
+        .get(&name)
+        .map(|r| r.labels.clone())
+        .unwrap_or_default();
     let pos = inner
         .queue
         .iter()
-        .position(|j| j.runner.is_empty() || j.runner == name);
+        .position(|j| (j.runner.is_empty() || j.runner == name) && can_run(&labels, &j.labels));
     match pos.and_then(|p| inner.queue.remove(p)) {
-        Some(job) => Json(job).into_response(),
+        Some(job) => {
+            deliver(&mut inner, "in_progress", &job, Some(&name), None);
+            inner.taken.insert(name, job.clone());
+            Json(job).into_response()
+        }
         None => StatusCode::NO_CONTENT.into_response(),
     }
 }
@@ -247,8 +302,95 @@ async fn delete_runner(State(g): State<FakeGitHub>, Path(name): Path<String>) ->
 }
 
 async fn report(State(g): State<FakeGitHub>, Json(r): Json<JobReport>) -> StatusCode {
-    g.lock().reports.push(r);
+    let mut inner = g.lock();
+    if let Some(job) = inner.taken.remove(&r.runner) {
+        let conclusion = match r.result.as_str() {
+            "Succeeded" | "SucceededWithIssues" => "success",
+            "Canceled" => "cancelled",
+            _ => "failure",
+        };
+        deliver(
+            &mut inner,
+            "completed",
+            &job,
+            Some(&r.runner),
+            Some(conclusion),
+        );
+    }
+    inner.reports.push(r);
     StatusCode::NO_CONTENT
+}
+
+/// Whether a runner with `runner` labels may take a job asking for `wanted` (GitHub's
+/// default labels are every runner's).
+fn can_run(runner: &[String], wanted: &[String]) -> bool {
+    wanted.iter().all(|w| {
+        ["self-hosted", "linux", "x64"]
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(w))
+            || runner.iter().any(|l| l.eq_ignore_ascii_case(w))
+    })
+}
+
+/// Sends one `workflow_job` delivery in the background, as GitHub's hookshot does: raw JSON
+/// body, `X-GitHub-Event`, a fresh `X-GitHub-Delivery`, `X-Hub-Signature-256`.
+fn deliver(
+    inner: &mut Inner,
+    action: &str,
+    job: &Job,
+    runner: Option<&str>,
+    conclusion: Option<&str>,
+) {
+    let Some(hook) = inner.webhook.as_mut() else {
+        return;
+    };
+    if job.id == 0 {
+        return;
+    }
+    if hook.lose > 0 {
+        hook.lose -= 1;
+        return;
+    }
+    hook.sent += 1;
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let (owner, repo) = job.repository.split_once('/').unwrap_or(("acme", "app"));
+    let body = serde_json::json!({
+        "action": action,
+        "workflow_job": {
+            "id": job.id,
+            "run_id": job.run_id.parse::<u64>().unwrap_or(job.id),
+            "run_attempt": 1,
+            "name": job.name,
+            "workflow_name": "CI",
+            "status": action,
+            "conclusion": conclusion,
+            "labels": job.labels,
+            "runner_name": runner,
+            "created_at": now,
+            "started_at": (action != "queued").then_some(&now),
+            "completed_at": (action == "completed").then_some(&now),
+        },
+        "repository": {"full_name": format!("{owner}/{repo}")},
+    })
+    .to_string();
+    let signature = mig_controller::github::webhook::sign(hook.secret.as_bytes(), body.as_bytes());
+    let url = hook.url.clone();
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let sent = client
+            .post(&url)
+            .header("X-GitHub-Event", "workflow_job")
+            .header("X-GitHub-Delivery", uuid::Uuid::new_v4().to_string())
+            .header("X-Hub-Signature-256", signature)
+            .header("User-Agent", "GitHub-Hookshot/miglet-sim")
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        if let Err(e) = sent {
+            eprintln!("webhook delivery to {url} failed: {e}");
+        }
+    });
 }
 
 async fn add_job(State(g): State<FakeGitHub>, Json(job): Json<Job>) -> StatusCode {

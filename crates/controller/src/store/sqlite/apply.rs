@@ -80,5 +80,6 @@ pub(super) async fn apply(conn: &mut SqliteConnection, m: Mutation) -> Result<Ou
             forget_before,
         } => job::claim_delivery(conn, &delivery_id, at, forget_before).await,
         Mutation::PutJob(j) => job::put_job(conn, j).await,
+        Mutation::PutInstance(i) => job::put_instance(conn, i).await,
     }
 }

@@ -1,6 +1,7 @@
-//! Jobs GitHub told us of, and the webhook deliveries already applied.
+//! Demand and supply: jobs GitHub told us of, the webhook deliveries already applied, and
+//! the instances the scaler asked providers for.
 
-use super::super::{JobRecord, Millis, Outcome, StoreError};
+use super::super::{InstanceRecord, JobRecord, Millis, Outcome, StoreError};
 use super::apply::to_json;
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
@@ -84,6 +85,47 @@ pub(super) fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
         queued_at: r.try_get("queued_at")?,
         started_at: r.try_get("started_at")?,
         completed_at: r.try_get("completed_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+pub(super) async fn put_instance(
+    conn: &mut SqliteConnection,
+    i: InstanceRecord,
+) -> Result<Outcome, StoreError> {
+    sqlx::query(
+        "INSERT OR REPLACE INTO instances (name, pool_id, provider, state, requested_at, \
+         provider_id, drain_command_id, drain_reason, delete_reason, deleted_at, updated_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&i.name)
+    .bind(&i.pool_id)
+    .bind(&i.provider)
+    .bind(&i.state)
+    .bind(i.requested_at)
+    .bind(&i.provider_id)
+    .bind(&i.drain_command_id)
+    .bind(&i.drain_reason)
+    .bind(&i.delete_reason)
+    .bind(i.deleted_at)
+    .bind(i.updated_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Outcome::Done)
+}
+
+pub(super) fn instance_from_row(r: &SqliteRow) -> Result<InstanceRecord, StoreError> {
+    Ok(InstanceRecord {
+        name: r.try_get("name")?,
+        pool_id: r.try_get("pool_id")?,
+        provider: r.try_get("provider")?,
+        state: r.try_get("state")?,
+        requested_at: r.try_get("requested_at")?,
+        provider_id: r.try_get("provider_id")?,
+        drain_command_id: r.try_get("drain_command_id")?,
+        drain_reason: r.try_get("drain_reason")?,
+        delete_reason: r.try_get("delete_reason")?,
+        deleted_at: r.try_get("deleted_at")?,
         updated_at: r.try_get("updated_at")?,
     })
 }

@@ -22,6 +22,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../../migrations/0005_pool_binding.sql"),
     ),
     (6, "jobs", include_str!("../../../migrations/0006_jobs.sql")),
+    (
+        7,
+        "instances",
+        include_str!("../../../migrations/0007_instances.sql"),
+    ),
 ];
 
 pub(super) async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {

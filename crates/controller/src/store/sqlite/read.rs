@@ -460,6 +460,41 @@ impl Reads {
         .collect()
     }
 
+    /// The instances of `pool_id` not deleted yet.
+    pub async fn instances_live(&self, pool_id: &str) -> Result<Vec<InstanceRecord>, StoreError> {
+        sqlx::query(
+            "SELECT * FROM instances WHERE pool_id = ? AND state != 'deleted' ORDER BY name",
+        )
+        .bind(pool_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(job::instance_from_row)
+        .collect()
+    }
+
+    /// The `limit` instances deleted last, newest first (with why).
+    pub async fn instances_deleted(&self, limit: u32) -> Result<Vec<InstanceRecord>, StoreError> {
+        sqlx::query(
+            "SELECT * FROM instances WHERE state = 'deleted' ORDER BY deleted_at DESC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(job::instance_from_row)
+        .collect()
+    }
+
+    pub async fn instance_get(&self, name: &str) -> Result<Option<InstanceRecord>, StoreError> {
+        sqlx::query("SELECT * FROM instances WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| job::instance_from_row(&r))
+            .transpose()
+    }
+
     /// The `limit` jobs updated last, newest first.
     pub async fn jobs_recent(&self, limit: u32) -> Result<Vec<JobRecord>, StoreError> {
         sqlx::query("SELECT * FROM jobs ORDER BY updated_at DESC, job_id DESC LIMIT ?")

@@ -245,6 +245,7 @@ pub fn job(name: &str, ms: u64) -> Job {
         sha: "feedbeef".into(),
         git_ref: "refs/heads/main".into(),
         runner: String::new(),
+        ..Job::default()
     }
 }
 

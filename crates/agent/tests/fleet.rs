@@ -1,0 +1,180 @@
+//! Pools that run themselves, end to end: the real controller with a `local` pool (each VM
+//! a real `miglet` process), the GitHub stand-in delivering signed `workflow_job` webhooks,
+//! and the runner stand-in running the jobs.
+
+mod support;
+
+use mig_controller::lifecycle::ScalePolicy;
+use mig_controller::provider::local::LocalSettings;
+use miglet_sim::github::Job;
+use std::time::Duration;
+use support::*;
+
+const WEBHOOK_SECRET: &str = "fleet-e2e-webhook-secret-0123456789";
+
+fn policy(max_size: u32) -> ScalePolicy {
+    ScalePolicy {
+        min_idle: 0,
+        max_size,
+        idle_timeout: 60_000,
+        max_vm_lifetime: 3_600_000,
+        boot_timeout: 60_000,
+        registration_timeout: 60_000,
+        scale_up_step: 10,
+    }
+}
+
+/// A controller whose `pool-e2e` is sized by the scaler, and the stand-in delivering its
+/// webhooks to it.
+async fn fleet(env: &Env, max_size: u32) -> Controller {
+    let secret_file = env.dir.path().join("webhook.secret");
+    std::fs::write(&secret_file, WEBHOOK_SECRET).unwrap_or_else(|e| panic!("{e}"));
+    let local = LocalSettings {
+        miglet_bin: MIGLET.into(),
+        runner_template: env.dir.path().join("runner"),
+        work_dir: env.dir.path().join("vms"),
+        env: vec![
+            (
+                "MIGLET_BOOTSTRAP_SECRET_FILE".into(),
+                env.dir.path().join("pool.secret").display().to_string(),
+            ),
+            ("MIGLET_ORG_ID".into(), "org-e2e".into()),
+            ("MIGLET_HEARTBEAT_INTERVAL".into(), "2s".into()),
+            ("MIGLET_POLL_INTERVAL".into(), "1s".into()),
+            ("MIGLET_SHUTDOWN_GRACE_PERIOD".into(), "3s".into()),
+        ],
+        args: vec!["--runner-user=".into()],
+        stop_grace: Duration::from_secs(5),
+    };
+    let cfg = CtlConfig {
+        plain_http: true,
+        scaled: Some(ScaledPool {
+            policy: policy(max_size),
+            local,
+            webhook_secret_file: secret_file,
+        }),
+        ..env.ctl()
+    };
+    let ctl = Controller::start(&env.dir.path().join("ctl"), &cfg).await;
+    let _ = env.github.clone().with_webhook(
+        &format!("http://{}/api/v1/github/webhook", ctl.http),
+        WEBHOOK_SECRET,
+    );
+    ctl
+}
+
+fn job(id: u64) -> Job {
+    Job {
+        name: format!("build {id}"),
+        job_key: "build".into(),
+        result: "Succeeded".into(),
+        duration_ms: 300,
+        run_id: format!("{}", id * 10),
+        repository: "acme/widgets".into(),
+        id,
+        labels: vec!["self-hosted".into(), "e2e".into()],
+        ..Job::default()
+    }
+}
+
+/// The VM directories the local provider holds.
+fn vm_dirs(env: &Env) -> usize {
+    std::fs::read_dir(env.dir.path().join("vms")).map_or(0, |d| d.count())
+}
+
+#[tokio::test]
+async fn a_queued_job_gets_a_vm_that_runs_it_and_is_deleted_after() {
+    let env = env().await;
+    let mut ctl = fleet(&env, 5).await;
+    env.github.enqueue_job(job(101));
+    let app = ctl.app();
+    miglet_sim::testkit::wait_for("the job to complete", Duration::from_secs(90), || async {
+        app.store()
+            .job_get(101)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|j| j.status == "completed")
+    })
+    .await;
+    let stored = app
+        .store()
+        .job_get(101)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("job"));
+    assert_eq!(stored.pool_id.as_deref(), Some("pool-e2e"));
+    assert_eq!(stored.conclusion.as_deref(), Some("success"));
+    let vm = stored
+        .vm_id
+        .clone()
+        .unwrap_or_else(|| panic!("the job names its VM: {stored:?}"));
+    assert!(vm.starts_with("pool-e2e-"), "{vm}");
+    assert_eq!(env.github.reports().len(), 1);
+    // The ephemeral VM is deleted once its job is done, and nothing replaces it.
+    miglet_sim::testkit::wait_for("the VM to be deleted", Duration::from_secs(30), || async {
+        app.store()
+            .instance_get(&vm)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|i| i.state == "deleted")
+    })
+    .await;
+    let inst = app
+        .store()
+        .instance_get(&vm)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("instance"));
+    assert_eq!(inst.delete_reason.as_deref(), Some("job_done"));
+    assert_eq!(vm_dirs(&env), 0, "the VM's process and directory are gone");
+    let log = app.store().vm_log_for_vm(&vm).await.unwrap_or_default();
+    assert!(log.iter().any(|l| l.kind == "vm_deleted"), "{log:?}");
+    let m = app.render_metrics().await;
+    for line in [
+        "mig_pool_vms_created_total{pool=\"pool-e2e\"} 1",
+        "mig_pool_vms_deleted_total{pool=\"pool-e2e\",reason=\"job_done\"} 1",
+        "mig_job_queue_seconds_count{pool=\"pool-e2e\"} 1",
+    ] {
+        assert!(m.contains(line), "{line} not in:\n{m}");
+    }
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn many_jobs_never_make_more_vms_than_max_size() {
+    let env = env().await;
+    let mut ctl = fleet(&env, 3).await;
+    for id in 1..=9 {
+        env.github.enqueue_job(job(200 + id));
+    }
+    let app = ctl.app();
+    let mut most = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(150);
+    while env.github.reports().len() < 9 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of 9 jobs ran",
+            env.github.reports().len()
+        );
+        most = most.max(vm_dirs(&env));
+        assert!(most <= 3, "{most} VMs at once with max_size 3");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(most >= 2, "the pool scaled out ({most} at most)");
+    miglet_sim::testkit::wait_for(
+        "every VM to be deleted",
+        Duration::from_secs(30),
+        || async { vm_dirs(&env) == 0 },
+    )
+    .await;
+    let m = app.render_metrics().await;
+    assert!(
+        m.contains("mig_pool_vms_created_total{pool=\"pool-e2e\"} 9"),
+        "{m}"
+    );
+    ctl.stop().await;
+}
