@@ -4,6 +4,10 @@
 //!   serves the fake GitHub; the jobs are queued at start.
 //! * `miglet-sim install-runner DIR`: installs the runner stand-in (with
 //!   `fake-runner-listener` from next to this binary) into DIR.
+//! * `miglet-sim demo [--dir D] [--jobs-per-minute N] ...`: the whole fleet on this
+//!   machine (see `demo.rs`).
+
+mod demo;
 
 use anyhow::Context;
 use miglet_sim::github::{FakeGitHub, Job};
@@ -11,14 +15,33 @@ use std::path::PathBuf;
 
 fn usage() -> anyhow::Error {
     anyhow::anyhow!(
-        "usage: miglet-sim github --token T [--addr A] [--addr-file F] [--job NAME:RESULT:MS]... | miglet-sim install-runner DIR"
+        "usage: miglet-sim github --token T [--addr A] [--addr-file F] [--job NAME:RESULT:MS]... | miglet-sim install-runner DIR | miglet-sim demo [--help]"
     )
 }
 
-#[tokio::main(flavor = "current_thread")]
+#[derive(clap::Parser)]
+#[command(name = "miglet-sim demo", about = "The whole fleet on this machine")]
+struct DemoCli {
+    #[command(flatten)]
+    args: demo::DemoArgs,
+}
+
+#[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        Some("demo") => {
+            use clap::Parser;
+            let cli = DemoCli::parse_from(std::env::args().skip(1));
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "warn,mig_controller::app::scaler=info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            demo::run(cli.args).await
+        }
         Some("install-runner") => {
             let dir = PathBuf::from(args.get(1).ok_or_else(usage)?);
             let me = std::env::current_exe()?;
