@@ -133,6 +133,38 @@ async fn a_queued_job_gets_a_vm_that_runs_it_and_is_deleted_after() {
     assert_eq!(vm_dirs(&env), 0, "the VM's process and directory are gone");
     let log = app.store().vm_log_for_vm(&vm).await.unwrap_or_default();
     assert!(log.iter().any(|l| l.kind == "vm_deleted"), "{log:?}");
+    // The pool view says what the scaler saw, and the job is listed with its VM.
+    let token = std::fs::read_to_string(env.dir.path().join("ctl").join("initial-admin-token"))
+        .unwrap_or_else(|e| panic!("admin token: {e}"));
+    let admin = |path: &'static str| {
+        let (url, token) = (
+            format!("http://{}{path}", ctl.http),
+            token.trim().to_owned(),
+        );
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{path}: {e}"))
+                .json::<serde_json::Value>()
+                .await
+                .unwrap_or_else(|e| panic!("{path}: {e}"))
+        }
+    };
+    let pools = admin("/api/v1/admin/pools").await;
+    let pool = pools["pools"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["pool_id"] == "pool-e2e"))
+        .unwrap_or_else(|| panic!("{pools}"));
+    assert_eq!(pool["scaling"]["provider"], "local", "{pool}");
+    assert_eq!(pool["scaling"]["max_size"], 5, "{pool}");
+    assert!(pool["scaling"]["last_pass_at"].is_i64(), "{pool}");
+    let jobs = admin("/api/v1/admin/jobs").await;
+    assert_eq!(jobs["jobs"][0]["job_id"], 101, "{jobs}");
+    assert_eq!(jobs["jobs"][0]["vm_id"], vm.as_str(), "{jobs}");
+    assert!(jobs["jobs"][0]["queue_ms"].is_i64(), "{jobs}");
     let m = app.render_metrics().await;
     for line in [
         "mig_pool_vms_created_total{pool=\"pool-e2e\"} 1",

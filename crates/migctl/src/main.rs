@@ -85,6 +85,12 @@ enum Cmd {
     Events(EventsCmd),
     /// Pools with counts by state and health.
     Pools,
+    /// Recent jobs from GitHub's webhooks: pool, VM, queue time, duration, result.
+    Jobs {
+        /// At most this many, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// Drain a VM (or every VM of a pool): finish the running job, take no new one.
     Drain {
         #[command(flatten)]
@@ -505,6 +511,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                         Some(a) => format!("alert: {a}"),
                                         None => registration_status(&p["registration"]),
                                     },
+                                    scaling_status(&p["scaling"]),
                                 ]
                             })
                             .collect()
@@ -514,7 +521,55 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     return "No pools yet: no VM has contacted the controller.\n".into();
                 }
                 table::render(
-                    &["POOL", "VMS", "STREAMS", "STATES", "HEALTH", "RUNNERS"],
+                    &[
+                        "POOL", "VMS", "STREAMS", "STATES", "HEALTH", "RUNNERS", "SCALING",
+                    ],
+                    &rows,
+                )
+            });
+        }
+        Cmd::Jobs { limit } => {
+            let jobs = client
+                .get("/api/v1/admin/jobs", &[("limit", limit.to_string())])
+                .await?;
+            emit(out, &jobs, || {
+                let secs = |v: &Value| {
+                    v.as_i64()
+                        .map_or_else(|| "-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0))
+                };
+                let rows: Vec<Vec<String>> = jobs["jobs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|j| {
+                        vec![
+                            s(&j["job_id"]),
+                            s(&j["repository"]),
+                            s(&j["name"]),
+                            s(&j["pool_id"]),
+                            s(&j["vm_id"]),
+                            s(&j["status"]),
+                            s(&j["conclusion"]),
+                            secs(&j["queue_ms"]),
+                            secs(&j["duration_ms"]),
+                        ]
+                    })
+                    .collect();
+                if rows.is_empty() {
+                    return "No jobs yet: none came in through the GitHub webhook.\n".into();
+                }
+                table::render(
+                    &[
+                        "JOB",
+                        "REPOSITORY",
+                        "NAME",
+                        "POOL",
+                        "VM",
+                        "STATUS",
+                        "RESULT",
+                        "QUEUED",
+                        "RAN",
+                    ],
                     &rows,
                 )
             });
@@ -781,6 +836,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// A sized pool at a glance: `-` (VMs made by someone else), or wanted vs there, busy,
+/// queued jobs and the provider's last error.
+fn scaling_status(v: &Value) -> String {
+    if v.is_null() {
+        return "-".into();
+    }
+    let mut out = format!(
+        "{} {}/{} wanted (max {}), {} busy, {} queued",
+        s(&v["provider"]),
+        s(&v["actual"]),
+        s(&v["desired"]),
+        s(&v["max_size"]),
+        s(&v["busy"]),
+        s(&v["queued_jobs"]),
+    );
+    if let Some(e) = v["last_error"].as_str() {
+        out.push_str(&format!("; error: {e}"));
+    }
+    out
+}
+
 /// A pool's GitHub minting at a glance: `-` (not minting), `ok`, or the last error.
 fn registration_status(r: &Value) -> String {
     if r.is_null() {
@@ -796,6 +872,20 @@ fn registration_status(r: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sized_pool_shows_wanted_and_there() {
+        assert_eq!(scaling_status(&Value::Null), "-");
+        let v = serde_json::json!({"provider": "local", "actual": 3, "desired": 5, "max_size": 10,
+            "busy": 2, "queued_jobs": 4, "last_error": null});
+        assert_eq!(
+            scaling_status(&v),
+            "local 3/5 wanted (max 10), 2 busy, 4 queued"
+        );
+        let v = serde_json::json!({"provider": "local", "actual": 0, "desired": 1, "max_size": 1,
+            "busy": 0, "queued_jobs": 1, "last_error": "no such file"});
+        assert!(scaling_status(&v).ends_with("; error: no such file"));
+    }
 
     #[test]
     fn command_line_definition_is_consistent() {

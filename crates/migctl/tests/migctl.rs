@@ -21,7 +21,10 @@ impl Fleet {
     /// A controller with VMs vm-1 (pool-a, running a job), vm-2 (pool-a) and vm-3 (pool-b).
     async fn start() -> Fleet {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let s = Settings::for_tests(&dir.path().join("data"), "TESTTOKEN-migctl");
+        let mut s = Settings::for_tests(&dir.path().join("data"), "TESTTOKEN-migctl");
+        let secret = dir.path().join("webhook.secret");
+        std::fs::write(&secret, WEBHOOK_SECRET).unwrap_or_else(|e| panic!("{e}"));
+        s.webhook_secret_file = Some(secret);
         let (h, g) = server::bind(&s).await.unwrap_or_else(|e| panic!("{e}"));
         let running = server::start(s, h, g)
             .await
@@ -135,6 +138,8 @@ impl Fleet {
     }
 }
 
+const WEBHOOK_SECRET: &str = "migctl-test-webhook-secret-0123";
+
 #[tokio::test]
 async fn lists_shows_and_searches() -> R {
     let mut f = Fleet::start().await;
@@ -181,6 +186,41 @@ async fn lists_shows_and_searches() -> R {
     let (code, out, _) = f.migctl(&["pools"]).await;
     assert_eq!(code, 0);
     assert!(out.contains("pool-a") && out.contains("pool-b"), "{out}");
+    assert!(out.contains("SCALING"), "{out}");
+
+    // A job from GitHub's webhook, taken by vm-1's runner.
+    for (action, runner) in [("queued", None), ("in_progress", Some("vm-1"))] {
+        let body = json!({
+            "action": action,
+            "workflow_job": {"id": 5150, "run_id": 77, "name": "lint", "labels": ["self-hosted"],
+                             "runner_name": runner, "created_at": "2026-12-04T10:00:00Z"},
+            "repository": {"full_name": "acme/app"}
+        })
+        .to_string();
+        let r = f
+            .http
+            .post(format!("{}/api/v1/github/webhook", f.base))
+            .header("X-GitHub-Event", "workflow_job")
+            .header("X-GitHub-Delivery", format!("d-{action}"))
+            .header(
+                "X-Hub-Signature-256",
+                mig_controller::github::webhook::sign(WEBHOOK_SECRET.as_bytes(), body.as_bytes()),
+            )
+            .body(body)
+            .send()
+            .await?;
+        assert_eq!(r.status(), 200);
+    }
+    let (code, out, err) = f.migctl(&["jobs"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("JOB") && out.contains("QUEUED"), "{out}");
+    assert!(
+        out.contains("5150")
+            && out.contains("acme/app")
+            && out.contains("vm-1")
+            && out.contains("in_progress"),
+        "{out}"
+    );
     f.stop().await;
     Ok(())
 }

@@ -93,6 +93,7 @@ fn router_and_doc() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(list_commands))
         .routes(routes!(get_command))
         .routes(routes!(list_pools))
+        .routes(routes!(list_jobs))
         .routes(routes!(identity::move_pool))
         .routes(routes!(identity::create_enrollment_token))
         .routes(routes!(audit))
@@ -163,6 +164,7 @@ mod tests {
             "/api/v1/admin/commands",
             "/api/v1/admin/commands/{command_id}",
             "/api/v1/admin/pools",
+            "/api/v1/admin/jobs",
             "/api/v1/admin/audit",
             "/api/v1/admin/whoami",
         ] {

@@ -19,6 +19,62 @@ pub struct PoolSummary {
     pub registration: Option<crate::token::SourceStatus>,
     /// The pool's latest alert (e.g. a runner version GitHub no longer accepts).
     pub alert: Option<crate::token::PoolAlert>,
+    /// For a pool the controller sizes (it has a provider): its rules and the last pass.
+    pub scaling: Option<PoolScalingView>,
+}
+
+/// A sized pool's rules and what the scaler's last pass found.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PoolScalingView {
+    /// `local`, later `gce-mig`.
+    pub provider: String,
+    pub min_idle: u32,
+    pub max_size: u32,
+    /// VMs wanted: busy ones plus queued jobs plus `min_idle`, within `max_size`.
+    pub desired: u32,
+    /// VMs there are (not being deleted).
+    pub actual: u32,
+    pub busy: u32,
+    pub spare: u32,
+    /// Jobs queued for the pool that no VM has taken yet.
+    pub queued_jobs: u32,
+    /// When the last pass ran (Unix ms; absent before the first).
+    pub last_pass_at: Option<i64>,
+    /// The last provider failure, until a pass succeeds.
+    pub last_error: Option<String>,
+}
+
+fn scaling_view(app: &AppState, pool_id: &str) -> Option<PoolScalingView> {
+    let pools = &app.settings().pools;
+    let scaling = pools.get(pool_id).ok()?.scaling.as_ref()?;
+    let last = app.pool_scale_views().remove(pool_id).unwrap_or_default();
+    Some(PoolScalingView {
+        provider: scaling.provider.kind().to_owned(),
+        min_idle: scaling.policy.min_idle,
+        max_size: scaling.policy.max_size,
+        desired: last.desired,
+        actual: last.actual,
+        busy: last.busy,
+        spare: last.spare,
+        queued_jobs: last.queued_jobs,
+        last_pass_at: (last.at > 0).then_some(last.at),
+        last_error: last.last_error,
+    })
+}
+
+fn empty_summary(app: &AppState, pool_id: &str) -> PoolSummary {
+    let reg = app.settings().pools.get(pool_id).ok();
+    PoolSummary {
+        pool_id: pool_id.to_owned(),
+        total: 0,
+        connected: 0,
+        by_state: BTreeMap::new(),
+        by_health: BTreeMap::new(),
+        labels: reg.map(|r| r.labels.clone()).unwrap_or_default(),
+        alert: app.pool_alert(pool_id),
+        registration: reg.and_then(|r| r.token.status()),
+        scaling: scaling_view(app, pool_id),
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -26,7 +82,8 @@ pub struct PoolList {
     pub pools: Vec<PoolSummary>,
 }
 
-/// Every pool with VMs, with counts by state and health.
+/// Every pool with VMs, and every pool the controller sizes (even at zero VMs), with
+/// counts by state and health.
 #[utoipa::path(get, path = "/api/v1/admin/pools", tag = "pools",
     responses((status = 200, body = PoolList)))]
 pub(super) async fn list_pools(State(app): State<AppState>) -> Result<Json<PoolList>, ApiError> {
@@ -34,32 +91,96 @@ pub(super) async fn list_pools(State(app): State<AppState>) -> Result<Json<PoolL
     for c in app.reads().pool_counts().await? {
         let p = pools
             .entry(c.pool_id.clone())
-            .or_insert_with(|| PoolSummary {
-                pool_id: c.pool_id.clone(),
-                total: 0,
-                connected: 0,
-                by_state: BTreeMap::new(),
-                by_health: BTreeMap::new(),
-                labels: app
-                    .settings()
-                    .pools
-                    .get(&c.pool_id)
-                    .map(|r| r.labels.clone())
-                    .unwrap_or_default(),
-                alert: app.pool_alert(&c.pool_id),
-                registration: app
-                    .settings()
-                    .pools
-                    .get(&c.pool_id)
-                    .ok()
-                    .and_then(|r| r.token.status()),
-            });
+            .or_insert_with(|| empty_summary(&app, &c.pool_id));
         p.total += c.count;
         p.connected += c.connected;
         *p.by_state.entry(c.state).or_default() += c.count;
         *p.by_health.entry(c.health.as_str().to_owned()).or_default() += c.count;
     }
+    for (id, reg) in app.settings().pools.iter() {
+        if reg.scaling.is_some() && !pools.contains_key(id) {
+            pools.insert(id.to_owned(), empty_summary(&app, id));
+        }
+    }
     Ok(Json(PoolList {
         pools: pools.into_values().collect(),
+    }))
+}
+
+/// One job GitHub told us of.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobView {
+    pub job_id: i64,
+    pub run_id: i64,
+    pub repository: String,
+    pub name: String,
+    pub workflow_name: Option<String>,
+    pub labels: Vec<String>,
+    /// `queued`, `waiting`, `in_progress` or `completed`.
+    pub status: String,
+    pub conclusion: Option<String>,
+    pub pool_id: Option<String>,
+    pub vm_id: Option<String>,
+    pub runner_name: Option<String>,
+    /// Unix ms.
+    pub queued_at: i64,
+    pub started_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    /// Queued → in progress, ms.
+    pub queue_ms: Option<i64>,
+    /// In progress → completed, ms.
+    pub duration_ms: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<JobView>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct JobsQuery {
+    /// At most this many, newest first [default: 100, at most 1000].
+    pub limit: Option<u32>,
+}
+
+/// The jobs updated last (from GitHub's `workflow_job` webhooks), newest first.
+#[utoipa::path(get, path = "/api/v1/admin/jobs", tag = "pools", params(JobsQuery),
+    responses((status = 200, body = JobList), (status = 400, description = "bad limit")))]
+pub(super) async fn list_jobs(
+    State(app): State<AppState>,
+    q: Result<Query<JobsQuery>, QueryRejection>,
+) -> Result<Json<JobList>, ApiError> {
+    let q = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest("limit must be 1 to 1000".into()));
+    }
+    let jobs = app.reads().jobs_recent(limit).await?;
+    Ok(Json(JobList {
+        jobs: jobs
+            .into_iter()
+            .map(|j| JobView {
+                queue_ms: crate::lifecycle::queue_time(&j),
+                duration_ms: j
+                    .completed_at
+                    .zip(j.started_at)
+                    .map(|(c, s)| (c - s).max(0)),
+                job_id: j.job_id,
+                run_id: j.run_id,
+                repository: j.repository,
+                name: j.name,
+                workflow_name: j.workflow_name,
+                labels: j.labels,
+                status: j.status,
+                conclusion: j.conclusion,
+                pool_id: j.pool_id,
+                vm_id: j.vm_id,
+                runner_name: j.runner_name,
+                queued_at: j.queued_at,
+                started_at: j.started_at,
+                completed_at: j.completed_at,
+            })
+            .collect(),
     }))
 }
