@@ -55,12 +55,42 @@ async fn fleet(env: &Env, max_size: u32) -> Controller {
         }),
         ..env.ctl()
     };
-    let ctl = Controller::start(&env.dir.path().join("ctl"), &cfg).await;
+    let mut ctl = Controller::start(&env.dir.path().join("ctl"), &cfg).await;
+    // Agents reach the controller through the test's proxies, which survive a restart; the
+    // controller starts again with that setting before any VM exists.
+    if let Some(scaled) = ctl.cfg.scaled.as_mut() {
+        scaled.local.env.extend([
+            (
+                "MIGLET_CONTROLLER_ENDPOINT".to_owned(),
+                format!("http://{}", ctl.http),
+            ),
+            (
+                "MIGLET_CONTROLLER_GRPC_ENDPOINT".to_owned(),
+                format!("http://{}", ctl.grpc),
+            ),
+        ]);
+    }
+    ctl.restart().await;
     let _ = env.github.clone().with_webhook(
         &format!("http://{}/api/v1/github/webhook", ctl.http),
         WEBHOOK_SECRET,
     );
     ctl
+}
+
+/// Every instance the scaler ever recorded (live or deleted).
+async fn instances_ever(ctl: &Controller) -> Vec<mig_controller::model::InstanceRecord> {
+    let store = ctl.app().store();
+    let mut all = store.instances_live("pool-e2e").await.unwrap_or_default();
+    all.extend(store.instances_deleted(1000).await.unwrap_or_default());
+    all
+}
+
+fn long_job(id: u64, ms: u64) -> Job {
+    Job {
+        duration_ms: ms,
+        ..job(id)
+    }
 }
 
 fn job(id: u64) -> Job {
@@ -208,5 +238,118 @@ async fn many_jobs_never_make_more_vms_than_max_size() {
         m.contains("mig_pool_vms_created_total{pool=\"pool-e2e\"} 9"),
         "{m}"
     );
+    ctl.stop().await;
+}
+
+/// The controller restarts while the pool is scaling up (two VMs running jobs, two jobs
+/// still queued behind max_size 2): the restarted scaler finds its VMs, creates none twice,
+/// and every job runs, one VM each.
+#[tokio::test]
+async fn a_controller_restarted_mid_scale_up_creates_no_extra_vm_and_loses_no_job() {
+    let env = env().await;
+    let mut ctl = fleet(&env, 2).await;
+    for id in 1..=4 {
+        env.github.enqueue_job(long_job(400 + id, 6_000));
+    }
+    miglet_sim::testkit::wait_for("two jobs to start", Duration::from_secs(60), || async {
+        env.github.queued_jobs() == 2
+    })
+    .await;
+    assert_eq!(instances_ever(&ctl).await.len(), 2);
+    ctl.restart().await;
+    let mut most = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while env.github.reports().len() < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of 4 jobs ran",
+            env.github.reports().len()
+        );
+        most = most.max(vm_dirs(&env));
+        assert!(most <= 2, "{most} VMs at once with max_size 2");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    miglet_sim::testkit::wait_for(
+        "every VM to be deleted",
+        Duration::from_secs(30),
+        || async {
+            vm_dirs(&env) == 0
+                && instances_ever(&ctl)
+                    .await
+                    .iter()
+                    .all(|i| i.state == "deleted")
+        },
+    )
+    .await;
+    let ever = instances_ever(&ctl).await;
+    assert_eq!(ever.len(), 4, "one VM per job, none twice: {ever:?}");
+    assert!(
+        ever.iter()
+            .all(|i| i.delete_reason.as_deref() == Some("job_done")),
+        "{ever:?}"
+    );
+    ctl.stop().await;
+}
+
+/// A VM running a job is never deleted, even when its pool is scaled to zero and its
+/// lifetime is over while the job runs: it goes once the job is done.
+#[tokio::test]
+async fn a_vm_running_a_job_outlives_a_scale_to_zero_and_its_lifetime() {
+    let env = env().await;
+    let mut ctl = fleet(&env, 1).await;
+    env.github.enqueue_job(long_job(501, 8_000));
+    miglet_sim::testkit::wait_for("the job to start", Duration::from_secs(60), || async {
+        ctl.app()
+            .store()
+            .job_get(501)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|j| j.status == "in_progress")
+    })
+    .await;
+    // Scaled to zero, with a lifetime already over, while the job runs.
+    if let Some(scaled) = ctl.cfg.scaled.as_mut() {
+        scaled.policy.max_size = 0;
+        scaled.policy.max_vm_lifetime = 1;
+        scaled.policy.idle_timeout = 1;
+    }
+    ctl.restart().await;
+    let vm = ctl
+        .app()
+        .store()
+        .job_get(501)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|j| j.vm_id)
+        .unwrap_or_else(|| panic!("the job's VM"));
+    while env.github.reports().is_empty() {
+        let i = ctl.app().store().instance_get(&vm).await.ok().flatten();
+        assert!(
+            i.as_ref()
+                .is_some_and(|i| i.state != "deleted" && i.drain_command_id.is_none()),
+            "a VM running a job was drained or deleted: {i:?}"
+        );
+        assert_eq!(vm_dirs(&env), 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    miglet_sim::testkit::wait_for(
+        "the VM to go after its job",
+        Duration::from_secs(30),
+        || async {
+            ctl.app()
+                .store()
+                .instance_get(&vm)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|i| i.state == "deleted")
+        },
+    )
+    .await;
+    assert_eq!(vm_dirs(&env), 0);
+    let i = ctl.app().store().instance_get(&vm).await.ok().flatten();
+    assert_eq!(i.and_then(|i| i.delete_reason).as_deref(), Some("job_done"));
     ctl.stop().await;
 }

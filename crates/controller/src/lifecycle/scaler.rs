@@ -151,22 +151,20 @@ pub fn phase(vm: Option<&VmRecord>) -> Phase {
         return Phase::Booting;
     };
     let state = vm.state.as_str();
-    let running = state == "job_running" || vm.current_job.is_some();
+    // Running a job (as last reported: a lost VM may only be partitioned, job going on).
+    if state == "job_running" || vm.current_job.is_some() {
+        return Phase::Busy;
+    }
+    // A job ran on this boot and is over: the agent then shuts down (or stays, with a
+    // post-job action of `none`); either way the VM's work is done.
+    if vm.job_started_at.is_some() {
+        return Phase::JobDone;
+    }
     if matches!(state, "shutting_down" | "terminated") {
         return Phase::Ended;
     }
     if vm.health == Health::Lost {
-        return if running || vm.job_started_at.is_some() {
-            Phase::Busy
-        } else {
-            Phase::Lost
-        };
-    }
-    if running {
-        return Phase::Busy;
-    }
-    if vm.job_started_at.is_some() {
-        return Phase::JobDone;
+        return Phase::Lost;
     }
     match state {
         "idle" => Phase::Idle,
@@ -185,6 +183,10 @@ fn due_deletion(p: &ScalePolicy, i: &Instance<'_>, phase: Phase, now: Millis) ->
     // A drained VM that shut down (as a drain ends) goes for the drain's reason.
     if let (Drain::Sent(reason) | Drain::Acked(reason), true) = (i.drain, gone) {
         return Some(reason);
+    }
+    // A VM whose job is done goes for that, even if its agent also stopped.
+    if phase == Phase::JobDone {
+        return Some(Reason::JobDone);
     }
     if i.stopped {
         return Some(Reason::Ended);
@@ -460,6 +462,13 @@ mod tests {
         let mut done = vm("idle", Health::Healthy, 0);
         done.job_started_at = Some(MIN);
         let gone = vm("shutting_down", Health::Healthy, 0);
+        let mut done_and_down = vm("shutting_down", Health::Healthy, 0);
+        done_and_down.job_started_at = Some(MIN);
+        assert_eq!(
+            phase(Some(&done_and_down)),
+            Phase::JobDone,
+            "shut down after its job"
+        );
         let lost = vm("idle", Health::Lost, 0);
         let mut lost_busy = vm("job_running", Health::Lost, 0);
         lost_busy.current_job = None;
