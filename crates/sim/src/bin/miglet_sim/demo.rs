@@ -75,8 +75,19 @@ fn keep_or_write(path: &Path, text: &str) -> anyhow::Result<String> {
     Ok(std::fs::read_to_string(path)?.trim().to_owned())
 }
 
-/// The controller's TOML for the demo.
-fn config(a: &DemoArgs, dir: &Path, github: SocketAddr) -> anyhow::Result<String> {
+/// What a fleet on this machine is made of.
+#[derive(Debug, Clone)]
+pub struct FleetSpec {
+    pub dir: PathBuf,
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub min_idle: u32,
+    pub max_size: u32,
+    pub scale_up_step: u32,
+}
+
+/// The controller's TOML for a fleet.
+fn config(a: &FleetSpec, dir: &Path, github: SocketAddr) -> anyhow::Result<String> {
     let bootstrap = dir.join("pool.secret");
     keep_or_write(&bootstrap, &random_hex())?;
     let webhook = dir.join("webhook.secret");
@@ -100,7 +111,7 @@ max_size = {max_size}
 idle_timeout_secs = 45
 boot_timeout_secs = 60
 registration_timeout_secs = 60
-scale_up_step = 4
+scale_up_step = {step}
 
 [pools.{POOL}.enrollment]
 bootstrap_secret_file = {bootstrap}
@@ -120,6 +131,7 @@ env = {{ MIGLET_BOOTSTRAP_SECRET_FILE = {bootstrap}, MIGLET_ORG_ID = "demo-org",
         webhook = q(&webhook),
         min_idle = a.min_idle,
         max_size = a.max_size,
+        step = a.scale_up_step,
         bootstrap = q(&bootstrap),
         miglet = q(&sibling("miglet")?),
         runner = q(&dir.join("runner")),
@@ -163,32 +175,74 @@ async fn queue_jobs(github: FakeGitHub, per_minute: u32, job_seconds: u64) {
     }
 }
 
-pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&a.dir)?;
-    let dir = std::fs::canonicalize(&a.dir)?;
-    let runner = dir.join("runner");
-    if !runner.join("config.sh").exists() {
-        miglet_sim::runner_dir::install(&runner, &sibling("fake-runner-listener")?)
-            .context("installing the runner stand-in")?;
+/// The controller (in this process, from a generated TOML) with a `local` pool, and the
+/// GitHub stand-in delivering its webhooks to it.
+pub struct Fleet {
+    pub dir: PathBuf,
+    pub server: mig_controller::server::RunningServer,
+    pub github: FakeGitHub,
+    pub github_addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+impl Fleet {
+    pub async fn start(spec: &FleetSpec) -> anyhow::Result<Fleet> {
+        std::fs::create_dir_all(&spec.dir)?;
+        let dir = std::fs::canonicalize(&spec.dir)?;
+        let runner = dir.join("runner");
+        if !runner.join("config.sh").exists() {
+            miglet_sim::runner_dir::install(&runner, &sibling("fake-runner-listener")?)
+                .context("installing the runner stand-in")?;
+        }
+        let github = FakeGitHub::new(&[DEMO_TOKEN]);
+        let (github_addr, _task) = github
+            .serve(tokio::net::TcpListener::bind("127.0.0.1:0").await?)
+            .await?;
+        let config_file = dir.join("controller.toml");
+        std::fs::write(&config_file, config(spec, &dir, github_addr)?)?;
+        let settings = Settings::load(ServeArgs {
+            config: Some(config_file.clone()),
+            ..ServeArgs::default()
+        })
+        .with_context(|| format!("the fleet's config {}", config_file.display()))?;
+        let data_dir = settings.data_dir.clone();
+        let (http, grpc) = mig_controller::server::bind(&settings).await?;
+        let server = mig_controller::server::start(settings, http, grpc).await?;
+        let github = github.with_webhook(
+            &format!("http://{}/api/v1/github/webhook", server.http_addr),
+            &std::fs::read_to_string(dir.join("webhook.secret"))?,
+        );
+        Ok(Fleet {
+            dir,
+            server,
+            github,
+            github_addr,
+            data_dir,
+        })
     }
-    let github = FakeGitHub::new(&[DEMO_TOKEN]);
-    let (gh_addr, _gh_task) = github
-        .serve(tokio::net::TcpListener::bind("127.0.0.1:0").await?)
-        .await?;
-    let config_file = dir.join("controller.toml");
-    std::fs::write(&config_file, config(&a, &dir, gh_addr)?)?;
-    let settings = Settings::load(ServeArgs {
-        config: Some(config_file.clone()),
-        ..ServeArgs::default()
+
+    /// Stops the controller, then every VM it started (they outlive it).
+    pub async fn stop(self) {
+        self.server.shutdown().await;
+        stop_vms(&self.dir).await;
+    }
+}
+
+pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
+    let fleet = Fleet::start(&FleetSpec {
+        dir: a.dir.clone(),
+        http_addr: a.http_addr,
+        grpc_addr: a.grpc_addr,
+        min_idle: a.min_idle,
+        max_size: a.max_size,
+        scale_up_step: 4,
     })
-    .with_context(|| format!("the demo's config {}", config_file.display()))?;
-    let data_dir = settings.data_dir.clone();
-    let (http, grpc) = mig_controller::server::bind(&settings).await?;
-    let server = mig_controller::server::start(settings, http, grpc).await?;
-    let webhook = dir.join("webhook.secret");
-    let github = github.with_webhook(
-        &format!("http://{}/api/v1/github/webhook", server.http_addr),
-        &std::fs::read_to_string(&webhook)?,
+    .await?;
+    let (server, github, gh_addr, data_dir) = (
+        &fleet.server,
+        fleet.github.clone(),
+        fleet.github_addr,
+        fleet.data_dir.clone(),
     );
     let token =
         std::fs::read_to_string(mig_controller::server::initial_admin_token_file(&data_dir))
@@ -233,13 +287,12 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     jobs.abort();
     status.abort();
     say!("Stopping: the controller, then every demo VM.");
-    server.shutdown().await;
-    stop_vms(&dir).await;
+    fleet.stop().await;
     Ok(())
 }
 
 /// Stops every VM the demo's local provider started (they outlive the controller).
-async fn stop_vms(dir: &Path) {
+pub async fn stop_vms(dir: &Path) {
     use mig_controller::provider::Provider;
     let provider = mig_controller::provider::local::LocalProvider::new(
         mig_controller::provider::local::LocalSettings {

@@ -7,6 +7,7 @@
 //! * `miglet-sim demo [--dir D] [--jobs-per-minute N] ...`: the whole fleet on this
 //!   machine (see `demo.rs`).
 
+mod bench;
 mod demo;
 
 use anyhow::Context;
@@ -15,7 +16,7 @@ use std::path::PathBuf;
 
 fn usage() -> anyhow::Error {
     anyhow::anyhow!(
-        "usage: miglet-sim github --token T [--addr A] [--addr-file F] [--job NAME:RESULT:MS]... | miglet-sim install-runner DIR | miglet-sim demo [--help]"
+        "usage: miglet-sim github --token T [--addr A] [--addr-file F] [--job NAME:RESULT:MS]... | miglet-sim install-runner DIR | miglet-sim demo [--help] | miglet-sim scale-bench [--help]"
     )
 }
 
@@ -24,6 +25,16 @@ fn usage() -> anyhow::Error {
 struct DemoCli {
     #[command(flatten)]
     args: demo::DemoArgs,
+}
+
+#[derive(clap::Parser)]
+#[command(
+    name = "miglet-sim scale-bench",
+    about = "Queue time on cold and warm local pools, and 0 to N VMs"
+)]
+struct BenchCli {
+    #[command(flatten)]
+    args: bench::BenchArgs,
 }
 
 #[tokio::main]
@@ -41,6 +52,18 @@ async fn main() -> anyhow::Result<()> {
                 .with_writer(std::io::stderr)
                 .init();
             demo::run(cli.args).await
+        }
+        Some("scale-bench") => {
+            use clap::Parser;
+            let cli = BenchCli::parse_from(std::env::args().skip(1));
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "error".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            bench::run(cli.args).await
         }
         Some("install-runner") => {
             let dir = PathBuf::from(args.get(1).ok_or_else(usage)?);
