@@ -1139,13 +1139,28 @@ async fn dashboard_in_a_real_browser_run() -> R {
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/screenshots");
     std::fs::create_dir_all(&shots)?;
     let env = env().await;
+    let webhook_secret = "dashboard-test-webhook-secret-0123";
+    let secret_file = env.dir.path().join("webhook.secret");
+    std::fs::write(&secret_file, webhook_secret)?;
     let cfg = CtlConfig {
         plain_http: true,
+        webhook_secret_file: Some(secret_file),
         ..env.ctl()
     };
     let mut ctl = Controller::start(&env.dir.path().join("ctl"), &cfg).await;
     env.github
         .enqueue_job(job("dashboard demo", "Succeeded", 60_000));
+    // A job from GitHub's webhook that no runner here can take (it asks for a GPU): the
+    // jobs page lists it, queued, with no pool.
+    let hooked = env.github.clone().with_webhook(
+        &format!("http://{}/api/v1/github/webhook", ctl.http),
+        webhook_secret,
+    );
+    hooked.enqueue_job(miglet_sim::github::Job {
+        id: 8080,
+        labels: vec!["self-hosted".into(), "gpu".into()],
+        ..job("gpu render", "Succeeded", 1_000)
+    });
     let secret = env.dir.path().join("pool.secret").display().to_string();
     let extra = [("MIGLET_BOOTSTRAP_SECRET_FILE", secret.as_str())];
     let mut busy = Agent::spawn_with(
@@ -1294,6 +1309,13 @@ async fn dashboard_in_a_real_browser_run() -> R {
         if !events.contains("vm-dash-busy") {
             return Err(format!("event search: {events}").into());
         }
+        // Jobs from the webhook.
+        c.goto(&format!("{base}/dashboard/#/jobs")).await?;
+        let jobs = fresh_text(&c, Locator::Css("#jobs")).await?;
+        if !(jobs.contains("gpu render") && jobs.contains("queued") && jobs.contains("no pool")) {
+            return Err(format!("jobs page: {jobs}").into());
+        }
+        std::fs::write(shots.join("dashboard-jobs.png"), c.screenshot().await?)?;
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     }
     .await;

@@ -353,3 +353,29 @@ async fn a_vm_running_a_job_outlives_a_scale_to_zero_and_its_lifetime() {
     assert_eq!(i.and_then(|i| i.delete_reason).as_deref(), Some("job_done"));
     ctl.stop().await;
 }
+
+/// Deliveries signed with another secret (a forger, or a misconfigured hook) are refused:
+/// the job never reaches the store and no VM is created for it.
+#[tokio::test]
+async fn a_forged_webhook_creates_nothing() {
+    let env = env().await;
+    let mut ctl = fleet(&env, 3).await;
+    let forger = miglet_sim::github::FakeGitHub::new(&[]).with_webhook(
+        &format!("http://{}/api/v1/github/webhook", ctl.http),
+        "not-the-webhook-secret-at-all-000",
+    );
+    forger.enqueue_job(job(666));
+    let app = ctl.app().clone();
+    miglet_sim::testkit::wait_for("the refusal", Duration::from_secs(10), || async {
+        app.render_metrics().await.contains(
+            "mig_webhook_deliveries_total{event=\"workflow_job\",result=\"bad_signature\"} 1",
+        )
+    })
+    .await;
+    // Give the scaler its passes: nothing is created.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(app.store().job_get(666).await.ok().flatten().is_none());
+    assert_eq!(instances_ever(&ctl).await.len(), 0);
+    assert_eq!(vm_dirs(&env), 0);
+    ctl.stop().await;
+}

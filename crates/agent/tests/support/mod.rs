@@ -138,6 +138,8 @@ pub struct CtlConfig {
     pub github_app: Option<GitHubMint>,
     /// The pool `pool-e2e` sized by the scaler with the local provider, and the webhook.
     pub scaled: Option<ScaledPool>,
+    /// The GitHub webhook's secret, for a controller that takes webhooks without a sized pool.
+    pub webhook_secret_file: Option<PathBuf>,
 }
 
 /// A pool the controller creates VMs for (`local` provider: real `miglet` processes).
@@ -241,6 +243,7 @@ pub fn controller_settings(
             },
         }),
     );
+    s.webhook_secret_file = cfg.webhook_secret_file.clone();
     if let Some(scaled) = &cfg.scaled
         && let Ok(fallback) = s.pools.get("pool-e2e")
     {
@@ -369,6 +372,7 @@ impl Env {
             plain_http: false,
             github_app: None,
             scaled: None,
+            webhook_secret_file: None,
         }
     }
 

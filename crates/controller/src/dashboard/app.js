@@ -117,6 +117,13 @@ async function fleetView() {
         ? el("div", { class: "chip health-lost", role: "alert" }, `GitHub: ${p.registration.last_error}`)
         : null,
       p.alert ? el("div", { class: "chip health-lost", role: "alert" }, `${p.alert.vm_id}: ${p.alert.message}`) : null,
+      p.scaling ? el("div", { class: "counts", "data-field": "scaling" },
+        el("span", { class: "chip" }, `${p.scaling.actual} of ${p.scaling.desired} VMs wanted (max ${p.scaling.max_size})`),
+        el("span", { class: "chip" }, `${p.scaling.busy} busy`),
+        el("span", { class: "chip" }, `${p.scaling.queued_jobs} jobs queued`)) : null,
+      p.scaling && p.scaling.last_error
+        ? el("div", { class: "chip health-lost", role: "alert" }, `Provider: ${p.scaling.last_error}`)
+        : null,
     )));
   const field = (name, label, input) => el("label", {}, label, input);
   const sel = (name, opts) => el("select", { name, id: "f-" + name },
@@ -242,6 +249,27 @@ async function eventsView() {
   return [el("div", { class: "card" }, form, table)];
 }
 
+async function jobsView() {
+  const res = await api("/api/v1/admin/jobs?limit=200");
+  const secs = ms => (ms === null || ms === undefined) ? "-" : (ms / 1000).toFixed(1) + " s";
+  const at = ms => ms ? when(new Date(ms).toISOString()) : "-";
+  const table = el("table", { id: "jobs" },
+    el("caption", {}, `Jobs from GitHub's webhook (${res.jobs.length}, newest first)`),
+    el("thead", {}, el("tr", {}, ["Queued (UTC)", "Repository", "Run", "Job", "Pool", "VM", "Status", "Result", "Waited", "Ran"].map(h => el("th", { scope: "col" }, h)))),
+    el("tbody", {}, res.jobs.map(j => el("tr", { "data-job": j.job_id },
+      el("td", { class: "mono" }, at(j.queued_at)),
+      el("td", {}, j.repository),
+      el("td", { class: "mono" }, String(j.run_id)),
+      el("td", {}, j.name),
+      el("td", {}, j.pool_id || "no pool"),
+      el("td", { class: "mono" }, j.vm_id ? el("a", { href: "#/vm/" + encodeURIComponent(j.vm_id) }, j.vm_id) : "-"),
+      el("td", {}, j.status),
+      el("td", {}, j.conclusion || "-"),
+      el("td", {}, secs(j.queue_ms)),
+      el("td", {}, secs(j.duration_ms))))));
+  return [el("div", { class: "card" }, table)];
+}
+
 let rendering = false;
 async function render() {
   if (!state.token) { signOut(""); return; }
@@ -253,6 +281,7 @@ async function render() {
     let nodes;
     if (hash.startsWith("#/vm/")) nodes = await vmView(decodeURIComponent(hash.slice(5).split("?")[0]));
     else if (hash.startsWith("#/events")) nodes = await eventsView();
+    else if (hash.startsWith("#/jobs")) nodes = await jobsView();
     else nodes = await fleetView();
     view().replaceChildren(...nodes);
     if (focused && document.getElementById(focused)) document.getElementById(focused).focus();
