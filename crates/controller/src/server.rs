@@ -241,17 +241,37 @@ fn background(
 /// The scaler: a pass per interval and whenever demand or a VM changes (a burst of changes
 /// makes one pass), until shutdown.
 async fn scale_loop(app: Arc<Controller>, every: Duration, shutdown: CancellationToken) {
+    let nudged = || {
+        let app = app.clone();
+        async move { app.scaler_nudged().await }
+    };
+    let pass = || {
+        let app = app.clone();
+        async move { app.scale_once().await }
+    };
+    passes(every, &shutdown, nudged, pass).await;
+}
+
+/// Runs `pass` once per `every`, and whenever `nudged` completes, until shutdown (which
+/// also cuts a pass short: every step of these passes is tried again by the next one).
+async fn passes<N, NF, P, PF>(every: Duration, shutdown: &CancellationToken, nudged: N, pass: P)
+where
+    N: Fn() -> NF,
+    NF: std::future::Future<Output = ()>,
+    P: Fn() -> PF,
+    PF: std::future::Future<Output = ()>,
+{
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
-            () = app.scaler_nudged() => {}
+            () = nudged() => {}
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = app.scale_once() => {}
+            () = pass() => {}
         }
     }
 }
@@ -503,21 +523,16 @@ async fn reconcile_loop(app: Arc<Controller>, every: Duration, shutdown: Cancell
 /// The runners on GitHub, in their own loop so that a slow GitHub never holds up the
 /// reconciler: one pass per interval, until shutdown.
 async fn runner_loop(app: Arc<Controller>, every: Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+    let pass = || {
+        let app = app.clone();
+        async move {
+            let report = app.runners_once().await;
+            if report != Default::default() {
+                info!(?report, "Runner pass");
+            }
         }
-        let report = tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = app.runners_once() => r,
-        };
-        if report != Default::default() {
-            info!(?report, "Runner pass");
-        }
-    }
+    };
+    passes(every, &shutdown, std::future::pending, pass).await;
 }
 
 impl RunningServer {
