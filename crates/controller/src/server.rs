@@ -238,12 +238,19 @@ fn background(
     (reconciler, runner_loop.into_iter().chain(scaler).collect())
 }
 
+/// Changes that nudge the scaler within this long of each other make one pass.
+const SCALER_COALESCE: Duration = Duration::from_millis(200);
+
 /// The scaler: a pass per interval and whenever demand or a VM changes (a burst of changes
 /// makes one pass), until shutdown.
 async fn scale_loop(app: Arc<Controller>, every: Duration, shutdown: CancellationToken) {
+    // A burst of changes (a fleet's events) makes one pass, not one each.
     let nudged = || {
         let app = app.clone();
-        async move { app.scaler_nudged().await }
+        async move {
+            app.scaler_nudged().await;
+            tokio::time::sleep(SCALER_COALESCE).await;
+        }
     };
     let pass = || {
         let app = app.clone();

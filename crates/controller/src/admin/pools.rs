@@ -140,7 +140,7 @@ pub struct JobList {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct JobsQuery {
-    /// At most this many, newest first [default: 100, at most 1000].
+    /// At most this many, newest first [default: 100, at most 500].
     pub limit: Option<u32>,
 }
 
@@ -152,10 +152,7 @@ pub(super) async fn list_jobs(
     q: Result<Query<JobsQuery>, QueryRejection>,
 ) -> Result<Json<JobList>, ApiError> {
     let q = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest("limit must be 1 to 1000".into()));
-    }
+    let limit = page_limit(q.limit)?;
     let jobs = app.reads().jobs_recent(limit).await?;
     Ok(Json(JobList {
         jobs: jobs

@@ -103,17 +103,10 @@ impl Controller {
             .adopt_and_settle(pool_id, scaling, &listed, now)
             .await
             .map_err(|e| e.to_string())?;
-        let mut vms = Vec::with_capacity(records.len());
-        let mut drains = Vec::with_capacity(records.len());
-        for r in &records {
-            vms.push(
-                self.store
-                    .vm_get(&r.name)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            );
-            drains.push(self.drain_state(r).await.map_err(|e| e.to_string())?);
-        }
+        let (vms, drains) = self
+            .instance_facts(pool_id, &records)
+            .await
+            .map_err(|e| e.to_string())?;
         let stopped = |name: &str| {
             listed
                 .iter()
@@ -164,6 +157,34 @@ impl Controller {
             at: now,
             last_error,
         })
+    }
+
+    /// What the agents of `records` reported, and where the scaler's drains of them stand.
+    /// One read for the pool's VMs; an instance whose VM is not in the pool (bound elsewhere)
+    /// is read on its own.
+    async fn instance_facts(
+        &self,
+        pool_id: &str,
+        records: &[InstanceRecord],
+    ) -> Result<(Vec<Option<VmRecord>>, Vec<Drain>), ApiError> {
+        let mut in_pool: std::collections::HashMap<String, VmRecord> = self
+            .store
+            .vms_in_pool(pool_id)
+            .await?
+            .into_iter()
+            .map(|v| (v.vm_id.clone(), v))
+            .collect();
+        let mut vms = Vec::with_capacity(records.len());
+        let mut drains = Vec::with_capacity(records.len());
+        for r in records {
+            let vm = match in_pool.remove(&r.name) {
+                Some(v) => Some(v),
+                None => self.store.vm_get(&r.name).await?,
+            };
+            vms.push(vm);
+            drains.push(self.drain_state(r).await?);
+        }
+        Ok((vms, drains))
     }
 
     /// Brings the stored instances in line with the provider's list: instances listed but

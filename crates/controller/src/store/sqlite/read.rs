@@ -23,6 +23,17 @@ impl Reads {
             .collect()
     }
 
+    /// The VMs of one pool (through the `(pool_id, state)` index), for the scaler's pass.
+    pub async fn vms_in_pool(&self, pool_id: &str) -> Result<Vec<VmRecord>, StoreError> {
+        sqlx::query("SELECT * FROM vms WHERE pool_id = ?")
+            .bind(pool_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(vm_from_row)
+            .collect()
+    }
+
     /// The VMs last seen before `before` that silence may still change: a superset of
     /// those [`crate::lifecycle::may_change_when_silent`] allows (not terminated; lost only
     /// if shutting down), through the `(health, last_seen_at)` and `(state, ...)` indexes.
