@@ -308,21 +308,27 @@ pub async fn read_secret(path: &std::path::Path) -> Result<String, String> {
     let text = tokio::fs::read_to_string(path)
         .await
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    secret_text(path, &text)
+    secret_text(path, &text, "a bootstrap secret")
 }
 
 /// [`read_secret`] without a runtime, for the checks at start-up.
 pub fn read_secret_now(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    secret_text(path, &text)
+    read_named_secret_now(path, "a bootstrap secret")
 }
 
-fn secret_text(path: &std::path::Path, text: &str) -> Result<String, String> {
+/// Any secret file the controller reads (`what` names it in the error, e.g. "a webhook
+/// secret"): trimmed, and at least [`MIN_SECRET_LEN`] characters.
+pub fn read_named_secret_now(path: &std::path::Path, what: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    secret_text(path, &text, what)
+}
+
+fn secret_text(path: &std::path::Path, text: &str, what: &str) -> Result<String, String> {
     let s = text.trim();
     if s.len() < MIN_SECRET_LEN {
         return Err(format!(
-            "{} holds {} characters; a bootstrap secret needs at least {MIN_SECRET_LEN} (e.g. `openssl rand -hex 24 > {}`)",
+            "{} holds {} characters; {what} needs at least {MIN_SECRET_LEN} (e.g. `openssl rand -hex 24 > {}`)",
             path.display(),
             s.len(),
             path.display()

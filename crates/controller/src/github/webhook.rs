@@ -29,24 +29,14 @@ pub enum WebhookError {
     BadPayload(String),
 }
 
-/// A webhook secret shorter than this is refused (GitHub accepts any; a short one can be
-/// guessed).
-pub const MIN_SECRET_LEN: usize = 16;
-
-/// The webhook secret in `path` (surrounding whitespace trimmed).
+/// The webhook secret in `path` (trimmed; at least
+/// [`crate::auth::enroll::MIN_SECRET_LEN`] characters, like every secret file).
 pub fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let s = text.trim();
-    if s.len() < MIN_SECRET_LEN {
-        return Err(format!(
-            "{} holds {} characters; a webhook secret needs at least {MIN_SECRET_LEN} (e.g. `openssl rand -hex 24 > {}`, and the same value as the webhook's secret on GitHub)",
-            path.display(),
-            s.len(),
-            path.display()
-        ));
-    }
-    Ok(s.as_bytes().to_vec())
+    crate::auth::enroll::read_named_secret_now(
+        path,
+        "a webhook secret (the same value as the webhook's secret on GitHub)",
+    )
+    .map(String::into_bytes)
 }
 
 /// Checks `X-Hub-Signature-256: sha256=<hex>` against HMAC-SHA256(`secret`, `body`).
