@@ -163,7 +163,11 @@ impl Controller {
 
     /// The id GitHub gave runner `name` when it was minted for the VM (noted on the VM's
     /// timeline at first delivery); `None` for a runner registered with a token.
-    async fn minted_runner_id(&self, vm_id: &str, name: &str) -> Result<Option<u64>, ApiError> {
+    pub(super) async fn minted_runner_id(
+        &self,
+        vm_id: &str,
+        name: &str,
+    ) -> Result<Option<u64>, ApiError> {
         let notes = self
             .store
             .vm_log_latest(vm_id, "github_runner", MINTED_NOTES_READ)

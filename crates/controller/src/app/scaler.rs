@@ -53,9 +53,9 @@ impl Controller {
         self.scale_nudge.notified().await;
     }
 
-    /// The last pass's figures of every scaled pool.
-    pub fn pool_scale_views(&self) -> std::collections::HashMap<String, PoolScaleView> {
-        self.scale_views().clone()
+    /// The last pass's figures of a scaled pool (`None` before its first pass).
+    pub fn pool_scale_view(&self, pool_id: &str) -> Option<PoolScaleView> {
+        self.scale_views().get(pool_id).cloned()
     }
 
     fn scale_views(
@@ -419,7 +419,8 @@ impl Controller {
             && pool.token.runner_label().is_some()
         {
             let name = lifecycle::runner_name(&vm.vm_id, vm.boot_seq);
-            match pool.token.remove_runner_named(&name, None).await {
+            let id = self.minted_runner_id(&vm.vm_id, &name).await?;
+            match pool.token.remove_runner_named(&name, id).await {
                 Ok(Removed::Busy) => {
                     info!(vm_id = %vm.vm_id, runner = %name, "VM kept: GitHub says its runner is running a job");
                     return Ok(());
