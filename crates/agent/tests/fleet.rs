@@ -96,6 +96,22 @@ async fn run_jobs(env: &Env, jobs: usize, max: usize, limit: Duration) -> usize 
     most
 }
 
+/// Waits (bounded) until every VM is gone: its directory, and its instance recorded deleted.
+async fn all_deleted(env: &Env, ctl: &Controller) {
+    miglet_sim::testkit::wait_for(
+        "every VM to be deleted",
+        Duration::from_secs(30),
+        || async {
+            vm_dirs(env) == 0
+                && instances_ever(ctl)
+                    .await
+                    .iter()
+                    .all(|i| i.state == "deleted")
+        },
+    )
+    .await;
+}
+
 /// Every instance the scaler ever recorded (live or deleted).
 async fn instances_ever(ctl: &Controller) -> Vec<mig_controller::model::InstanceRecord> {
     let store = ctl.app().store();
@@ -234,12 +250,7 @@ async fn fifty_jobs_at_once_never_make_more_vms_than_max_size() {
     let app = ctl.app();
     let most = run_jobs(&env, 50, 10, Duration::from_secs(240)).await;
     assert!(most >= 5, "the pool scaled out ({most} at most)");
-    miglet_sim::testkit::wait_for(
-        "every VM to be deleted",
-        Duration::from_secs(30),
-        || async { vm_dirs(&env) == 0 },
-    )
-    .await;
+    all_deleted(&env, &ctl).await;
     let m = app.render_metrics().await;
     assert!(
         m.contains("mig_pool_vms_created_total{pool=\"pool-e2e\"} 50"),
@@ -265,18 +276,7 @@ async fn a_controller_restarted_mid_scale_up_creates_no_extra_vm_and_loses_no_jo
     assert_eq!(instances_ever(&ctl).await.len(), 2);
     ctl.restart().await;
     run_jobs(&env, 4, 2, Duration::from_secs(120)).await;
-    miglet_sim::testkit::wait_for(
-        "every VM to be deleted",
-        Duration::from_secs(30),
-        || async {
-            vm_dirs(&env) == 0
-                && instances_ever(&ctl)
-                    .await
-                    .iter()
-                    .all(|i| i.state == "deleted")
-        },
-    )
-    .await;
+    all_deleted(&env, &ctl).await;
     let ever = instances_ever(&ctl).await;
     assert_eq!(ever.len(), 4, "one VM per job, none twice: {ever:?}");
     assert!(

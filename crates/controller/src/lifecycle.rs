@@ -20,9 +20,7 @@ pub use command::*;
 pub use job::*;
 pub use registration::*;
 pub use runner::*;
-pub use scaler::{
-    Drain, Instance, Phase, Plan, Reason as ScaleReason, ScaleAction, ScalePolicy, phase, plan,
-};
+pub use scaler::{Drain, Instance, Plan, Reason as ScaleReason, ScaleAction, ScalePolicy, plan};
 pub use vm::*;
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ pub struct PoolScalingView {
 fn scaling_view(app: &AppState, pool_id: &str) -> Option<PoolScalingView> {
     let pools = &app.settings().pools;
     let scaling = pools.get(pool_id).ok()?.scaling.as_ref()?;
-    let last = app.pool_scale_views().remove(pool_id).unwrap_or_default();
+    let last = app.pool_scale_view(pool_id).unwrap_or_default();
     Some(PoolScalingView {
         provider: scaling.provider.kind().to_owned(),
         min_idle: scaling.policy.min_idle,

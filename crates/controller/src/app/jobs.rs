@@ -130,8 +130,7 @@ impl Controller {
             Some(runner) => self.vm_of_runner(runner).await?,
             None => None,
         };
-        let job =
-            lifecycle::apply_job_update(existing.as_ref(), update, pool_id, |_| vm_id.clone(), now);
+        let job = lifecycle::apply_job_update(existing.as_ref(), update, pool_id, vm_id, now);
         let mut batch = vec![Mutation::ClaimDelivery {
             delivery_id: delivery.to_owned(),
             at: now,

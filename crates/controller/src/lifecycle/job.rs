@@ -84,13 +84,13 @@ pub struct JobUpdate {
 }
 
 /// The job after `update`, or `None` when it changes nothing (a repeat, or a late delivery
-/// of an earlier step). `pool_id` is the pool [`match_pool`] chose for its labels; `vm_of`
-/// says which of our VMs a runner name belongs to.
+/// of an earlier step). `pool_id` is the pool [`match_pool`] chose for its labels; `vm_id`
+/// is our VM the delivery's runner belongs to, if it is one of ours.
 pub fn apply_job_update(
     existing: Option<&JobRecord>,
     update: &JobUpdate,
     pool_id: Option<String>,
-    vm_of: impl Fn(&str) -> Option<String>,
+    vm_id: Option<String>,
     now: Millis,
 ) -> Option<JobRecord> {
     let status = update.status.as_str();
@@ -120,7 +120,7 @@ pub fn apply_job_update(
     job.updated_at = now;
     if let Some(r) = update.runner_name.as_deref().filter(|r| !r.is_empty()) {
         job.runner_name = Some(r.to_owned());
-        job.vm_id = vm_of(r);
+        job.vm_id = vm_id;
     }
     match update.status {
         JobStatus::InProgress => {
@@ -178,9 +178,7 @@ mod tests {
         }
     }
 
-    fn no_vm(_: &str) -> Option<String> {
-        None
-    }
+    const NO_VM: Option<String> = None;
 
     #[test]
     fn jobs_only_move_forward() {
@@ -213,7 +211,7 @@ mod tests {
             None,
             &update(JobStatus::Queued),
             Some("p".into()),
-            no_vm,
+            NO_VM,
             5_000,
         );
         let queued = queued.unwrap_or_else(|| panic!("new job"));
@@ -225,7 +223,7 @@ mod tests {
                 Some(&queued),
                 &update(JobStatus::Queued),
                 None,
-                no_vm,
+                NO_VM,
                 6_000
             ),
             None
@@ -237,7 +235,7 @@ mod tests {
             Some(&queued),
             &started,
             None,
-            |r| Some(format!("vm of {r}")),
+            Some("vm of vm-1-1".into()),
             10_000,
         )
         .unwrap_or_else(|| panic!("started"));
@@ -250,7 +248,7 @@ mod tests {
                 Some(&running),
                 &update(JobStatus::Queued),
                 None,
-                no_vm,
+                NO_VM,
                 11_000
             ),
             None
@@ -258,7 +256,7 @@ mod tests {
         // `completed` before `in_progress` was ever seen: started then, too.
         let mut done = update(JobStatus::Completed);
         done.conclusion = Some("success".into());
-        let finished = apply_job_update(Some(&queued), &done, None, no_vm, 12_000)
+        let finished = apply_job_update(Some(&queued), &done, None, NO_VM, 12_000)
             .unwrap_or_else(|| panic!("completed"));
         assert_eq!(finished.started_at, Some(12_000));
         assert_eq!(finished.completed_at, Some(12_000));
@@ -266,7 +264,7 @@ mod tests {
         // A clock ahead of ours never makes a time in the future.
         let mut early = update(JobStatus::Queued);
         early.created_at = Some(99_000);
-        let j = apply_job_update(None, &early, None, no_vm, 5_000).unwrap_or_else(|| panic!("new"));
+        let j = apply_job_update(None, &early, None, NO_VM, 5_000).unwrap_or_else(|| panic!("new"));
         assert_eq!(j.queued_at, 5_000);
     }
 

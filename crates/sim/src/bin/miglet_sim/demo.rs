@@ -265,7 +265,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
-            let v = app.pool_scale_views().remove(POOL).unwrap_or_default();
+            let v = app.pool_scale_view(POOL).unwrap_or_default();
             say!(
                 "queued {:>3} | VMs {:>2} of {:>2} wanted ({} busy, {} spare) | jobs done {}",
                 v.queued_jobs,
