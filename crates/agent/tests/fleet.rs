@@ -21,12 +21,18 @@ fn policy(max_size: u32) -> ScalePolicy {
         boot_timeout: 60_000,
         registration_timeout: 60_000,
         scale_up_step: 10,
+        scale_up_per_minute: None,
     }
 }
 
 /// A controller whose `pool-e2e` is sized by the scaler, and the stand-in delivering its
 /// webhooks to it.
 async fn fleet(env: &Env, max_size: u32) -> Controller {
+    fleet_with(env, policy(max_size), None).await
+}
+
+/// [`fleet`] with this policy, minting on the stand-in when `github` says so.
+async fn fleet_with(env: &Env, policy: ScalePolicy, github: Option<GitHubMint>) -> Controller {
     let secret_file = env.dir.path().join("webhook.secret");
     std::fs::write(&secret_file, WEBHOOK_SECRET).unwrap_or_else(|e| panic!("{e}"));
     let local = LocalSettings {
@@ -48,8 +54,9 @@ async fn fleet(env: &Env, max_size: u32) -> Controller {
     };
     let cfg = CtlConfig {
         plain_http: true,
+        github_app: github,
         scaled: Some(ScaledPool {
-            policy: policy(max_size),
+            policy,
             local,
             webhook_secret_file: secret_file,
         }),
@@ -373,5 +380,74 @@ async fn a_forged_webhook_creates_nothing() {
     assert!(app.store().job_get(666).await.ok().flatten().is_none());
     assert_eq!(instances_ever(&ctl).await.len(), 0);
     assert_eq!(vm_dirs(&env), 0);
+    ctl.stop().await;
+}
+
+/// Every webhook delivery of a job is lost. The backstop poll finds the queued job (through
+/// the organization's most recently pushed repositories: no webhook ever named this one), a
+/// VM runs it, and the poll follows the job through to completed, with the runner that ran
+/// it; the job runs once and every VM is deleted.
+#[tokio::test]
+async fn a_job_whose_webhooks_are_all_lost_is_found_and_followed_by_the_backstop_poll() {
+    let env = env().await;
+    let _ = env.github.clone().with_app(APP_ID, APP_INSTALLATION);
+    let github = GitHubMint {
+        api_url: env.github_api.clone(),
+        mode: mig_controller::github::Mode::Jit,
+        pat_file: None,
+    };
+    let quick = ScalePolicy {
+        idle_timeout: 2_000,
+        ..policy(2)
+    };
+    let mut ctl = fleet_with(&env, quick, Some(github)).await;
+    env.github.lose_webhooks(3);
+    env.github.enqueue_job(Job {
+        repository: "test-org/lost-hooks".into(),
+        ..job(701)
+    });
+    let app = ctl.app().clone();
+    miglet_sim::testkit::wait_for(
+        "the poll to follow the job to completed",
+        Duration::from_secs(90),
+        || async {
+            app.store()
+                .job_get(701)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|j| j.status == "completed")
+        },
+    )
+    .await;
+    let stored = app.store().job_get(701).await.ok().flatten();
+    let stored = stored.unwrap_or_else(|| panic!("job 701"));
+    assert_eq!(stored.pool_id.as_deref(), Some("pool-e2e"));
+    assert_eq!(stored.conclusion.as_deref(), Some("success"));
+    assert!(
+        stored
+            .vm_id
+            .as_deref()
+            .is_some_and(|v| v.starts_with("pool-e2e-")),
+        "the poll tied the job to the VM that ran it: {stored:?}"
+    );
+    assert_eq!(env.github.reports().len(), 1, "the job ran once");
+    all_deleted(&env, &ctl).await;
+    // At most one VM beyond the job's: while the poll had not yet seen the job start, it
+    // still counted as queued.
+    assert!(instances_ever(&ctl).await.len() <= 2);
+    let m = app.render_metrics().await;
+    assert!(
+        m.contains("mig_backstop_jobs_total{change=\"found\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("mig_backstop_jobs_total{change=\"moved\"}"),
+        "{m}"
+    );
+    assert!(
+        !m.contains("mig_webhook_deliveries_total{event=\"workflow_job\",result=\"applied\"}"),
+        "no delivery of the job arrived: {m}"
+    );
     ctl.stop().await;
 }

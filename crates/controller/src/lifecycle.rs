@@ -7,8 +7,11 @@
 //!   does to the VM, recovery;
 //! * `command.rs`: the command transition table and which commands go out on a channel now;
 //! * `registration.rs`: when a VM is due a `register_runner`;
-//! * `runner.rs`: which runners on GitHub no VM needs, and their two-phase removal.
+//! * `runner.rs`: which runners on GitHub no VM needs, and their two-phase removal;
+//! * `job.rs`: a job's steps and the pool that runs it; `backstop.rs`: what the backstop
+//!   poll asks GitHub; `scaler.rs`: how many VMs a pool needs and which may go.
 
+mod backstop;
 mod command;
 mod job;
 mod registration;
@@ -16,11 +19,15 @@ mod runner;
 mod scaler;
 mod vm;
 
+pub use backstop::*;
 pub use command::*;
 pub use job::*;
 pub use registration::*;
 pub use runner::*;
-pub use scaler::{Drain, Instance, Plan, Reason as ScaleReason, ScaleAction, ScalePolicy, plan};
+pub use scaler::{
+    Drain, Instance, Plan, RATE_WINDOW_MS, Reason as ScaleReason, ScaleAction, ScalePolicy,
+    creations_allowed, plan,
+};
 pub use vm::*;
 
 #[cfg(test)]

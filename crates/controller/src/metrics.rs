@@ -116,6 +116,14 @@ pub struct ScalingMetrics {
     pub queued: Family<PoolLabel, Gauge>,
     pub created: Family<PoolLabel, Counter>,
     pub deleted: Family<ReasonLabels, Counter>,
+    /// Jobs the backstop poll changed: `found` (no webhook told of it), `moved` (a step a
+    /// webhook missed), `vanished` (GitHub no longer knows it).
+    pub backstop_jobs: Family<ChangeLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeLabel {
+    pub change: String,
 }
 
 impl ScalingMetrics {
@@ -165,7 +173,14 @@ impl ScalingMetrics {
             "VMs the scaler deleted, by reason (job_done, idle, over_max_size, max_lifetime, boot_timeout, registration_timeout, ended, lost)",
             deleted.clone(),
         );
+        let backstop_jobs = Family::<ChangeLabel, Counter>::default();
+        r.register(
+            "backstop_jobs",
+            "Jobs the backstop poll of GitHub's API changed because webhooks missed them: found (never delivered), moved (a step not delivered), vanished (GitHub no longer knows the job)",
+            backstop_jobs.clone(),
+        );
         ScalingMetrics {
+            backstop_jobs,
             webhook_deliveries,
             job_queue_seconds,
             desired,

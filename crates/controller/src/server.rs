@@ -235,7 +235,30 @@ fn background(
             shutdown.clone(),
         ))
     });
-    (reconciler, runner_loop.into_iter().chain(scaler).collect())
+    let backstop = settings
+        .backstop
+        .interval
+        .filter(|_| settings.pools.any_scaled())
+        .map(|every| tokio::spawn(backstop_loop(app.clone(), every, shutdown.clone())));
+    (
+        reconciler,
+        runner_loop
+            .into_iter()
+            .chain(scaler)
+            .chain(backstop)
+            .collect(),
+    )
+}
+
+/// The backstop poll of GitHub's API, once per interval, until shutdown.
+async fn backstop_loop(app: Arc<Controller>, every: Duration, shutdown: CancellationToken) {
+    let pass = || {
+        let app = app.clone();
+        async move {
+            app.backstop_once().await;
+        }
+    };
+    passes(every, &shutdown, std::future::pending, pass).await;
 }
 
 /// Changes that nudge the scaler within this long of each other make one pass.

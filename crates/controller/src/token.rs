@@ -123,6 +123,42 @@ pub enum Removed {
     Busy,
 }
 
+/// What one backstop poll pass asks (GitHub sources answer it; see `github::demand`).
+#[derive(Debug, Clone, Default)]
+pub struct PollQuery {
+    /// Stored jobs to look up, most urgent first: (repository, job id).
+    pub check: Vec<(String, i64)>,
+    /// Repositories the pools' jobs came from, most recent first.
+    pub seen: Vec<String>,
+    /// Calls the pass may make in all.
+    pub max_calls: usize,
+}
+
+/// What one pass learned.
+#[derive(Debug, Clone, Default)]
+pub struct PollReport {
+    /// Jobs as GitHub reports them (each once).
+    pub jobs: Vec<crate::lifecycle::JobUpdate>,
+    /// Checked jobs GitHub no longer knows (404).
+    pub vanished: Vec<i64>,
+    pub calls: usize,
+    /// Why the pass stopped before it was done (a rate limit, an error), if it did.
+    pub stopped: Option<String>,
+}
+
+impl PollReport {
+    /// Keeps `job`, replacing an earlier answer about the same job.
+    pub fn add(&mut self, job: crate::lifecycle::JobUpdate) {
+        match self.jobs.iter_mut().find(|j| j.job_id == job.job_id) {
+            Some(known) => *known = job,
+            None => self.jobs.push(job),
+        }
+    }
+}
+
+/// A backstop poll's report; `None` from a source that cannot ask GitHub about jobs.
+pub type PollFuture<'a> = Pin<Box<dyn Future<Output = Option<PollReport>> + Send + 'a>>;
+
 pub type RunnersFuture<'a> = Pin<
     Box<
         dyn Future<Output = Result<Option<Vec<crate::lifecycle::GitHubRunner>>, TokenError>>
@@ -195,6 +231,18 @@ pub trait TokenSource: Send + Sync + fmt::Debug {
     /// carries it in the command's labels, with the runner's name.
     fn runner_label(&self) -> Option<String> {
         None
+    }
+
+    /// Pools whose sources answer the same key share one backstop poll (same API and
+    /// scope); `None` for a source that cannot poll (a static token).
+    fn poll_key(&self) -> Option<String> {
+        None
+    }
+
+    /// One backstop poll pass.
+    fn poll_jobs<'a>(&'a self, query: &'a PollQuery) -> PollFuture<'a> {
+        let _ = query;
+        Box::pin(async { None })
     }
 
     /// Checked once at start-up, so that a source that cannot work stops the controller

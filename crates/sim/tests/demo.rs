@@ -1,5 +1,6 @@
 //! The README's first command works: `miglet-sim demo` brings up the fleet, runs jobs
-//! through VMs it creates, and leaves no VM behind when it stops.
+//! through VMs it creates (minting just-in-time runners on the stand-in's GitHub App, while
+//! some webhooks are lost), and leaves no VM behind when it stops.
 
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ async fn the_demo_fleet_runs_jobs_and_cleans_up() {
                 "1",
                 "--run-for-secs",
                 "25",
+                "--lose-every-nth-webhook",
+                "4",
             ])
             .kill_on_drop(true)
             .output(),
@@ -50,6 +53,12 @@ async fn the_demo_fleet_runs_jobs_and_cleans_up() {
         .unwrap_or(0);
     assert!(done >= 3, "jobs ran through the fleet:\n{stdout}\n{stderr}");
     assert!(stderr.contains("Scaler created VMs"), "{stderr}");
+    // Jobs still run while webhooks are lost (the backstop poll's own test is the fleet
+    // end-to-end test, where every delivery of a job is lost).
+    assert!(
+        stdout.contains("losing every 4th webhook delivery"),
+        "{stdout}"
+    );
     let left = std::fs::read_dir(dir.path().join("vms")).map_or(0, |d| d.count());
     assert_eq!(left, 0, "every demo VM is stopped");
 }

@@ -244,6 +244,7 @@ pub fn controller_settings(
         }),
     );
     s.webhook_secret_file = cfg.webhook_secret_file.clone();
+    s.backstop.interval = Some(Duration::from_secs(1));
     if let Some(scaled) = &cfg.scaled
         && let Ok(fallback) = s.pools.get("pool-e2e")
     {

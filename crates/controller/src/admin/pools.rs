@@ -30,6 +30,21 @@ pub struct PoolScalingView {
     pub provider: String,
     pub min_idle: u32,
     pub max_size: u32,
+    /// An idle VM beyond what is wanted is removed after this long.
+    pub idle_timeout_secs: i64,
+    /// An idle VM older than this is replaced (a busy one finishes its job first).
+    pub max_vm_lifetime_secs: i64,
+    /// Created → `vm_started`, at most, or the VM is reaped.
+    pub boot_timeout_secs: i64,
+    /// `vm_started` → runner online, at most, or the VM is reaped.
+    pub registration_timeout_secs: i64,
+    /// VMs created per scaler pass, at most.
+    pub scale_up_step: u32,
+    /// VMs created in any minute, at most (absent: no limit).
+    pub scale_up_per_minute: Option<u32>,
+    /// What happens to a VM once its (ephemeral) job is done: `delete` (the controller
+    /// deletes it; the agent does not power itself off).
+    pub after_job: String,
     /// VMs wanted: busy ones plus queued jobs plus `min_idle`, within `max_size`.
     pub desired: u32,
     /// VMs there are (not being deleted).
@@ -52,6 +67,13 @@ fn scaling_view(app: &AppState, pool_id: &str) -> Option<PoolScalingView> {
         provider: scaling.provider.kind().to_owned(),
         min_idle: scaling.policy.min_idle,
         max_size: scaling.policy.max_size,
+        idle_timeout_secs: scaling.policy.idle_timeout / 1000,
+        max_vm_lifetime_secs: scaling.policy.max_vm_lifetime / 1000,
+        boot_timeout_secs: scaling.policy.boot_timeout / 1000,
+        registration_timeout_secs: scaling.policy.registration_timeout / 1000,
+        scale_up_step: scaling.policy.scale_up_step,
+        scale_up_per_minute: scaling.policy.scale_up_per_minute,
+        after_job: "delete".into(),
         desired: last.desired,
         actual: last.actual,
         busy: last.busy,

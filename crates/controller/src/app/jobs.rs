@@ -103,16 +103,17 @@ impl Controller {
                 return Err(bad(e));
             }
         };
-        let answer = self.apply_job_delivery(delivery, &update).await?;
+        let answer = self.apply_job(Some(delivery), &update).await?;
         count(answer.result);
         Ok(answer)
     }
 
-    /// Applies one job delivery under the job's lock: the delivery is claimed once, and the
-    /// job moves only forward.
-    async fn apply_job_delivery(
+    /// Applies what GitHub said of a job (a webhook `delivery`, or the backstop poll without
+    /// one) under the job's lock: a delivery is claimed once, and the job moves only
+    /// forward.
+    pub(super) async fn apply_job(
         &self,
-        delivery: &str,
+        delivery: Option<&str>,
         update: &lifecycle::JobUpdate,
     ) -> Result<WebhookAnswer, ApiError> {
         let now = self.now_ms();
@@ -131,15 +132,23 @@ impl Controller {
             None => None,
         };
         let job = lifecycle::apply_job_update(existing.as_ref(), update, pool_id, vm_id, now);
-        let mut batch = vec![Mutation::ClaimDelivery {
-            delivery_id: delivery.to_owned(),
+        let claim = delivery.map(|d| Mutation::ClaimDelivery {
+            delivery_id: d.to_owned(),
             at: now,
             forget_before: now - DELIVERIES_KEPT_MS,
-        }];
-        batch.extend(job.clone().map(Mutation::PutJob));
-        let outcomes = self.store.write(batch).await?;
-        let fresh = outcomes.first() == Some(&Outcome::Inserted(true));
-        let applied = outcomes.get(1) == Some(&Outcome::Applied(true));
+        });
+        let claims = usize::from(claim.is_some());
+        let batch: Vec<Mutation> = claim
+            .into_iter()
+            .chain(job.clone().map(Mutation::PutJob))
+            .collect();
+        let outcomes = if batch.is_empty() {
+            Vec::new()
+        } else {
+            self.store.write(batch).await?
+        };
+        let fresh = claims == 0 || outcomes.first() == Some(&Outcome::Inserted(true));
+        let applied = outcomes.get(claims) == Some(&Outcome::Applied(true));
         let shown = job.as_ref().or(existing.as_ref());
         if applied && let Some(j) = &job {
             self.job_changed(existing.as_ref(), j);

@@ -6,6 +6,8 @@
 //! store's group commits.
 
 mod announce;
+mod backstop;
+pub use backstop::BackstopPass;
 mod delivery;
 mod identity;
 mod ingest;
@@ -42,7 +44,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Longest acknowledgment message kept.
 const MAX_ACK_MESSAGE: usize = 4096;

@@ -291,6 +291,22 @@ impl Controller {
         count: u32,
         now: Millis,
     ) -> Result<(), String> {
+        let recent = self
+            .store
+            .instances_requested_since(pool_id, now - lifecycle::RATE_WINDOW_MS)
+            .await
+            .map_err(|e| e.to_string())?;
+        let wanted = count;
+        let count = lifecycle::creations_allowed(&scaling.policy, wanted, recent);
+        if count < wanted {
+            debug!(
+                pool_id,
+                wanted,
+                count,
+                created_last_minute = recent,
+                "Scale-up held to scale_up_per_minute; the rest waits for a later pass"
+            );
+        }
         let mut records = Vec::new();
         let mut specs = Vec::new();
         for _ in 0..count {

@@ -41,6 +41,11 @@ pub struct WebhookFileConfig {
     /// The webhook's secret (as set on GitHub), re-read at every delivery; without it the
     /// endpoint answers 404.
     pub secret_file: Option<PathBuf>,
+    /// How often the backstop poll asks GitHub's API about jobs the webhooks may have
+    /// missed, for the scaled pools with GitHub credentials [default: 60; 0: never].
+    pub backstop_interval_secs: Option<u64>,
+    /// GitHub API calls one backstop pass may make per scope [default: 30, at most 1000].
+    pub backstop_max_calls: Option<usize>,
 }
 
 /// `[auth]` of the config file.
@@ -190,6 +195,8 @@ pub struct PoolConfig {
     pub registration_timeout_secs: Option<u64>,
     /// VMs created per scaler pass, at most [default: 10].
     pub scale_up_step: Option<u32>,
+    /// VMs created in any 60 seconds, at most, for a provider's quotas [default: no limit].
+    pub scale_up_per_minute: Option<u32>,
 }
 
 /// `[pools.<id>.provider]`: where the pool's VMs come from.

@@ -80,6 +80,15 @@ pub struct Settings {
     pub github_metrics: crate::github::metrics::GitHubMetrics,
     /// The GitHub webhook's secret (`[webhook] secret_file`); no webhook endpoint without it.
     pub webhook_secret_file: Option<PathBuf>,
+    pub backstop: Backstop,
+}
+
+/// The backstop poll of GitHub's API (`[webhook] backstop_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backstop {
+    /// `None`: no poll.
+    pub interval: Option<Duration>,
+    pub max_calls: usize,
 }
 
 /// TLS files of both listeners.
@@ -254,8 +263,33 @@ impl Settings {
             clock: crate::clock::Clock::system(),
             github_metrics,
             webhook_secret_file: file.webhook.secret_file.clone(),
+            backstop: backstop(&file.webhook)?,
         })
     }
+}
+
+fn backstop(w: &file::WebhookFileConfig) -> Result<Backstop, ConfigError> {
+    let max_calls = w.backstop_max_calls.unwrap_or(30);
+    if !(1..=1000).contains(&max_calls) {
+        return Err(ConfigError::Invalid {
+            name: "webhook.backstop_max_calls".into(),
+            reason: format!("{max_calls} is not between 1 and 1000"),
+        });
+    }
+    let interval = match w.backstop_interval_secs.unwrap_or(60) {
+        0 => None,
+        s @ 1..=86_400 => Some(Duration::from_secs(s)),
+        s => {
+            return Err(ConfigError::Invalid {
+                name: "webhook.backstop_interval_secs".into(),
+                reason: format!("{s} is more than a day; 0 turns the poll off"),
+            });
+        }
+    };
+    Ok(Backstop {
+        interval,
+        max_calls,
+    })
 }
 
 /// The protocol's timings, each in whole seconds, at least one.

@@ -172,7 +172,10 @@ fn pool_scaling(
         reason,
     };
     let Some(prov) = &p.provider else {
-        let sizing = p.min_idle.is_some() || p.max_size.is_some() || p.scale_up_step.is_some();
+        let sizing = p.min_idle.is_some()
+            || p.max_size.is_some()
+            || p.scale_up_step.is_some()
+            || p.scale_up_per_minute.is_some();
         return if sizing {
             Err(invalid(
                 "provider",
@@ -208,6 +211,10 @@ fn pool_scaling(
             300,
         )?,
         scale_up_step: p.scale_up_step.unwrap_or(10).max(1),
+        scale_up_per_minute: match p.scale_up_per_minute {
+            Some(0) => return Err(invalid("scale_up_per_minute", "must be at least 1".into())),
+            other => other,
+        },
     };
     if policy.min_idle > policy.max_size {
         return Err(invalid(
@@ -277,4 +284,90 @@ fn local_provider(
             stop_grace: Duration::from_secs(prov.stop_grace_secs.unwrap_or(30)),
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{ConfigError, FileConfig, ServeArgs, Settings};
+
+    fn resolve(text: &str) -> Result<Settings, ConfigError> {
+        let file: FileConfig = toml::from_str(text).unwrap_or_else(|e| panic!("test TOML: {e}"));
+        Settings::resolve(ServeArgs::default(), file)
+    }
+
+    fn refused(text: &str) -> String {
+        match resolve(text) {
+            Err(ConfigError::Invalid { name, .. }) => name,
+            Err(other) => panic!("refused for another reason: {other}"),
+            Ok(_) => panic!("accepted an invalid configuration"),
+        }
+    }
+
+    fn sized(runner: &std::path::Path, extra: &str) -> String {
+        format!(
+            "[pools.p]\nrunner_url = \"https://github.com/acme\"\ntoken = \"a\"\n\
+             enrollment = {{ bootstrap_secret_file = \"/x\" }}\n{extra}\n\
+             [pools.p.provider]\nkind = \"local\"\nrunner_template = {:?}\n",
+            runner.display().to_string()
+        )
+    }
+
+    #[test]
+    fn a_sized_pool_reads_every_rule_and_refuses_what_cannot_work()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("config.sh"), "#!/bin/sh\n")?;
+        let s = resolve(&sized(
+            dir.path(),
+            "min_idle = 2\nmax_size = 20\nidle_timeout_secs = 30\nscale_up_step = 5\nscale_up_per_minute = 40",
+        ))?;
+        let scaling = s.pools.get("p")?.scaling.as_ref().ok_or("not sized")?;
+        let p = &scaling.policy;
+        assert_eq!((p.min_idle, p.max_size, p.scale_up_step), (2, 20, 5));
+        assert_eq!(p.scale_up_per_minute, Some(40));
+        assert_eq!(p.idle_timeout, 30_000);
+        assert_eq!(p.max_vm_lifetime, 86_400_000, "default");
+        assert_eq!(
+            resolve(&sized(dir.path(), ""))?
+                .pools
+                .get("p")?
+                .scaling
+                .as_ref()
+                .and_then(|s| s.policy.scale_up_per_minute),
+            None,
+            "no rate limit unless set"
+        );
+        assert_eq!(
+            refused(&sized(dir.path(), "scale_up_per_minute = 0")),
+            "pools.p.scale_up_per_minute"
+        );
+        assert_eq!(
+            refused(&sized(dir.path(), "min_idle = 5\nmax_size = 2")),
+            "pools.p.min_idle"
+        );
+        let unsized_rate = "[pools.p]\nrunner_url = \"https://github.com/acme\"\ntoken = \"a\"\nscale_up_per_minute = 3\n";
+        assert_eq!(refused(unsized_rate), "pools.p.provider");
+        Ok(())
+    }
+
+    #[test]
+    fn the_backstop_poll_has_defaults_and_bounds() -> Result<(), Box<dyn std::error::Error>> {
+        let pool = "[pools.p]\nrunner_url = \"https://github.com/acme\"\ntoken = \"a\"\nenrollment = { bootstrap_secret_file = \"/x\" }\n";
+        let b = resolve(pool)?.backstop;
+        assert_eq!(b.interval, Some(std::time::Duration::from_secs(60)));
+        assert_eq!(b.max_calls, 30);
+        let off = resolve(&format!("[webhook]\nbackstop_interval_secs = 0\n{pool}"))?;
+        assert_eq!(off.backstop.interval, None);
+        assert_eq!(
+            refused(&format!("[webhook]\nbackstop_max_calls = 0\n{pool}")),
+            "webhook.backstop_max_calls"
+        );
+        assert_eq!(
+            refused(&format!(
+                "[webhook]\nbackstop_interval_secs = 100000\n{pool}"
+            )),
+            "webhook.backstop_interval_secs"
+        );
+        Ok(())
+    }
 }

@@ -8,11 +8,13 @@
 //!   hot-loops.
 //! * [`app`]: GitHub App authentication: the app JWT and the installation token, cached and
 //!   refreshed before it expires (and once after a 401).
+//! * [`demand`]: the backstop poll of jobs, for webhooks that were lost.
 //! * [`rules`]: the pure decisions (how a response is classified, when a cached token is due,
 //!   the mint budget), each a function of `now`.
 
 pub mod api;
 pub mod app;
+pub mod demand;
 pub mod metrics;
 pub mod rules;
 pub mod source;

@@ -11,8 +11,8 @@ use crate::clock::Clock;
 use crate::lifecycle::GitHubRunner;
 use crate::model::Millis;
 use crate::token::{
-    IssuedToken, Registration, RegistrationFuture, RemoveFuture, Removed, RunnerRequest,
-    RunnersFuture, SourceStatus, TokenError, TokenFuture, TokenSource,
+    IssuedToken, PollFuture, PollQuery, Registration, RegistrationFuture, RemoveFuture, Removed,
+    RunnerRequest, RunnersFuture, SourceStatus, TokenError, TokenFuture, TokenSource,
 };
 use chrono::{DateTime, Utc};
 use reqwest::Method;
@@ -137,6 +137,19 @@ impl GitHubSource {
     ) -> Result<super::api::Reply, GitHubError> {
         let a = &self.account;
         a.auth.call(&a.api, method, path, body).await
+    }
+
+    /// A GET on the source's account.
+    pub(super) async fn get(&self, path: &str) -> Result<super::api::Reply, GitHubError> {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub(super) fn account(&self) -> &Account {
+        &self.account
+    }
+
+    pub(super) fn scope(&self) -> &Scope {
+        &self.scope
     }
 
     /// The runner group's id: 1 (Default) unless a group is named; looked up by name once
@@ -467,6 +480,14 @@ impl TokenSource for GitHubSource {
 
     fn runner_label(&self) -> Option<String> {
         Some(self.label())
+    }
+
+    fn poll_key(&self) -> Option<String> {
+        Some(GitHubSource::poll_key(self))
+    }
+
+    fn poll_jobs<'a>(&'a self, query: &'a PollQuery) -> PollFuture<'a> {
+        Box::pin(async move { Some(self.poll(query).await) })
     }
 }
 

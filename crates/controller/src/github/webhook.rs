@@ -104,6 +104,8 @@ struct Job {
     workflow_name: Option<String>,
     #[serde(default)]
     labels: Vec<String>,
+    /// The REST API's view of the job's step; a delivery's `action` is what counts there.
+    status: Option<String>,
     conclusion: Option<String>,
     runner_name: Option<String>,
     created_at: Option<String>,
@@ -142,6 +144,37 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Delivery, WebhookError> {
     let job = p
         .workflow_job
         .ok_or_else(|| WebhookError::BadPayload("no workflow_job".into()))?;
+    let repository = bounded(
+        "repository",
+        p.repository.and_then(|r| r.full_name),
+        MAX_NAME,
+    )?
+    .unwrap_or_default();
+    job_update(repository, job, status).map(Delivery::Job)
+}
+
+/// A job object of GitHub's REST API (`GET /repos/{owner}/{repo}/actions/jobs/{id}`, or an
+/// element of a run's `jobs`) of `repository`, checked as strictly as a delivery; `None`
+/// for a status we do not follow.
+pub fn parse_rest_job(
+    repository: &str,
+    job: serde_json::Value,
+) -> Result<Option<JobUpdate>, WebhookError> {
+    let job: Job =
+        serde_json::from_value(job).map_err(|e| WebhookError::BadPayload(e.to_string()))?;
+    let Some(status) = job
+        .status
+        .as_deref()
+        .and_then(crate::lifecycle::rest_job_status)
+    else {
+        return Ok(None);
+    };
+    let repository =
+        bounded("repository", Some(repository.to_owned()), MAX_NAME)?.unwrap_or_default();
+    job_update(repository, job, status).map(Some)
+}
+
+fn job_update(repository: String, job: Job, status: JobStatus) -> Result<JobUpdate, WebhookError> {
     if job.id <= 0 || job.run_id <= 0 {
         return Err(WebhookError::BadPayload(
             "workflow_job.id and run_id must be positive".into(),
@@ -157,13 +190,7 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Delivery, WebhookError> {
             "labels: at most {MAX_LABELS}, each 1 to {MAX_LABEL} bytes"
         )));
     }
-    let repository = bounded(
-        "repository",
-        p.repository.and_then(|r| r.full_name),
-        MAX_NAME,
-    )?
-    .unwrap_or_default();
-    Ok(Delivery::Job(JobUpdate {
+    Ok(JobUpdate {
         job_id: job.id,
         run_id: job.run_id,
         run_attempt: job.run_attempt.unwrap_or(1),
@@ -177,7 +204,7 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Delivery, WebhookError> {
         created_at: time(job.created_at.as_deref()),
         started_at: time(job.started_at.as_deref()),
         completed_at: time(job.completed_at.as_deref()),
-    }))
+    })
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //!
 //! A pool's **spare** VMs are those that can still take a job: booting, registering their
 //! runner, or idle. The scaler wants `queued jobs + min_idle` spare VMs, never more than
-//! `max_size` VMs in all (busy ones included), and creates at most `scale_up_step` a pass.
+//! `max_size` VMs in all (busy ones included), and creates at most `scale_up_step` a pass
+//! and `scale_up_per_minute` in any minute ([`creations_allowed`]).
 //!
 //! **Safety**: a VM is removed only when
 //! - its agent reports it **idle** and it is not needed (spare beyond what is wanted, idle
@@ -31,6 +32,20 @@ pub struct ScalePolicy {
     pub registration_timeout: Millis,
     /// VMs created per pass, at most.
     pub scale_up_step: u32,
+    /// VMs created in any [`RATE_WINDOW_MS`], at most (`None`: no limit).
+    pub scale_up_per_minute: Option<u32>,
+}
+
+/// The window `scale_up_per_minute` counts creations over.
+pub const RATE_WINDOW_MS: Millis = 60_000;
+
+/// How many of the `wanted` VMs a pass may create, when `created_in_window` were created in
+/// the last [`RATE_WINDOW_MS`] (deleted ones included): the rest wait for a later pass.
+pub fn creations_allowed(p: &ScalePolicy, wanted: u32, created_in_window: u32) -> u32 {
+    match p.scale_up_per_minute {
+        Some(limit) => wanted.min(limit.saturating_sub(created_in_window)),
+        None => wanted,
+    }
 }
 
 /// Where a drain the scaler sent stands.
@@ -299,6 +314,31 @@ fn with_lifetime_drains(
 }
 
 #[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    #[test]
+    fn creations_are_held_to_the_rate_over_the_last_minute() {
+        let mut p = ScalePolicy {
+            min_idle: 0,
+            max_size: 100,
+            idle_timeout: 1,
+            max_vm_lifetime: 1,
+            boot_timeout: 1,
+            registration_timeout: 1,
+            scale_up_step: 10,
+            scale_up_per_minute: None,
+        };
+        assert_eq!(creations_allowed(&p, 10, 500), 10);
+        p.scale_up_per_minute = Some(12);
+        assert_eq!(creations_allowed(&p, 10, 0), 10);
+        assert_eq!(creations_allowed(&p, 10, 5), 7);
+        assert_eq!(creations_allowed(&p, 10, 12), 0);
+        assert_eq!(creations_allowed(&p, 10, 40), 0);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::lifecycle::test_vm;
@@ -315,6 +355,7 @@ mod tests {
             boot_timeout: 5 * MIN,
             registration_timeout: 5 * MIN,
             scale_up_step: 4,
+            scale_up_per_minute: None,
         }
     }
 

@@ -16,8 +16,8 @@ use miglet_sim::github::{APP_PRIVATE_KEY, Failure, FakeGitHub};
 use std::sync::Arc;
 use std::time::Duration;
 
-const APP_ID: u64 = 4242;
-const INSTALLATION: u64 = 77;
+pub(super) const APP_ID: u64 = 4242;
+pub(super) const INSTALLATION: u64 = 77;
 
 async fn stand_in() -> Result<(FakeGitHub, String), Box<dyn std::error::Error + Send + Sync>> {
     let gh = FakeGitHub::new(&[]).with_app(APP_ID, INSTALLATION);
@@ -55,6 +55,35 @@ fn source_with(
         account,
         scope,
         mode,
+        None,
+        "mig-test".into(),
+        clock.clone(),
+    ))
+}
+
+/// A JIT source on the test App for `scope`.
+pub(super) fn source_for(
+    base: &str,
+    clock: &Clock,
+    scope: Scope,
+) -> Result<GitHubSource, GitHubError> {
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(APP_PRIVATE_KEY.as_bytes())
+        .map_err(|e| GitHubError::Config(e.to_string()))?;
+    let account = Arc::new(Account {
+        api: Api::new(base, clock.clone())?,
+        auth: Auth::App(AppAuth::new(
+            APP_ID,
+            key,
+            None,
+            scope.clone(),
+            clock.clone(),
+        )),
+        budget: std::sync::Mutex::new(MintBudget::new(60)),
+    });
+    Ok(GitHubSource::new(
+        account,
+        scope,
+        Mode::Jit,
         None,
         "mig-test".into(),
         clock.clone(),

@@ -1,6 +1,7 @@
 mod admin;
 mod api_fuzz;
 mod auth;
+mod backstop;
 mod bad_input;
 mod binary;
 mod common;

@@ -15,10 +15,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+mod jobs;
 mod rest;
 pub use rest::{APP_PRIVATE_KEY, Failure};
 
@@ -62,6 +63,9 @@ struct Webhook {
     secret: String,
     /// Deliveries to drop (a lost webhook), counted down.
     lose: u32,
+    /// Drop every this-many-th delivery as well (0: none).
+    lose_every: u64,
+    tried: u64,
     sent: u64,
 }
 
@@ -100,6 +104,9 @@ struct Inner {
     webhook: Option<Webhook>,
     /// The job each runner took, for its `completed` delivery.
     taken: HashMap<String, Job>,
+    /// Every job with an id, as the REST API shows it.
+    jobs: BTreeMap<u64, jobs::JobState>,
+    job_seq: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -143,6 +150,13 @@ impl FakeGitHub {
     pub fn lose_webhooks(&self, n: u32) {
         if let Some(w) = self.lock().webhook.as_mut() {
             w.lose = n;
+        }
+    }
+
+    /// Drops every `k`-th webhook delivery from now on (0: none), as a flaky network would.
+    pub fn lose_every(&self, k: u64) {
+        if let Some(w) = self.lock().webhook.as_mut() {
+            w.lose_every = k;
         }
     }
 
@@ -332,7 +346,8 @@ fn can_run(runner: &[String], wanted: &[String]) -> bool {
     })
 }
 
-/// Sends one `workflow_job` delivery in the background, as GitHub's hookshot does: raw JSON
+/// Records that a job moved (for the REST API) and sends one `workflow_job` delivery in the
+/// background, as GitHub's hookshot does: raw JSON
 /// body, `X-GitHub-Event`, a fresh `X-GitHub-Delivery`, `X-Hub-Signature-256`.
 fn deliver(
     inner: &mut Inner,
@@ -341,24 +356,28 @@ fn deliver(
     runner: Option<&str>,
     conclusion: Option<&str>,
 ) {
+    jobs::track(inner, action, job, runner, conclusion);
     let Some(hook) = inner.webhook.as_mut() else {
         return;
     };
     if job.id == 0 {
         return;
     }
+    hook.tried += 1;
     if hook.lose > 0 {
         hook.lose -= 1;
         return;
     }
+    if hook.lose_every > 0 && hook.tried.is_multiple_of(hook.lose_every) {
+        return;
+    }
     hook.sent += 1;
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let (owner, repo) = job.repository.split_once('/').unwrap_or(("acme", "app"));
     let body = serde_json::json!({
         "action": action,
         "workflow_job": {
             "id": job.id,
-            "run_id": job.run_id.parse::<u64>().unwrap_or(job.id),
+            "run_id": jobs::run_id(job),
             "run_attempt": 1,
             "name": job.name,
             "workflow_name": "CI",
@@ -370,7 +389,7 @@ fn deliver(
             "started_at": (action != "queued").then_some(&now),
             "completed_at": (action == "completed").then_some(&now),
         },
-        "repository": {"full_name": format!("{owner}/{repo}")},
+        "repository": {"full_name": jobs::repository(job)},
     })
     .to_string();
     let signature = mig_controller::github::webhook::sign(hook.secret.as_bytes(), body.as_bytes());

@@ -115,7 +115,7 @@ impl FakeGitHub {
     }
 }
 
-fn error(status: u16, message: &str) -> Response {
+pub(super) fn error(status: u16, message: &str) -> Response {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (
         code,
@@ -239,10 +239,19 @@ fn answer(
     if !(valid_install || inner.rest.pats.contains(&bearer)) {
         return error(401, "Bad credentials");
     }
+    if let (&Method::GET, ["orgs", org, "repos"]) = (method, seg.as_slice()) {
+        return jobs::org_repos(&inner, org, query);
+    }
     let Some(at) = seg.iter().position(|s| *s == "actions") else {
         return error(404, "Not Found");
     };
     let scope = seg[..at].join("/");
+    if let (&Method::GET, ["repos", owner, repo]) = (method, &seg[..at])
+        && let Some(resp) =
+            jobs::rest_call(&inner, &format!("{owner}/{repo}"), &seg[at + 1..], query)
+    {
+        return resp;
+    }
     let origin = format!("http://{}", header("host"));
     runners_call(
         &mut inner,

@@ -471,6 +471,41 @@ impl Reads {
         .collect()
     }
 
+    /// The repositories `pool_id`'s jobs came from since `since`, most recent first, at
+    /// most `limit`.
+    pub async fn job_repositories(
+        &self,
+        pool_id: &str,
+        since: Millis,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT repository FROM jobs WHERE pool_id = ? AND updated_at >= ? \
+             GROUP BY repository ORDER BY MAX(updated_at) DESC LIMIT ?",
+        )
+        .bind(pool_id)
+        .bind(since)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// How many instances of `pool_id` were asked for since `since` (deleted ones too).
+    pub async fn instances_requested_since(
+        &self,
+        pool_id: &str,
+        since: Millis,
+    ) -> Result<u32, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM instances WHERE pool_id = ? AND requested_at >= ?",
+        )
+        .bind(pool_id)
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
     /// The instances of `pool_id` not deleted yet.
     pub async fn instances_live(&self, pool_id: &str) -> Result<Vec<InstanceRecord>, StoreError> {
         sqlx::query(

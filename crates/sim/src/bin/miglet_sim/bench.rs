@@ -41,6 +41,7 @@ fn spec(a: &BenchArgs, name: &str, min_idle: u32, max_size: u32, step: u32) -> F
         min_idle,
         max_size,
         scale_up_step: step,
+        github_app: false,
     }
 }
 

@@ -22,6 +22,9 @@ macro_rules! say {
 /// The registration token the stand-in accepts (it is not a GitHub token).
 const DEMO_TOKEN: &str = "DEMO-REGISTRATION-TOKEN-NOT-A-SECRET";
 const POOL: &str = "demo";
+/// The stand-in's GitHub App the demo mints just-in-time runners with.
+const DEMO_APP_ID: u64 = 1001;
+const DEMO_INSTALLATION: u64 = 2002;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -45,6 +48,10 @@ pub struct DemoArgs {
     /// Stop after this many seconds (default: until Ctrl-C).
     #[arg(long)]
     run_for_secs: Option<u64>,
+    /// Lose every N-th webhook delivery (0: none), to watch the backstop poll find what
+    /// the webhooks missed.
+    #[arg(long, default_value_t = 0)]
+    lose_every_nth_webhook: u64,
 }
 
 /// A binary next to this one.
@@ -84,6 +91,9 @@ pub struct FleetSpec {
     pub min_idle: u32,
     pub max_size: u32,
     pub scale_up_step: u32,
+    /// Mint just-in-time runners with the stand-in's GitHub App (and poll it for lost
+    /// webhooks), instead of a static registration token.
+    pub github_app: bool,
 }
 
 /// The controller's TOML for a fleet.
@@ -93,6 +103,16 @@ fn config(a: &FleetSpec, dir: &Path, github: SocketAddr) -> anyhow::Result<Strin
     let webhook = dir.join("webhook.secret");
     keep_or_write(&webhook, &random_hex())?;
     let q = |p: &Path| format!("{:?}", p.display().to_string());
+    let registration = if a.github_app {
+        let key = dir.join("github-app.pem");
+        keep_or_write(&key, miglet_sim::github::APP_PRIVATE_KEY)?;
+        format!(
+            "[pools.{POOL}.github]\norg = \"demo-org\"\napi_url = \"http://{github}\"\napp_id = {DEMO_APP_ID}\nprivate_key_file = {}\nregistration = \"jit\"\n",
+            q(&key)
+        )
+    } else {
+        format!("runner_url = \"http://{github}/demo-org\"\ntoken = \"{DEMO_TOKEN}\"\n")
+    };
     Ok(format!(
         r#"data_dir = {data}
 http_addr = "{http}"
@@ -101,10 +121,9 @@ reconcile_interval_secs = 2
 
 [webhook]
 secret_file = {webhook}
+backstop_interval_secs = 15
 
 [pools.{POOL}]
-runner_url = "http://{github}/demo-org"
-token = "{DEMO_TOKEN}"
 labels = ["self-hosted", "linux", "x64", "demo"]
 min_idle = {min_idle}
 max_size = {max_size}
@@ -124,7 +143,8 @@ work_dir = {vms}
 args = ["--runner-user="]
 stop_grace_secs = 5
 env = {{ MIGLET_BOOTSTRAP_SECRET_FILE = {bootstrap}, MIGLET_ORG_ID = "demo-org", MIGLET_HEARTBEAT_INTERVAL = "2s", MIGLET_POLL_INTERVAL = "1s", MIGLET_LOG_LEVEL = "warn" }}
-"#,
+
+{registration}"#,
         data = q(&dir.join("controller")),
         http = a.http_addr,
         grpc = a.grpc_addr,
@@ -194,7 +214,7 @@ impl Fleet {
             miglet_sim::runner_dir::install(&runner, &sibling("fake-runner-listener")?)
                 .context("installing the runner stand-in")?;
         }
-        let github = FakeGitHub::new(&[DEMO_TOKEN]);
+        let github = FakeGitHub::new(&[DEMO_TOKEN]).with_app(DEMO_APP_ID, DEMO_INSTALLATION);
         let (github_addr, _task) = github
             .serve(tokio::net::TcpListener::bind("127.0.0.1:0").await?)
             .await?;
@@ -236,6 +256,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         min_idle: a.min_idle,
         max_size: a.max_size,
         scale_up_step: 4,
+        github_app: true,
     })
     .await?;
     let (server, github, gh_addr, data_dir) = (
@@ -259,6 +280,13 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         "  fake GitHub:     http://{gh_addr}   (jobs every {} s, in bursts)\n",
         60 / a.jobs_per_minute.max(1)
     );
+    if a.lose_every_nth_webhook > 0 {
+        github.lose_every(a.lose_every_nth_webhook);
+        say!(
+            "  losing every {}th webhook delivery: the backstop poll (every 15 s) finds them\n",
+            a.lose_every_nth_webhook
+        );
+    }
     let jobs = tokio::spawn(queue_jobs(github.clone(), a.jobs_per_minute, a.job_seconds));
     let app = server.app.clone();
     let status = tokio::spawn(async move {
