@@ -1053,70 +1053,8 @@ async fn wrong_bootstrap_secret_is_refused_and_reported() -> R {
     Ok(())
 }
 
-/// Debian's chromedriver and chromium, if installed.
-fn chromedriver() -> Option<(PathBuf, PathBuf)> {
-    let driver = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())?;
-    let browser = ["/usr/bin/chromium", "/usr/lib/chromium/chromium"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())?;
-    Some((driver, browser))
-}
-
-/// The dashboard in headless Chromium (Debian's package, driven over WebDriver by
-/// fantoccini) against a controller with live agents: they are listed with their states, a
-/// VM's timeline opens, and Drain is acknowledged. Screenshots go to target/screenshots/.
-/// The dashboard re-renders on live updates, so an element found a moment ago may be gone:
-/// these find it again (a few times, bounded) when the browser says it went stale.
-fn stale(e: &fantoccini::error::CmdError) -> bool {
-    e.to_string().contains("stale element")
-}
-
-/// Finds `at` (waiting up to 20 s) and does `act` on it, finding it again (up to 10 times)
-/// while the browser says the element went stale.
-async fn fresh<T, F, Fut>(
-    c: &fantoccini::Client,
-    at: fantoccini::Locator<'_>,
-    act: F,
-) -> Result<T, fantoccini::error::CmdError>
-where
-    F: Fn(fantoccini::elements::Element) -> Fut,
-    Fut: std::future::Future<Output = Result<T, fantoccini::error::CmdError>>,
-{
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        let found = c
-            .wait()
-            .at_most(Duration::from_secs(20))
-            .for_element(at)
-            .await?;
-        match act(found).await {
-            Err(e) if stale(&e) && tries < 10 => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            other => return other,
-        }
-    }
-}
-
-async fn fresh_text(
-    c: &fantoccini::Client,
-    at: fantoccini::Locator<'_>,
-) -> Result<String, fantoccini::error::CmdError> {
-    fresh(c, at, |e| async move { e.text().await }).await
-}
-
-async fn fresh_click(
-    c: &fantoccini::Client,
-    at: fantoccini::Locator<'_>,
-) -> Result<(), fantoccini::error::CmdError> {
-    fresh(c, at, |e| async move { e.click().await.map(|_| ()) }).await
-}
-
+/// The dashboard in headless Chromium against a controller with live agents: they are
+/// listed with their states, a VM's timeline and its charts show, and Drain is acknowledged.
 #[tokio::test]
 async fn dashboard_in_a_real_browser() -> R {
     tokio::time::timeout(Duration::from_secs(240), dashboard_in_a_real_browser_run())
@@ -1126,18 +1064,10 @@ async fn dashboard_in_a_real_browser() -> R {
 
 async fn dashboard_in_a_real_browser_run() -> R {
     use fantoccini::Locator;
-    let Some((driver, browser)) = chromedriver() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install chromium and chromium-driver (see .ci/run)"
-        );
-        eprintln!(
-            "SKIPPED: chromium / chromedriver not installed (apt-get install chromium chromium-driver)"
-        );
+    let Some(browser) = Browser::open().await? else {
         return Ok(());
     };
-    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/screenshots");
-    std::fs::create_dir_all(&shots)?;
+    let shots = screenshots()?;
     let env = env().await;
     let webhook_secret = "dashboard-test-webhook-secret-0123";
     let secret_file = env.dir.path().join("webhook.secret");
@@ -1183,71 +1113,10 @@ async fn dashboard_in_a_real_browser_run() -> R {
     wait_event(ctl.app(), "vm-dash-idle", "runner_registered").await;
     let token = std::fs::read_to_string(env.dir.path().join("ctl/initial-admin-token"))?;
 
-    // Port 0: chromedriver picks a free port and says which.
-    let mut chromedriver = tokio::process::Command::new(&driver)
-        .arg("--port=0")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let port = {
-        use tokio::io::AsyncBufReadExt;
-        let out = chromedriver.stdout.take().ok_or("chromedriver stdout")?;
-        let mut lines = tokio::io::BufReader::new(out).lines();
-        let read = async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(p) = line
-                    .split("started successfully on port ")
-                    .nth(1)
-                    .and_then(|p| p.trim_end_matches('.').trim().parse::<u16>().ok())
-                {
-                    return Some(p);
-                }
-            }
-            None
-        };
-        tokio::time::timeout(Duration::from_secs(20), read)
-            .await
-            .ok()
-            .flatten()
-            .ok_or("chromedriver did not say its port")?
-    };
-    let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".into(),
-        serde_json::json!({
-            "binary": browser,
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900"],
-        }),
-    );
-    let webdriver = format!("http://127.0.0.1:{port}");
-    let mut session = None;
-    for _ in 0..50 {
-        let mut b = fantoccini::ClientBuilder::new(
-            hyper_util::client::legacy::connect::HttpConnector::new(),
-        );
-        match b.capabilities(caps.clone()).connect(&webdriver).await {
-            Ok(c) => {
-                session = Some(c);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-    let c = session.ok_or("chromedriver did not start")?;
+    let c = &browser.c;
     let result = async {
         let base = format!("http://{}", ctl.http);
-        c.goto(&format!("{base}/dashboard/")).await?;
-        c.wait()
-            .at_most(Duration::from_secs(20))
-            .for_element(Locator::Css("#token"))
-            .await?
-            .send_keys(token.trim())
-            .await?;
-        c.find(Locator::Css("#login button[type=submit]"))
-            .await?
-            .click()
-            .await?;
+        browser.sign_in(&base, &token).await?;
         // Both VMs listed, each with its own state in its own row.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let state_cell = |vm: &str| {
@@ -1272,25 +1141,34 @@ async fn dashboard_in_a_real_browser_run() -> R {
         }
         std::fs::write(shots.join("dashboard-fleet.png"), c.screenshot().await?)?;
         // A VM's page with its timeline.
-        fresh_click(&c, Locator::LinkText("vm-dash-idle")).await?;
-        let timeline = fresh_text(&c, Locator::Css("#timeline")).await?;
+        fresh_click(c, Locator::LinkText("vm-dash-idle")).await?;
+        let timeline = fresh_text(c, Locator::Css("#timeline")).await?;
         if !(timeline.contains("vm_started")
             && timeline.contains("runner_registered")
             && timeline.contains("enrolled"))
         {
             return Err(format!("timeline incomplete: {timeline}").into());
         }
-        let shown_state = fresh_text(&c, Locator::Css("dd[data-field=state]")).await?;
+        let shown_state = fresh_text(c, Locator::Css("dd[data-field=state]")).await?;
         if shown_state != "idle" {
             return Err(format!("VM page shows state {shown_state:?}").into());
         }
+        // Its CPU chart has axes with units and a time scale (the page refreshes every 5 s
+        // until two heartbeats are in).
+        let (ok, labels) = charts_until(c, Duration::from_secs(30), |l| {
+            l.contains("time (UTC)") && l.contains("100%") && l.contains("CPU")
+        })
+        .await?;
+        if !ok {
+            return Err(format!("no CPU chart with axes: {labels:?}").into());
+        }
         std::fs::write(shots.join("dashboard-vm.png"), c.screenshot().await?)?;
         // Drain, confirm, and see it acknowledged.
-        fresh_click(&c, Locator::Css("#drain")).await?;
+        fresh_click(c, Locator::Css("#drain")).await?;
         c.accept_alert().await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let text = fresh_text(&c, Locator::Css("#command-result"))
+            let text = fresh_text(c, Locator::Css("#command-result"))
                 .await
                 .unwrap_or_default();
             if text.contains("drain acknowledged") {
@@ -1305,13 +1183,13 @@ async fn dashboard_in_a_real_browser_run() -> R {
         // Event search.
         c.goto(&format!("{base}/dashboard/#/events?type=job_started"))
             .await?;
-        let events = fresh_text(&c, Locator::Css("#events")).await?;
+        let events = fresh_text(c, Locator::Css("#events")).await?;
         if !events.contains("vm-dash-busy") {
             return Err(format!("event search: {events}").into());
         }
         // Jobs from the webhook.
         c.goto(&format!("{base}/dashboard/#/jobs")).await?;
-        let jobs = fresh_text(&c, Locator::Css("#jobs")).await?;
+        let jobs = fresh_text(c, Locator::Css("#jobs")).await?;
         if !(jobs.contains("gpu render") && jobs.contains("queued") && jobs.contains("no pool")) {
             return Err(format!("jobs page: {jobs}").into());
         }
@@ -1319,8 +1197,7 @@ async fn dashboard_in_a_real_browser_run() -> R {
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     }
     .await;
-    let _ = c.close().await;
-    let _ = chromedriver.kill().await;
+    browser.close().await;
     result?;
     let drains: Vec<_> = ctl
         .app()

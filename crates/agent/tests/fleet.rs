@@ -232,6 +232,21 @@ async fn a_queued_job_gets_a_vm_that_runs_it_and_is_deleted_after() {
     assert_eq!(pool["scaling"]["provider"], "local", "{pool}");
     assert_eq!(pool["scaling"]["max_size"], 5, "{pool}");
     assert!(pool["scaling"]["last_pass_at"].is_i64(), "{pool}");
+    assert_eq!(pool["scaling"]["after_job"], "delete", "{pool}");
+    assert_eq!(pool["scaling"]["idle_timeout_secs"], 60, "{pool}");
+    // The pool's size over time, as the fleet page charts it: it had the job's VM.
+    let history = admin("/api/v1/admin/pools/pool-e2e/history?minutes=5").await;
+    let samples = history["samples"].as_array().cloned().unwrap_or_default();
+    assert!(
+        samples.iter().any(|s| s["actual"].as_u64() >= Some(1)),
+        "{history}"
+    );
+    assert!(
+        samples
+            .windows(2)
+            .all(|w| w[0]["at"].as_i64() < w[1]["at"].as_i64()),
+        "{history}"
+    );
     let jobs = admin("/api/v1/admin/jobs").await;
     assert_eq!(jobs["jobs"][0]["job_id"], 101, "{jobs}");
     assert_eq!(jobs["jobs"][0]["vm_id"], vm.as_str(), "{jobs}");
@@ -450,4 +465,61 @@ async fn a_job_whose_webhooks_are_all_lost_is_found_and_followed_by_the_backstop
         "no delivery of the job arrived: {m}"
     );
     ctl.stop().await;
+}
+
+/// The fleet page in a real browser charts the pool's size and queued jobs over time, with
+/// axes, units and a time scale, and shows the pool's scaling rules.
+#[tokio::test]
+async fn the_fleet_page_charts_pool_size_and_queued_jobs() -> R {
+    let Some(browser) = Browser::open().await? else {
+        return Ok(());
+    };
+    let env = env().await;
+    let mut ctl = fleet(&env, 2).await;
+    for id in 1..=4 {
+        env.github.enqueue_job(long_job(900 + id, 4_000));
+    }
+    // Samples are 10 s apart: wait for a second one while the jobs run.
+    miglet_sim::testkit::wait_for(
+        "two samples of the pool",
+        Duration::from_secs(60),
+        || async {
+            ctl.app()
+                .pool_history("pool-e2e", 0)
+                .is_some_and(|h| h.len() >= 2 && h.iter().any(|s| s.queued_jobs > 0))
+        },
+    )
+    .await;
+    let token = std::fs::read_to_string(env.dir.path().join("ctl").join("initial-admin-token"))?;
+    let result = async {
+        browser
+            .sign_in(&format!("http://{}", ctl.http), &token)
+            .await?;
+        let c = &browser.c;
+        let (ok, labels) = charts_until(c, Duration::from_secs(30), |l| {
+            l.contains("pool-e2e, ")
+                && l.contains("time (UTC)")
+                && l.contains("queued jobs")
+                && l.contains("VMs")
+        })
+        .await?;
+        if !ok {
+            return Err(format!("no pool chart with axes: {labels:?}").into());
+        }
+        let rules = fresh_text(c, fantoccini::Locator::Css("[data-field=scaling]")).await?;
+        if !(rules.contains("idle 60 s") && rules.contains("after a job: delete")) {
+            return Err(format!("pool rules not shown: {rules}").into());
+        }
+        std::fs::write(
+            screenshots()?.join("dashboard-pool-chart.png"),
+            c.screenshot().await?,
+        )?;
+        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    }
+    .await;
+    browser.close().await;
+    result?;
+    run_jobs(&env, 4, 2, Duration::from_secs(90)).await;
+    ctl.stop().await;
+    Ok(())
 }

@@ -22,6 +22,9 @@ pub use std::process::Stdio;
 pub use std::sync::Arc;
 pub use std::time::Duration;
 
+pub mod browser;
+pub use browser::{Browser, charts_until, fresh, fresh_click, fresh_text, screenshots};
+
 pub type R = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 pub const TOKEN: &str = "AHTE2ESECRETREGISTRATIONTOKEN42";

@@ -94,6 +94,7 @@ fn router_and_doc() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(get_command))
         .routes(routes!(list_pools))
         .routes(routes!(list_jobs))
+        .routes(routes!(pool_history))
         .routes(routes!(identity::move_pool))
         .routes(routes!(identity::create_enrollment_token))
         .routes(routes!(audit))
@@ -165,6 +166,7 @@ mod tests {
             "/api/v1/admin/commands/{command_id}",
             "/api/v1/admin/pools",
             "/api/v1/admin/jobs",
+            "/api/v1/admin/pools/{pool_id}/history",
             "/api/v1/admin/audit",
             "/api/v1/admin/whoami",
         ] {

@@ -203,3 +203,51 @@ pub(super) async fn list_jobs(
             .collect(),
     }))
 }
+
+/// A sized pool's recent samples.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PoolHistory {
+    pub pool_id: String,
+    /// Each sample is the last scaler pass within this many seconds.
+    pub sample_secs: i64,
+    /// Oldest first.
+    pub samples: Vec<crate::app::PoolSample>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryQuery {
+    /// The last this many minutes [default: 60, at most 120].
+    pub minutes: Option<u32>,
+}
+
+/// Desired and actual VMs, busy VMs and queued jobs of a pool the controller sizes, over the
+/// last minutes (kept in memory for two hours: a restart starts afresh).
+#[utoipa::path(get, path = "/api/v1/admin/pools/{pool_id}/history", tag = "pools",
+    params(("pool_id" = String, Path, description = "A pool the controller sizes"), HistoryQuery),
+    responses((status = 200, body = PoolHistory), (status = 400, description = "bad minutes"),
+        (status = 404, description = "no such sized pool")))]
+pub(super) async fn pool_history(
+    State(app): State<AppState>,
+    pool_id: Result<Path<String>, PathRejection>,
+    q: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Json<PoolHistory>, ApiError> {
+    let pool_id = path_one(pool_id)?;
+    miglet_proto::ids::validate_id("pool_id", &pool_id).map_err(bad)?;
+    let q = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let minutes = q.minutes.unwrap_or(60);
+    if !(1..=120).contains(&minutes) {
+        return Err(ApiError::BadRequest(format!(
+            "minutes must be 1 to 120, not {minutes}"
+        )));
+    }
+    let since = app.now_ms() - i64::from(minutes) * 60_000;
+    let samples = app.pool_history(&pool_id, since).ok_or_else(|| {
+        ApiError::NotFound(format!("{pool_id} is not a pool the controller sizes"))
+    })?;
+    Ok(Json(PoolHistory {
+        pool_id,
+        sample_secs: crate::app::SAMPLE_SECS,
+        samples,
+    }))
+}

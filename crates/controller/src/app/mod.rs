@@ -9,6 +9,8 @@ mod announce;
 mod backstop;
 pub use backstop::BackstopPass;
 mod delivery;
+mod history;
+pub use history::{PoolSample, SAMPLE_SECS};
 mod identity;
 mod ingest;
 mod jobs;
@@ -190,6 +192,9 @@ pub struct Controller {
     scale_nudge: tokio::sync::Notify,
     /// The scaler's last figures per pool.
     pool_scale: std::sync::Mutex<std::collections::HashMap<String, scaler::PoolScaleView>>,
+    /// Each sized pool's recent samples, for the dashboard's chart.
+    pool_history:
+        std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<PoolSample>>>,
 }
 
 /// Why a registration token is refused once a job ran on the VM's current boot.
@@ -231,6 +236,7 @@ impl Controller {
             advertised: Default::default(),
             scale_nudge: Default::default(),
             pool_scale: Default::default(),
+            pool_history: Default::default(),
             pool_alerts: Default::default(),
             store,
             settings,

@@ -81,7 +81,10 @@ impl Controller {
             let mut views = self.scale_views();
             let view = views.entry(pool_id.clone()).or_default();
             match result {
-                Ok(v) => *view = v,
+                Ok(v) => {
+                    self.record_sample(&pool_id, &v);
+                    *view = v;
+                }
                 Err(e) => {
                     warn!(pool_id, error = %e, "Scaler pass failed for the pool; the next pass tries again (check the pool's provider)");
                     view.last_error = Some(e);

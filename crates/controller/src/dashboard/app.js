@@ -107,6 +107,21 @@ async function fleetView() {
     api("/api/v1/admin/pools"),
     api("/api/v1/admin/vms?" + new URLSearchParams([...params].filter(([, v]) => v)).toString()),
   ]);
+  const sized = pools.pools.filter(p => p.scaling);
+  const histories = await Promise.all(sized.map(p =>
+    api(`/api/v1/admin/pools/${encodeURIComponent(p.pool_id)}/history?minutes=60`).catch(() => null)));
+  const sizeCharts = sized.map((p, i) => {
+    const samples = (histories[i] && histories[i].samples) || [];
+    const pts = key => samples.map(x => [x.at, x[key]]);
+    return el("section", { class: "card", "aria-label": `Pool ${p.pool_id} over time`, "data-chart": p.pool_id },
+      el("h3", {}, `${p.pool_id}: size and queued jobs (up to the last hour)`),
+      chart({ title: p.pool_id, unit: "count", integer: true, window: 60 * 60 * 1000, least: 5 * 60 * 1000, series: [
+        { label: "VMs", color: "#0969da", points: pts("actual") },
+        { label: "wanted", color: "#8c959f", points: pts("desired") },
+        { label: "busy", color: "#1a7f37", points: pts("busy") },
+        { label: "queued jobs", color: "#cf222e", points: pts("queued_jobs") },
+      ] }));
+  });
   const poolCards = el("section", { class: "pools", "aria-label": "Pools" },
     pools.pools.map(p => el("div", { class: "card pool" },
       el("h3", {}, p.pool_id),
@@ -120,7 +135,9 @@ async function fleetView() {
       p.scaling ? el("div", { class: "counts", "data-field": "scaling" },
         el("span", { class: "chip" }, `${p.scaling.actual} of ${p.scaling.desired} VMs wanted (max ${p.scaling.max_size})`),
         el("span", { class: "chip" }, `${p.scaling.busy} busy`),
-        el("span", { class: "chip" }, `${p.scaling.queued_jobs} jobs queued`)) : null,
+        el("span", { class: "chip" }, `${p.scaling.queued_jobs} jobs queued`),
+        el("span", { class: "chip", title: "idle timeout, VM lifetime, boot and registration timeouts, scale-up limits" },
+          `idle ${p.scaling.idle_timeout_secs} s · lifetime ${Math.round(p.scaling.max_vm_lifetime_secs / 3600)} h · boot ${p.scaling.boot_timeout_secs} s · register ${p.scaling.registration_timeout_secs} s · +${p.scaling.scale_up_step}/pass${p.scaling.scale_up_per_minute ? ` · ${p.scaling.scale_up_per_minute}/min` : ""} · after a job: ${p.scaling.after_job}`)) : null,
       p.scaling && p.scaling.last_error
         ? el("div", { class: "chip health-lost", role: "alert" }, `Provider: ${p.scaling.last_error}`)
         : null,
@@ -150,25 +167,77 @@ async function fleetView() {
     el("caption", {}, `VMs (${vms.vms.length}${vms.next_cursor ? "+" : ""})`),
     el("thead", {}, el("tr", {}, ["VM", "Pool", "State", "Health", "Current job", "Last heartbeat", "Link"].map(h => el("th", { scope: "col" }, h)))),
     el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 7 }, "No VMs match."))));
-  return [poolCards, el("div", { class: "card" }, form, table)];
+  return [poolCards, sizeCharts.length ? el("div", { class: "grid" }, sizeCharts) : null, el("div", { class: "card" }, form, table)].filter(Boolean);
 }
 
-function chart(points, label, max) {
-  const w = 600, h = 140;
-  if (points.length < 2) return el("p", { class: "legend" }, `${label}: not enough heartbeats yet`);
-  const xs = points.map(p => p[0]), x0 = Math.min(...xs), x1 = Math.max(...xs) || x0 + 1;
-  const top = max || Math.max(...points.map(p => p[1]), 1);
-  const d = points.map(([x, y], i) => `${i ? "L" : "M"}${((x - x0) / (x1 - x0 || 1) * (w - 10) + 5).toFixed(1)},${(h - 5 - (y / top) * (h - 10)).toFixed(1)}`).join(" ");
-  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
-  svg.setAttribute("class", "chart");
-  svg.setAttribute("role", "img");
-  svg.setAttribute("aria-label", `${label}, last ${points.length} heartbeats, latest ${points[points.length - 1][1].toFixed(1)}`);
-  const path = document.createElementNS("http://www.w3.org/2000/svg", "path");
-  path.setAttribute("d", d); path.setAttribute("fill", "none"); path.setAttribute("stroke", "#0969da"); path.setAttribute("stroke-width", "2");
-  svg.append(path);
-  return el("figure", {}, svg, el("figcaption", { class: "legend" }, `${label} (latest ${points[points.length - 1][1].toFixed(1)})`));
+// A line chart with axes: `series` is [{ label, color, points: [[unix ms, value], ...] }];
+// the y axis runs from 0 to `max` (or the largest value) in `unit`, the x axis is UTC time
+// up to now, over the data's span (at least `least` ms, a minute by default; at most
+// `window` ms). Counts (`integer`) are drawn as steps.
+const SVG = "http://www.w3.org/2000/svg";
+function svgEl(tag, attrs, text) {
+  const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text !== undefined) e.textContent = text;
+  return e;
 }
+function clock(ms, withSeconds) {
+  const t = new Date(ms).toISOString();
+  return withSeconds ? t.slice(11, 19) : t.slice(11, 16);
+}
+function chart({ title, unit, max, integer, series, window, least }) {
+  const all = series.flatMap(s => s.points);
+  if (all.length < 2) return el("p", { class: "legend" }, `${title}: not enough data yet`);
+  const w = 600, h = 190, left = 48, right = 10, top = 10, bottom = 38;
+  const xs = all.map(p => p[0]), x1 = Math.max(Date.now(), ...xs);
+  let x0 = Math.min(Math.min(...xs), x1 - (least || 60 * 1000));
+  if (window) x0 = Math.max(x0, x1 - window);
+  let yTop = max || Math.max(...all.map(p => p[1]), integer ? 1 : 0.1);
+  if (integer) yTop = Math.max(1, Math.ceil(yTop));
+  const X = x => left + (x - x0) / (x1 - x0) * (w - left - right);
+  const Y = y => top + (1 - y / yTop) * (h - top - bottom);
+  const svg = svgEl("svg", { viewBox: `0 0 ${w} ${h}`, class: "chart", role: "img" });
+  const latest = series.map(s => s.points.length ? `${s.label} ${fmt(s.points[s.points.length - 1][1], integer)}${unit === "%" ? " %" : ""}` : null).filter(Boolean).join(", ");
+  svg.setAttribute("aria-label", `${title}, ${clock(x0, true)} to ${clock(x1, true)} UTC; latest: ${latest}`);
+  // y axis: gridlines and labels at 0, half and the top, with the unit.
+  const yTicks = integer ? [...new Set([0, Math.round(yTop / 2), yTop])] : [0, yTop / 2, yTop];
+  for (const t of yTicks) {
+    svg.append(svgEl("line", { x1: left, x2: w - right, y1: Y(t), y2: Y(t), class: "grid" }));
+    svg.append(svgEl("text", { x: left - 6, y: Y(t) + 4, "text-anchor": "end", class: "tick" }, `${fmt(t, integer)}${unit === "%" ? "%" : ""}`));
+  }
+  svg.append(svgEl("text", { x: 12, y: top + (h - top - bottom) / 2, transform: `rotate(-90 12 ${top + (h - top - bottom) / 2})`, "text-anchor": "middle", class: "axis-title" }, unit));
+  // x axis: four time ticks, seconds shown when the span is under ten minutes.
+  const withSeconds = x1 - x0 < 10 * 60 * 1000;
+  svg.append(svgEl("line", { x1: left, x2: w - right, y1: h - bottom, y2: h - bottom, class: "axis" }));
+  for (let i = 0; i < 4; i++) {
+    const t = x0 + (x1 - x0) * i / 3;
+    svg.append(svgEl("line", { x1: X(t), x2: X(t), y1: h - bottom, y2: h - bottom + 4, class: "axis" }));
+    svg.append(svgEl("text", { x: X(t), y: h - bottom + 16, "text-anchor": i === 0 ? "start" : i === 3 ? "end" : "middle", class: "tick" }, clock(t, withSeconds)));
+  }
+  svg.append(svgEl("text", { x: left + (w - left - right) / 2, y: h - 4, "text-anchor": "middle", class: "axis-title" }, "time (UTC)"));
+  for (const s of series) {
+    if (!s.points.length) continue;
+    const pts = s.points.filter(([x]) => x >= x0);
+    if (!pts.length) continue;
+    const d = pts.map(([x, y], i) => {
+      const px = X(x).toFixed(1), py = Y(Math.min(y, yTop)).toFixed(1);
+      return i === 0 ? `M${px},${py}` : integer ? `H${px} V${py}` : `L${px},${py}`;
+    }).join(" ") + (integer ? ` H${X(x1).toFixed(1)}` : "");
+    svg.append(svgEl("path", { d, fill: "none", stroke: s.color, "stroke-width": "2" }));
+  }
+  const legend = el("figcaption", { class: "legend" }, el("strong", {}, title), " ",
+    series.map(s => el("span", { class: "key" }, swatch(s.color), ` ${s.label}` +
+      (s.points.length ? ` (latest ${fmt(s.points[s.points.length - 1][1], integer)}${unit === "%" ? " %" : ""})` : ""))));
+  return el("figure", {}, svg, legend);
+}
+// A legend key in the series' colour (an SVG attribute: the page's policy allows no inline
+// styles).
+function swatch(color) {
+  const svg = svgEl("svg", { class: "swatch", viewBox: "0 0 16 6", "aria-hidden": "true" });
+  svg.append(svgEl("line", { x1: 0, x2: 16, y1: 3, y2: 3, stroke: color, "stroke-width": 4 }));
+  return svg;
+}
+function fmt(v, integer) { return integer || Number.isInteger(v) ? String(Math.round(v)) : v.toFixed(1); }
 
 async function sendCommand(vmId, type, parameters, button) {
   button.disabled = true;
@@ -223,7 +292,9 @@ async function vmView(vmId) {
     el("div", { class: "grid" },
       el("section", { class: "card", "aria-labelledby": "vm-title" }, el("h2", { id: "vm-title", class: "mono" }, vmId), dl,
         el("div", { class: "actions" }, drain, shut), el("p", { id: "command-result", "aria-live": "polite" }, state.results[vmId] || "")),
-      el("section", { class: "card", "aria-label": "Health" }, el("h2", {}, "Health"), chart(cpu, "CPU %", 100), chart(mem, "Memory %", 100))),
+      el("section", { class: "card", "aria-label": "Health" }, el("h2", {}, "Health"),
+        chart({ title: "CPU", unit: "%", max: 100, series: [{ label: "CPU", color: "#0969da", points: cpu }] }),
+        chart({ title: "Memory", unit: "%", max: 100, series: [{ label: "memory used", color: "#8250df", points: mem }] }))),
     el("div", { class: "card" }, timeline),
   ];
 }
@@ -254,7 +325,7 @@ async function jobsView() {
   const secs = ms => (ms === null || ms === undefined) ? "-" : (ms / 1000).toFixed(1) + " s";
   const at = ms => ms ? when(new Date(ms).toISOString()) : "-";
   const table = el("table", { id: "jobs" },
-    el("caption", {}, `Jobs from GitHub's webhook (${res.jobs.length}, newest first)`),
+    el("caption", {}, `Jobs from GitHub: webhooks and the backstop poll (${res.jobs.length}, newest first)`),
     el("thead", {}, el("tr", {}, ["Queued (UTC)", "Repository", "Run", "Job", "Pool", "VM", "Status", "Result", "Waited", "Ran"].map(h => el("th", { scope: "col" }, h)))),
     el("tbody", {}, res.jobs.map(j => el("tr", { "data-job": j.job_id },
       el("td", { class: "mono" }, at(j.queued_at)),

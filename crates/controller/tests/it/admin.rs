@@ -356,6 +356,23 @@ async fn commands_for_a_vm_and_a_pool_are_followed_to_their_ack() -> TestResult 
     assert_eq!(a["total"], 2);
     assert_eq!(a["by_health"]["lost"], 1);
     assert!(a["labels"].as_array().is_some_and(|l| !l.is_empty()));
+    // A pool's size over time exists only for pools the controller sizes.
+    assert_eq!(
+        op.get(&s, "/api/v1/admin/pools/pool-a/history").await.0,
+        404
+    );
+    assert_eq!(
+        op.get(&s, "/api/v1/admin/pools/pool-a/history?minutes=0")
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        op.get(&s, "/api/v1/admin/pools/pool-a/history?minutes=121")
+            .await
+            .0,
+        400
+    );
     // The document is served.
     let doc = op.ok(&s, "/api/v1/admin/openapi.json").await;
     assert!(doc["paths"]["/api/v1/admin/vms"].is_object());

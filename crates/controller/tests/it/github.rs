@@ -123,6 +123,12 @@ async fn server_with_budget(
     let shared = slot.clone();
     let s = super::common::TestServer::start_with(|st| {
         st.reconcile_interval = Duration::from_secs(3600);
+        // Hundreds of VMs ask from one loopback address: measured here is the mint budget,
+        // not the per-address request limit (which a fast run would reach).
+        st.per_addr_limit = mig_controller::auth::limits::Limit {
+            per_second: 0,
+            burst: 0,
+        };
         let src = Arc::new(
             source_with(base, clock, Mode::Jit, budget, st.github_metrics.clone())
                 .unwrap_or_else(|e| panic!("source: {e}")),
