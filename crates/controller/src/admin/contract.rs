@@ -305,6 +305,9 @@ fn constrain_parameters(path: &str, op: &mut Value, id: &Value) -> bool {
             ("query", "limit") => {
                 json!({"type": "integer", "minimum": 1, "maximum": super::MAX_PAGE})
             }
+            ("query", "minutes") => {
+                json!({"type": "integer", "minimum": 1, "maximum": super::MAX_HISTORY_MINUTES})
+            }
             ("query", "health") => one_of(&["healthy", "unhealthy", "lost"]),
             ("query", "state") if path.ends_with("/commands") => {
                 one_of(&["pending", "delivered", "acknowledged", "failed", "expired"])

@@ -204,6 +204,9 @@ pub(super) async fn list_jobs(
     }))
 }
 
+/// The longest history asked for (what is kept: two hours).
+pub(super) const MAX_HISTORY_MINUTES: u32 = 120;
+
 /// A sized pool's recent samples.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct PoolHistory {
@@ -236,9 +239,9 @@ pub(super) async fn pool_history(
     miglet_proto::ids::validate_id("pool_id", &pool_id).map_err(bad)?;
     let q = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let minutes = q.minutes.unwrap_or(60);
-    if !(1..=120).contains(&minutes) {
+    if !(1..=MAX_HISTORY_MINUTES).contains(&minutes) {
         return Err(ApiError::BadRequest(format!(
-            "minutes must be 1 to 120, not {minutes}"
+            "minutes must be 1 to {MAX_HISTORY_MINUTES}, not {minutes}"
         )));
     }
     let since = app.now_ms() - i64::from(minutes) * 60_000;

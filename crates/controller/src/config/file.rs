@@ -203,18 +203,25 @@ pub struct PoolConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
-    /// `local` (each VM a `miglet` process on this machine).
+    /// `local` (each VM a `miglet` process on this machine) or `exec` (an external program
+    /// creates, deletes and lists the VMs).
     pub kind: String,
+    /// exec: the program (run as `<command> <args...> create|delete|list`).
+    pub command: Option<PathBuf>,
+    /// exec: a run longer than this is stopped and tried again later [default: 120].
+    pub timeout_secs: Option<u64>,
     /// local: the agent binary [default: `miglet` next to the controller, else on PATH].
     pub miglet_bin: Option<PathBuf>,
     /// local: the runner directory copied into each VM (required).
     pub runner_template: Option<PathBuf>,
     /// local: where VM directories are made [default: `<data_dir>/local-vms/<pool>`].
     pub work_dir: Option<PathBuf>,
-    /// local: environment for every VM's agent (e.g. `MIGLET_CA_FILE`).
+    /// local: environment for every VM's agent (e.g. `MIGLET_CA_FILE`); exec: for the
+    /// program.
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
-    /// local: command-line arguments for every VM's agent.
+    /// local: command-line arguments for every VM's agent; exec: the program's arguments
+    /// before the action.
     #[serde(default)]
     pub args: Vec<String>,
     /// local: a deleted VM's agent gets this long to stop [default: 30].

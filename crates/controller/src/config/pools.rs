@@ -230,14 +230,49 @@ fn pool_scaling(
             local_provider(id, prov, data_dir)
                 .map_err(|(what, reason)| invalid(&format!("provider.{what}"), reason))?,
         ),
+        "exec" => Arc::new(
+            exec_provider(id, prov)
+                .map_err(|(what, reason)| invalid(&format!("provider.{what}"), reason))?,
+        ),
         other => {
             return Err(invalid(
                 "provider.kind",
-                format!("{other:?} is not a provider this controller has (local)"),
+                format!("{other:?} is not a provider this controller has (local, exec)"),
             ));
         }
     };
     Ok(Some(crate::provider::PoolScaling { policy, provider }))
+}
+
+/// An `exec` provider's settings, checked.
+fn exec_provider(
+    id: &str,
+    prov: &ProviderConfig,
+) -> Result<crate::provider::exec::ExecProvider, (&'static str, String)> {
+    let command = prov.command.clone().ok_or((
+        "command",
+        "required: the program that creates, deletes and lists the pool's VMs".into(),
+    ))?;
+    if !command.is_file() {
+        return Err(("command", format!("{} is not a file", command.display())));
+    }
+    let timeout = match prov.timeout_secs.unwrap_or(120) {
+        0 => return Err(("timeout_secs", "must be at least 1".into())),
+        t => Duration::from_secs(t),
+    };
+    Ok(crate::provider::exec::ExecProvider::new(
+        id,
+        crate::provider::exec::ExecSettings {
+            command,
+            args: prov.args.clone(),
+            env: prov
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            timeout,
+        },
+    ))
 }
 
 /// A `local` provider's settings, checked.
@@ -347,6 +382,43 @@ mod tests {
         );
         let unsized_rate = "[pools.p]\nrunner_url = \"https://github.com/acme\"\ntoken = \"a\"\nscale_up_per_minute = 3\n";
         assert_eq!(refused(unsized_rate), "pools.p.provider");
+        Ok(())
+    }
+
+    #[test]
+    fn an_exec_pool_names_its_program() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let program = dir.path().join("provider");
+        std::fs::write(&program, "#!/bin/sh\n")?;
+        let pool = |provider: &str| {
+            format!(
+                "[pools.p]\nrunner_url = \"https://github.com/acme\"\ntoken = \"a\"\n\
+                 enrollment = {{ bootstrap_secret_file = \"/x\" }}\nmax_size = 3\n\
+                 [pools.p.provider]\nkind = \"exec\"\n{provider}\n"
+            )
+        };
+        let ok = resolve(&pool(&format!(
+            "command = {:?}\ntimeout_secs = 30",
+            program.display().to_string()
+        )))?;
+        let scaling = ok.pools.get("p")?.scaling.as_ref().ok_or("not sized")?;
+        assert_eq!(scaling.provider.kind(), "exec");
+        assert_eq!(refused(&pool("")), "pools.p.provider.command");
+        assert_eq!(
+            refused(&pool("command = \"/no/such/provider\"")),
+            "pools.p.provider.command"
+        );
+        assert_eq!(
+            refused(&pool(&format!(
+                "command = {:?}\ntimeout_secs = 0",
+                program.display().to_string()
+            ))),
+            "pools.p.provider.timeout_secs"
+        );
+        assert_eq!(
+            refused(&pool("").replace("exec", "gce")),
+            "pools.p.provider.kind"
+        );
         Ok(())
     }
 

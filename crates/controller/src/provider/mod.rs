@@ -1,6 +1,6 @@
-//! Where a pool's VMs come from: one trait every provider implements (`local` here; a GCE
-//! managed instance group and an `exec` provider fit the same shape), used only by the
-//! scaler.
+//! Where a pool's VMs come from: one trait every provider implements (`local`: `miglet`
+//! processes on this machine; `exec`: an external program per call; a GCE managed instance
+//! group fits the same shape), used only by the scaler.
 //!
 //! Every call is **idempotent** and names its instances (the scaler chooses names and
 //! records them before it asks): creating a name that exists, deleting one that is gone, or
@@ -8,6 +8,7 @@
 //! is asked): `create` returning means "asked", and [`Provider::list`] is the truth about
 //! what exists. Errors say whether trying again can help.
 
+pub mod exec;
 pub mod local;
 
 use crate::model::Millis;

@@ -5,6 +5,7 @@ mod backstop;
 mod bad_input;
 mod binary;
 mod common;
+mod exec_provider;
 mod floods;
 mod fuzz_corpus;
 mod github;
