@@ -204,6 +204,13 @@ async fn a_queued_job_gets_a_vm_that_runs_it_and_is_deleted_after() {
     assert_eq!(vm_dirs(&env), 0, "the VM's process and directory are gone");
     let log = app.store().vm_log_for_vm(&vm).await.unwrap_or_default();
     assert!(log.iter().any(|l| l.kind == "vm_deleted"), "{log:?}");
+    let created = log.iter().find(|l| l.kind == "vm_created");
+    assert!(
+        created
+            .and_then(|l| l.detail.as_deref())
+            .is_some_and(|d| d.contains("\"reason\":\"queued_jobs\"")),
+        "the VM's timeline says why it was created: {log:?}"
+    );
     // The pool view says what the scaler saw, and the job is listed with its VM.
     let token = std::fs::read_to_string(env.dir.path().join("ctl").join("initial-admin-token"))
         .unwrap_or_else(|e| panic!("admin token: {e}"));
@@ -251,6 +258,10 @@ async fn a_queued_job_gets_a_vm_that_runs_it_and_is_deleted_after() {
     assert_eq!(jobs["jobs"][0]["job_id"], 101, "{jobs}");
     assert_eq!(jobs["jobs"][0]["vm_id"], vm.as_str(), "{jobs}");
     assert!(jobs["jobs"][0]["queue_ms"].is_i64(), "{jobs}");
+    let pools = admin("/api/v1/admin/pools").await;
+    let queue = &pools["pools"][0]["scaling"]["queue"];
+    assert_eq!(queue["jobs_started"], 1, "{pools}");
+    assert!(queue["p50_seconds"].is_number(), "{pools}");
     let m = app.render_metrics().await;
     for line in [
         "mig_pool_vms_created_total{pool=\"pool-e2e\"} 1",

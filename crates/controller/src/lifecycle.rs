@@ -25,8 +25,8 @@ pub use job::*;
 pub use registration::*;
 pub use runner::*;
 pub use scaler::{
-    Drain, Instance, Plan, RATE_WINDOW_MS, Reason as ScaleReason, ScaleAction, ScalePolicy,
-    creations_allowed, plan,
+    CreateReason, Drain, Instance, Plan, RATE_WINDOW_MS, Reason as ScaleReason, ScaleAction,
+    ScalePolicy, creations_allowed, plan,
 };
 pub use vm::*;
 

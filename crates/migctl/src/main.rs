@@ -837,7 +837,7 @@ fn main() -> ExitCode {
 }
 
 /// A sized pool at a glance: `-` (VMs made by someone else), or wanted vs there, busy,
-/// queued jobs and the provider's last error.
+/// queued jobs, the last hour's median queue time and the provider's last error.
 fn scaling_status(v: &Value) -> String {
     if v.is_null() {
         return "-".into();
@@ -851,6 +851,12 @@ fn scaling_status(v: &Value) -> String {
         s(&v["busy"]),
         s(&v["queued_jobs"]),
     );
+    if let Some(p50) = v["queue"]["p50_seconds"].as_f64() {
+        out.push_str(&format!(
+            ", waited {p50:.1} s (p90 {:.1} s)",
+            v["queue"]["p90_seconds"].as_f64().unwrap_or(p50)
+        ));
+    }
     if let Some(e) = v["last_error"].as_str() {
         out.push_str(&format!("; error: {e}"));
     }
@@ -881,6 +887,13 @@ mod tests {
         assert_eq!(
             scaling_status(&v),
             "local 3/5 wanted (max 10), 2 busy, 4 queued"
+        );
+        let v = serde_json::json!({"provider": "local", "actual": 3, "desired": 5, "max_size": 10,
+            "busy": 2, "queued_jobs": 4, "last_error": null,
+            "queue": {"jobs_started": 9, "p50_seconds": 1.25, "p90_seconds": 7.0}});
+        assert_eq!(
+            scaling_status(&v),
+            "local 3/5 wanted (max 10), 2 busy, 4 queued, waited 1.2 s (p90 7.0 s)"
         );
         let v = serde_json::json!({"provider": "local", "actual": 0, "desired": 1, "max_size": 1,
             "busy": 0, "queued_jobs": 1, "last_error": "no such file"});

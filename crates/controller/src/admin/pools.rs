@@ -53,17 +53,23 @@ pub struct PoolScalingView {
     pub spare: u32,
     /// Jobs queued for the pool that no VM has taken yet.
     pub queued_jobs: u32,
+    /// How long the pool's jobs waited for a runner over the last hour.
+    pub queue: crate::app::QueueStats,
     /// When the last pass ran (Unix ms; absent before the first).
     pub last_pass_at: Option<i64>,
     /// The last provider failure, until a pass succeeds.
     pub last_error: Option<String>,
 }
 
-fn scaling_view(app: &AppState, pool_id: &str) -> Option<PoolScalingView> {
+async fn scaling_view(app: &AppState, pool_id: &str) -> Result<Option<PoolScalingView>, ApiError> {
     let pools = &app.settings().pools;
-    let scaling = pools.get(pool_id).ok()?.scaling.as_ref()?;
+    let Some(scaling) = pools.get(pool_id).ok().and_then(|p| p.scaling.as_ref()) else {
+        return Ok(None);
+    };
     let last = app.pool_scale_view(pool_id).unwrap_or_default();
-    Some(PoolScalingView {
+    let queue = app.pool_queue_stats(pool_id).await?;
+    Ok(Some(PoolScalingView {
+        queue,
         provider: scaling.provider.kind().to_owned(),
         min_idle: scaling.policy.min_idle,
         max_size: scaling.policy.max_size,
@@ -81,12 +87,12 @@ fn scaling_view(app: &AppState, pool_id: &str) -> Option<PoolScalingView> {
         queued_jobs: last.queued_jobs,
         last_pass_at: (last.at > 0).then_some(last.at),
         last_error: last.last_error,
-    })
+    }))
 }
 
-fn empty_summary(app: &AppState, pool_id: &str) -> PoolSummary {
+async fn empty_summary(app: &AppState, pool_id: &str) -> Result<PoolSummary, ApiError> {
     let reg = app.settings().pools.get(pool_id).ok();
-    PoolSummary {
+    Ok(PoolSummary {
         pool_id: pool_id.to_owned(),
         total: 0,
         connected: 0,
@@ -95,8 +101,8 @@ fn empty_summary(app: &AppState, pool_id: &str) -> PoolSummary {
         labels: reg.map(|r| r.labels.clone()).unwrap_or_default(),
         alert: app.pool_alert(pool_id),
         registration: reg.and_then(|r| r.token.status()),
-        scaling: scaling_view(app, pool_id),
-    }
+        scaling: scaling_view(app, pool_id).await?,
+    })
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -111,9 +117,12 @@ pub struct PoolList {
 pub(super) async fn list_pools(State(app): State<AppState>) -> Result<Json<PoolList>, ApiError> {
     let mut pools: BTreeMap<String, PoolSummary> = BTreeMap::new();
     for c in app.reads().pool_counts().await? {
-        let p = pools
-            .entry(c.pool_id.clone())
-            .or_insert_with(|| empty_summary(&app, &c.pool_id));
+        if !pools.contains_key(&c.pool_id) {
+            pools.insert(c.pool_id.clone(), empty_summary(&app, &c.pool_id).await?);
+        }
+        let Some(p) = pools.get_mut(&c.pool_id) else {
+            continue;
+        };
         p.total += c.count;
         p.connected += c.connected;
         *p.by_state.entry(c.state).or_default() += c.count;
@@ -121,7 +130,7 @@ pub(super) async fn list_pools(State(app): State<AppState>) -> Result<Json<PoolL
     }
     for (id, reg) in app.settings().pools.iter() {
         if reg.scaling.is_some() && !pools.contains_key(id) {
-            pools.insert(id.to_owned(), empty_summary(&app, id));
+            pools.insert(id.to_owned(), empty_summary(&app, id).await?);
         }
     }
     Ok(Json(PoolList {

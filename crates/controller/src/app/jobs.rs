@@ -31,7 +31,32 @@ pub struct WebhookAnswer {
     pub pool_id: Option<String>,
 }
 
+/// How long a pool's jobs waited for a runner over the last hour.
+#[derive(
+    Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+pub struct QueueStats {
+    /// Jobs that started in the last hour (the latest 1,000 are measured).
+    pub jobs_started: u32,
+    /// Median wait, seconds (absent without jobs).
+    pub p50_seconds: Option<f64>,
+    /// 90th percentile, seconds.
+    pub p90_seconds: Option<f64>,
+}
+
 impl Controller {
+    /// Queue times of `pool_id`'s jobs that started in the last hour.
+    pub async fn pool_queue_stats(&self, pool_id: &str) -> Result<QueueStats, ApiError> {
+        let since = self.now_ms() - 3600 * 1000;
+        let waits = self.store.job_queue_times(pool_id, since, 1000).await?;
+        let secs = |p| lifecycle::percentile(&waits, p).map(|ms| ms as f64 / 1000.0);
+        Ok(QueueStats {
+            jobs_started: u32::try_from(waits.len()).unwrap_or(u32::MAX),
+            p50_seconds: secs(50),
+            p90_seconds: secs(90),
+        })
+    }
+
     /// `POST /api/v1/github/webhook`: verifies the signature over the raw `body`, then
     /// stores what a `workflow_job` says. Unsigned or wrongly signed deliveries are refused
     /// (401) and counted; nothing is stored for them.

@@ -14,7 +14,7 @@ pub use history::{PoolSample, SAMPLE_SECS};
 mod identity;
 mod ingest;
 mod jobs;
-pub use jobs::{WebhookAnswer, WebhookHeaders};
+pub use jobs::{QueueStats, WebhookAnswer, WebhookHeaders};
 pub mod local;
 mod reconcile;
 mod registration;

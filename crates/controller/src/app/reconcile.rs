@@ -71,7 +71,9 @@ impl Controller {
             })])
             .await?;
         Ok(match pruned.first() {
-            Some(Outcome::Pruned { heartbeats, events }) => Some((*heartbeats, *events)),
+            Some(Outcome::Pruned {
+                heartbeats, events, ..
+            }) => Some((*heartbeats, *events)),
             _ => None,
         })
     }

@@ -272,7 +272,9 @@ impl Controller {
     ) -> Result<(), String> {
         let find = |name: &str| records.iter().find(|r| r.name == name).cloned();
         match action {
-            ScaleAction::Create { count } => self.create(pool_id, scaling, count, now).await,
+            ScaleAction::Create { count, why } => {
+                self.create(pool_id, scaling, (count, why), now).await
+            }
             ScaleAction::Drain { name, reason } => {
                 let Some(r) = find(&name) else { return Ok(()) };
                 self.drain(r, reason, now).await.map_err(|e| e.to_string())
@@ -291,7 +293,7 @@ impl Controller {
         &self,
         pool_id: &str,
         scaling: &PoolScaling,
-        count: u32,
+        (count, why): (u32, lifecycle::CreateReason),
         now: Millis,
     ) -> Result<(), String> {
         let recent = self
@@ -359,16 +361,23 @@ impl Controller {
             .get_or_create(&label)
             .inc_by(u64::from(count));
         let names: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
-        info!(pool_id, count, vms = ?names, "Scaler created VMs");
-        let running = records.into_iter().map(|mut r| {
+        info!(pool_id, count, reason = why.as_str(), vms = ?names, "Scaler created VMs");
+        let mut batch = Vec::new();
+        for mut r in records {
+            batch.push(Mutation::VmLog(VmLogRow {
+                vm_id: r.name.clone(),
+                at: now,
+                kind: "vm_created".into(),
+                detail: Some(
+                    json!({"reason": why.as_str(), "by": "scaler", "provider": r.provider})
+                        .to_string(),
+                ),
+            }));
             r.state = "running".into();
             r.updated_at = now;
-            Mutation::PutInstance(r)
-        });
-        self.store
-            .write(running.collect())
-            .await
-            .map_err(|e| e.to_string())?;
+            batch.push(Mutation::PutInstance(r));
+        }
+        self.store.write(batch).await.map_err(|e| e.to_string())?;
         Ok(())
     }
 

@@ -136,6 +136,9 @@ async function fleetView() {
         el("span", { class: "chip" }, `${p.scaling.actual} of ${p.scaling.desired} VMs wanted (max ${p.scaling.max_size})`),
         el("span", { class: "chip" }, `${p.scaling.busy} busy`),
         el("span", { class: "chip" }, `${p.scaling.queued_jobs} jobs queued`),
+        el("span", { class: "chip", title: "how long jobs waited for a runner, last hour" },
+          p.scaling.queue.p50_seconds == null ? "no job started in the last hour"
+            : `waited ${p.scaling.queue.p50_seconds.toFixed(1)} s median, ${p.scaling.queue.p90_seconds.toFixed(1)} s p90 (${p.scaling.queue.jobs_started} jobs, last hour)`),
         el("span", { class: "chip", title: "idle timeout, VM lifetime, boot and registration timeouts, scale-up limits" },
           `idle ${p.scaling.idle_timeout_secs} s · lifetime ${Math.round(p.scaling.max_vm_lifetime_secs / 3600)} h · boot ${p.scaling.boot_timeout_secs} s · register ${p.scaling.registration_timeout_secs} s · +${p.scaling.scale_up_step}/pass${p.scaling.scale_up_per_minute ? ` · ${p.scaling.scale_up_per_minute}/min` : ""} · after a job: ${p.scaling.after_job}`)) : null,
       p.scaling && p.scaling.last_error

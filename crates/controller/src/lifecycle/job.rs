@@ -142,6 +142,23 @@ pub fn queue_time(job: &JobRecord) -> Option<Millis> {
     job.started_at.map(|s| (s - job.queued_at).max(0))
 }
 
+/// The `p`-th percentile (0 < p <= 100) of `values` by the nearest-rank rule; `None` for
+/// none.
+pub fn percentile(values: &[Millis], p: u32) -> Option<Millis> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_unstable();
+    let rank = (u64::from(p.clamp(1, 100)) * v.len() as u64).div_ceil(100);
+    v.get(
+        usize::try_from(rank)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(1),
+    )
+    .copied()
+}
+
 /// The pool that runs a job with `labels`: among `pools` (id and labels) whose labels hold
 /// every one of the job's, the most specific (fewest labels; then the first id).
 pub fn match_pool<'a>(
@@ -179,6 +196,16 @@ mod tests {
     }
 
     const NO_VM: Option<String> = None;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        assert_eq!(percentile(&[], 50), None);
+        assert_eq!(percentile(&[7], 90), Some(7));
+        let v: Vec<Millis> = (1..=10).rev().collect();
+        assert_eq!(percentile(&v, 50), Some(5));
+        assert_eq!(percentile(&v, 90), Some(9));
+        assert_eq!(percentile(&v, 100), Some(10));
+    }
 
     #[test]
     fn jobs_only_move_forward() {

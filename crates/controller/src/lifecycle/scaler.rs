@@ -117,9 +117,27 @@ impl Reason {
 /// What the scaler does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScaleAction {
-    Create { count: u32 },
+    Create { count: u32, why: CreateReason },
     Drain { name: String, reason: Reason },
     Delete { name: String, reason: Reason },
+}
+
+/// Why VMs are created (the VM's timeline and the log say it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateReason {
+    /// Queued jobs no spare VM can take.
+    QueuedJobs,
+    /// Only to keep `min_idle` spare VMs.
+    MinIdle,
+}
+
+impl CreateReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CreateReason::QueuedJobs => "queued_jobs",
+            CreateReason::MinIdle => "min_idle",
+        }
+    }
 }
 
 /// One pass's decisions and the figures behind them.
@@ -261,7 +279,12 @@ pub fn plan(p: &ScalePolicy, instances: &[Instance<'_>], queued: u32, now: Milli
         let room = p.max_size.saturating_sub(out.actual);
         let count = (want_spare - out.spare).min(room).min(p.scale_up_step);
         if count > 0 {
-            out.actions.push(ScaleAction::Create { count });
+            let why = if queued > out.spare {
+                CreateReason::QueuedJobs
+            } else {
+                CreateReason::MinIdle
+            };
+            out.actions.push(ScaleAction::Create { count, why });
         }
         return with_lifetime_drains(p, out, &idle, now);
     }
@@ -382,7 +405,7 @@ mod tests {
         p.actions
             .iter()
             .map(|a| match a {
-                ScaleAction::Create { count } => *count,
+                ScaleAction::Create { count, .. } => *count,
                 _ => 0,
             })
             .sum()
@@ -406,6 +429,19 @@ mod tests {
         let ready = vm("ready", Health::Healthy, 0);
         let coming = [inst("a", 0, None), inst("b", 0, Some(&ready))];
         assert_eq!(creates(&plan(&p, &coming, 1, MIN)), 0);
+        // Why: jobs no spare VM can take, or only min_idle.
+        let why = |pl: &Plan| {
+            pl.actions.iter().find_map(|a| match a {
+                ScaleAction::Create { why, .. } => Some(*why),
+                _ => None,
+            })
+        };
+        assert_eq!(why(&plan0), Some(CreateReason::QueuedJobs));
+        assert_eq!(why(&plan(&p, &[], 0, 0)), Some(CreateReason::MinIdle));
+        assert_eq!(
+            why(&plan(&p, &coming[..1], 1, MIN)),
+            Some(CreateReason::MinIdle)
+        );
     }
 
     #[test]
@@ -643,7 +679,7 @@ mod tests {
             for a in &out.actions {
                 let name = match a {
                     ScaleAction::Drain { name, .. } | ScaleAction::Delete { name, .. } => name,
-                    ScaleAction::Create { count } => {
+                    ScaleAction::Create { count, .. } => {
                         prop_assert!(*count <= p.scale_up_step);
                         prop_assert!(out.actual + count <= p.max_size.max(out.actual));
                         continue;

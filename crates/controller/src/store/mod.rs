@@ -151,7 +151,8 @@ pub struct Prune {
     pub heartbeat_bucket_ms: Millis,
     /// ... and those received before this are deleted.
     pub heartbeats_drop_before: Millis,
-    /// Events received before this are deleted; `None` keeps them all.
+    /// Events received before this are deleted; `None` keeps them all. Completed jobs and
+    /// deleted instances last changed before it go too.
     pub events_drop_before: Option<Millis>,
     /// Rows of each kind deleted at most per pass.
     pub limit: i64,
@@ -339,7 +340,12 @@ pub enum Outcome {
     Inserted(bool),
     Applied(bool),
     Expired(Vec<ExpiredCommand>),
-    Pruned { heartbeats: u64, events: u64 },
+    /// `scaling`: completed jobs and deleted instances.
+    Pruned {
+        heartbeats: u64,
+        events: u64,
+        scaling: u64,
+    },
     Count(u64),
 }
 

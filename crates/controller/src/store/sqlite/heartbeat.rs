@@ -70,8 +70,33 @@ pub(super) async fn prune_history(
         .await?
         .rows_affected(),
     };
+    let scaling = match p.events_drop_before {
+        None => 0,
+        Some(before) => {
+            let jobs = sqlx::query(
+                "DELETE FROM jobs WHERE job_id IN (SELECT job_id FROM jobs \
+                 WHERE updated_at < ? AND status = 'completed' LIMIT ?)",
+            )
+            .bind(before)
+            .bind(p.limit)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            let instances = sqlx::query(
+                "DELETE FROM instances WHERE name IN (SELECT name FROM instances \
+                 WHERE state = 'deleted' AND deleted_at < ? LIMIT ?)",
+            )
+            .bind(before)
+            .bind(p.limit)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            jobs + instances
+        }
+    };
     Ok(Outcome::Pruned {
         heartbeats: dropped + thinned,
         events,
+        scaling,
     })
 }

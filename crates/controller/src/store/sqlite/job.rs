@@ -129,3 +129,103 @@ pub(super) fn instance_from_row(r: &SqliteRow) -> Result<InstanceRecord, StoreEr
         updated_at: r.try_get("updated_at")?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::{Mutation, Prune, Store};
+    use super::*;
+
+    type R = Result<(), Box<dyn std::error::Error>>;
+
+    fn job(id: i64, status: &str, updated_at: Millis) -> JobRecord {
+        JobRecord {
+            job_id: id,
+            run_id: 1,
+            run_attempt: 1,
+            repository: "acme/app".into(),
+            name: "build".into(),
+            workflow_name: None,
+            labels: vec!["self-hosted".into()],
+            status: status.into(),
+            conclusion: None,
+            pool_id: Some("p".into()),
+            runner_name: None,
+            vm_id: None,
+            queued_at: updated_at,
+            started_at: None,
+            completed_at: None,
+            updated_at,
+        }
+    }
+
+    fn instance(name: &str, deleted_at: Option<Millis>) -> InstanceRecord {
+        InstanceRecord {
+            name: name.into(),
+            pool_id: "p".into(),
+            provider: "local".into(),
+            state: if deleted_at.is_some() {
+                "deleted"
+            } else {
+                "running"
+            }
+            .into(),
+            requested_at: 0,
+            provider_id: None,
+            drain_command_id: None,
+            drain_reason: None,
+            delete_reason: None,
+            deleted_at,
+            updated_at: deleted_at.unwrap_or(0),
+        }
+    }
+
+    /// Completed jobs and deleted instances older than the events' age go; open jobs, live
+    /// instances and recent history stay.
+    #[tokio::test]
+    async fn retention_forgets_old_finished_jobs_and_deleted_instances() -> R {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open_sqlite(dir.path()).await?;
+        store
+            .write(vec![
+                Mutation::PutJob(job(1, "completed", 100)),
+                Mutation::PutJob(job(2, "queued", 100)),
+                Mutation::PutJob(job(3, "completed", 5_000)),
+                Mutation::PutInstance(instance("gone-old", Some(100))),
+                Mutation::PutInstance(instance("gone-new", Some(5_000))),
+                Mutation::PutInstance(instance("live", None)),
+            ])
+            .await?;
+        let prune = Prune {
+            heartbeats_full_after: 0,
+            heartbeat_bucket_ms: 1,
+            heartbeats_drop_before: 0,
+            events_drop_before: Some(1_000),
+            limit: 100,
+        };
+        let out = store
+            .write(vec![Mutation::PruneHistory(prune.clone())])
+            .await?;
+        assert!(
+            matches!(out.first(), Some(Outcome::Pruned { scaling: 2, .. })),
+            "{out:?}"
+        );
+        assert!(store.job_get(1).await?.is_none());
+        assert!(store.job_get(2).await?.is_some(), "an open job stays");
+        assert!(store.job_get(3).await?.is_some());
+        assert!(store.instance_get("gone-old").await?.is_none());
+        assert!(store.instance_get("gone-new").await?.is_some());
+        assert!(store.instance_get("live").await?.is_some());
+        // Events kept forever keep these too.
+        let keep = Prune {
+            events_drop_before: None,
+            ..prune
+        };
+        let out = store.write(vec![Mutation::PruneHistory(keep)]).await?;
+        assert!(matches!(
+            out.first(),
+            Some(Outcome::Pruned { scaling: 0, .. })
+        ));
+        store.close().await;
+        Ok(())
+    }
+}

@@ -311,7 +311,10 @@ mod tests {
             .map(|e| e.received_at)
             .collect();
         assert_eq!(events, [990_000]);
-        let Some(Outcome::Pruned { heartbeats, events }) = out.first() else {
+        let Some(Outcome::Pruned {
+            heartbeats, events, ..
+        }) = out.first()
+        else {
             return Err("no prune outcome".into());
         };
         assert_eq!(
@@ -326,7 +329,8 @@ mod tests {
             again.first(),
             Some(&Outcome::Pruned {
                 heartbeats: 0,
-                events: 0
+                events: 0,
+                scaling: 0
             })
         );
         // The limit bounds one pass.
@@ -339,7 +343,8 @@ mod tests {
             out.first(),
             Some(&Outcome::Pruned {
                 heartbeats: 7,
-                events: 0
+                events: 0,
+                scaling: 0
             })
         );
         store.close().await;

@@ -490,6 +490,25 @@ impl Reads {
         .await?)
     }
 
+    /// How long `pool_id`'s jobs that started since `since` waited (ms), the latest
+    /// `limit`.
+    pub async fn job_queue_times(
+        &self,
+        pool_id: &str,
+        since: Millis,
+        limit: u32,
+    ) -> Result<Vec<Millis>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT MAX(started_at - queued_at, 0) FROM jobs \
+             WHERE pool_id = ? AND started_at >= ? ORDER BY started_at DESC LIMIT ?",
+        )
+        .bind(pool_id)
+        .bind(since)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// How many instances of `pool_id` were asked for since `since` (deleted ones too).
     pub async fn instances_requested_since(
         &self,
