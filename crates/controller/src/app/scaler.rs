@@ -312,26 +312,13 @@ impl Controller {
                 "Scale-up held to scale_up_per_minute; the rest waits for a later pass"
             );
         }
-        let mut records = Vec::new();
-        let mut specs = Vec::new();
-        for _ in 0..count {
-            let id = uuid::Uuid::now_v7().simple().to_string();
-            let name = format!("{pool_id}-{}", &id[id.len() - 12..]);
-            specs.push(self.spec(pool_id, &name).await.map_err(|e| e.to_string())?);
-            records.push(InstanceRecord {
-                name,
-                pool_id: pool_id.to_owned(),
-                provider: scaling.provider.kind().to_owned(),
-                state: "requested".into(),
-                requested_at: now,
-                provider_id: None,
-                drain_command_id: None,
-                drain_reason: None,
-                delete_reason: None,
-                deleted_at: None,
-                updated_at: now,
-            });
+        if count == 0 {
+            return Ok(());
         }
+        let (records, specs) = self
+            .new_instances(pool_id, scaling, count, now)
+            .await
+            .map_err(|e| e.to_string())?;
         self.store
             .write(records.iter().cloned().map(Mutation::PutInstance).collect())
             .await
@@ -362,6 +349,50 @@ impl Controller {
             .inc_by(u64::from(count));
         let names: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
         info!(pool_id, count, reason = why.as_str(), vms = ?names, "Scaler created VMs");
+        self.mark_created(records, why, now)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// `count` new instance rows (named `<pool>-<12 hex>`) and what each VM is given.
+    async fn new_instances(
+        &self,
+        pool_id: &str,
+        scaling: &PoolScaling,
+        count: u32,
+        now: Millis,
+    ) -> Result<(Vec<InstanceRecord>, Vec<InstanceSpec>), ApiError> {
+        let mut records = Vec::new();
+        let mut specs = Vec::new();
+        for _ in 0..count {
+            let id = uuid::Uuid::now_v7().simple().to_string();
+            let name = format!("{pool_id}-{}", &id[id.len() - 12..]);
+            specs.push(self.spec(pool_id, &name).await?);
+            records.push(InstanceRecord {
+                name,
+                pool_id: pool_id.to_owned(),
+                provider: scaling.provider.kind().to_owned(),
+                state: "requested".into(),
+                requested_at: now,
+                provider_id: None,
+                drain_command_id: None,
+                drain_reason: None,
+                delete_reason: None,
+                deleted_at: None,
+                updated_at: now,
+            });
+        }
+        Ok((records, specs))
+    }
+
+    /// The provider took the instances: they are running, and each VM's timeline says why
+    /// it was created.
+    async fn mark_created(
+        &self,
+        records: Vec<InstanceRecord>,
+        why: lifecycle::CreateReason,
+        now: Millis,
+    ) -> Result<(), ApiError> {
         let mut batch = Vec::new();
         for mut r in records {
             batch.push(Mutation::VmLog(VmLogRow {
@@ -377,7 +408,7 @@ impl Controller {
             r.updated_at = now;
             batch.push(Mutation::PutInstance(r));
         }
-        self.store.write(batch).await.map_err(|e| e.to_string())?;
+        self.store.write(batch).await?;
         Ok(())
     }
 

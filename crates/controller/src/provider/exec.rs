@@ -121,10 +121,17 @@ impl ExecProvider {
             .process_group(0)
             .spawn()
             .map_err(|e| {
-                ProviderError::Fatal(format!(
+                let what = format!(
                     "exec provider {} cannot be started: {e}",
                     s.command.display()
-                ))
+                );
+                // Being replaced right now (ETXTBSY) passes; a missing or forbidden program
+                // does not.
+                if e.kind() == std::io::ErrorKind::ExecutableFileBusy {
+                    ProviderError::Retryable(what)
+                } else {
+                    ProviderError::Fatal(what)
+                }
             })?;
         let group = child.id().and_then(|id| i32::try_from(id).ok());
         let (Some(mut stdin), Some(stdout), Some(mut stderr)) =

@@ -52,11 +52,17 @@ fn setup(dir: &Path, timeout: Duration) -> std::io::Result<ExecProvider> {
     std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755))?;
     let state = dir.join("state");
     std::fs::create_dir_all(&state)?;
+    // Run through `sh`: executing a file just written races with other tests' forks that
+    // still hold it open for writing (ETXTBSY).
     Ok(ExecProvider::new(
         "exec-pool",
         ExecSettings {
-            command: program,
-            args: vec!["--project".into(), "ci".into()],
+            command: "/bin/sh".into(),
+            args: vec![
+                program.display().to_string(),
+                "--project".into(),
+                "ci".into(),
+            ],
             env: vec![("STATE".into(), state.display().to_string())],
             timeout,
         },
@@ -199,8 +205,8 @@ async fn a_program_that_cannot_run_or_answers_nonsense_is_a_fatal_error() -> Tes
     let p = ExecProvider::new(
         "exec-pool",
         ExecSettings {
-            command: liar,
-            args: vec![],
+            command: "/bin/sh".into(),
+            args: vec![liar.display().to_string()],
             env: vec![],
             timeout: Duration::from_secs(5),
         },
@@ -209,5 +215,96 @@ async fn a_program_that_cannot_run_or_answers_nonsense_is_a_fatal_error() -> Tes
         Err(ProviderError::Fatal(m)) => assert!(m.contains("instance name"), "{m}"),
         other => panic!("a bad name is refused: {other:?}"),
     }
+    Ok(())
+}
+
+/// The scaler through the `exec` provider, on the controller's clock: queued jobs make VMs
+/// at most `scale_up_per_minute` a minute (deleted ones counted), and VMs that never boot are
+/// deleted through the program after `boot_timeout`, with the reason on record.
+#[tokio::test]
+async fn the_scaler_drives_an_exec_program_within_its_rate_limit() -> TestResult {
+    use mig_controller::lifecycle::ScalePolicy;
+    use mig_controller::provider::PoolScaling;
+    let dir = tempfile::tempdir()?;
+    let provider = std::sync::Arc::new(setup(dir.path(), Duration::from_secs(20))?);
+    let state = dir.path().join("state");
+    const SECRET: &str = "exec-webhook-secret-0123456789";
+    let s = super::common::TestServer::start_with(|st| {
+        let file = st.data_dir.join("webhook-secret");
+        std::fs::create_dir_all(&st.data_dir).unwrap_or_else(|e| panic!("data dir: {e}"));
+        std::fs::write(&file, SECRET).unwrap_or_else(|e| panic!("secret: {e}"));
+        st.webhook_secret_file = Some(file);
+        st.reconcile_interval = Duration::from_secs(1);
+        let mut pool = st
+            .pools
+            .get("pool-001")
+            .unwrap_or_else(|e| panic!("fallback pool: {e}"))
+            .clone();
+        pool.labels = vec![
+            "self-hosted".into(),
+            "linux".into(),
+            "x64".into(),
+            "exec".into(),
+        ];
+        pool.scaling = Some(PoolScaling {
+            policy: ScalePolicy {
+                min_idle: 0,
+                max_size: 10,
+                idle_timeout: 60_000,
+                max_vm_lifetime: 3_600_000,
+                boot_timeout: 300_000,
+                registration_timeout: 300_000,
+                scale_up_step: 10,
+                scale_up_per_minute: Some(2),
+            },
+            provider: provider.clone(),
+        });
+        st.pools = mig_controller::token::Pools::new([("exec-pool".to_owned(), pool)].into(), None);
+    })
+    .await;
+    for id in 1..=5 {
+        let body = super::jobs::job("queued", 7000 + id, &["self-hosted", "exec"], None);
+        let (status, _) =
+            super::jobs::deliver(&s, "workflow_job", &format!("d-{id}"), &body, Some(SECRET)).await;
+        assert_eq!(status, 200);
+    }
+    let vms = || {
+        std::fs::read_dir(&state)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("vm-"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    super::common::wait_until("two VMs", || async { vms() == 2 }).await;
+    // Several passes later, still two: the minute's allowance is spent.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(vms(), 2, "held to scale_up_per_minute");
+    // A minute later (the controller's clock), two more.
+    s.app().clock().advance(Duration::from_secs(61));
+    super::common::wait_until("four VMs", || async { vms() == 4 }).await;
+    // They never boot: past boot_timeout they are deleted through the program.
+    s.app().clock().advance(Duration::from_secs(301));
+    super::common::wait_until("the unbooted VMs deleted", || async {
+        let deleted = s
+            .app()
+            .store()
+            .instances_deleted(100)
+            .await
+            .unwrap_or_default();
+        deleted
+            .iter()
+            .filter(|i| i.delete_reason.as_deref() == Some("boot_timeout"))
+            .count()
+            >= 4
+    })
+    .await;
+    let calls = std::fs::read_to_string(state.join("calls"))?;
+    assert!(calls.lines().any(|l| l == "delete"), "{calls}");
+    assert!(
+        calls.lines().filter(|l| *l == "create").count() >= 2,
+        "{calls}"
+    );
     Ok(())
 }

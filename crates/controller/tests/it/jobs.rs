@@ -37,7 +37,7 @@ async fn server() -> TestServer {
     .await
 }
 
-fn job(action: &str, id: i64, labels: &[&str], runner: Option<&str>) -> Value {
+pub(super) fn job(action: &str, id: i64, labels: &[&str], runner: Option<&str>) -> Value {
     json!({
         "action": action,
         "workflow_job": {
@@ -50,7 +50,7 @@ fn job(action: &str, id: i64, labels: &[&str], runner: Option<&str>) -> Value {
 }
 
 /// Delivers `body` as GitHub does: signed with `secret` unless `None`.
-async fn deliver(
+pub(super) async fn deliver(
     s: &TestServer,
     event: &str,
     delivery: &str,
