@@ -37,9 +37,40 @@ fn source_with(
     budget: u32,
     metrics: GitHubMetrics,
 ) -> Result<GitHubSource, GitHubError> {
+    source_in(
+        base,
+        clock,
+        (mode, budget),
+        metrics,
+        Scope::Org("acme".into()),
+    )
+}
+
+/// A JIT source on the test App for `scope`.
+pub(super) fn source_for(
+    base: &str,
+    clock: &Clock,
+    scope: Scope,
+) -> Result<GitHubSource, GitHubError> {
+    source_in(
+        base,
+        clock,
+        (Mode::Jit, 60),
+        GitHubMetrics::default(),
+        scope,
+    )
+}
+
+/// A source on the test App: `mode` and mint `budget`, calls counted in `metrics`.
+fn source_in(
+    base: &str,
+    clock: &Clock,
+    (mode, budget): (Mode, u32),
+    metrics: GitHubMetrics,
+    scope: Scope,
+) -> Result<GitHubSource, GitHubError> {
     let key = jsonwebtoken::EncodingKey::from_rsa_pem(APP_PRIVATE_KEY.as_bytes())
         .map_err(|e| GitHubError::Config(e.to_string()))?;
-    let scope = Scope::Org("acme".into());
     let account = Arc::new(Account {
         api: Api::with_metrics(base, clock.clone(), metrics, "app:4242")?,
         auth: Auth::App(AppAuth::new(
@@ -55,35 +86,6 @@ fn source_with(
         account,
         scope,
         mode,
-        None,
-        "mig-test".into(),
-        clock.clone(),
-    ))
-}
-
-/// A JIT source on the test App for `scope`.
-pub(super) fn source_for(
-    base: &str,
-    clock: &Clock,
-    scope: Scope,
-) -> Result<GitHubSource, GitHubError> {
-    let key = jsonwebtoken::EncodingKey::from_rsa_pem(APP_PRIVATE_KEY.as_bytes())
-        .map_err(|e| GitHubError::Config(e.to_string()))?;
-    let account = Arc::new(Account {
-        api: Api::new(base, clock.clone())?,
-        auth: Auth::App(AppAuth::new(
-            APP_ID,
-            key,
-            None,
-            scope.clone(),
-            clock.clone(),
-        )),
-        budget: std::sync::Mutex::new(MintBudget::new(60)),
-    });
-    Ok(GitHubSource::new(
-        account,
-        scope,
-        Mode::Jit,
         None,
         "mig-test".into(),
         clock.clone(),
