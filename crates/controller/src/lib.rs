@@ -12,6 +12,7 @@ pub mod export;
 pub mod extract;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gce;
 pub mod github;
 pub mod grpc;
 pub mod http;

@@ -261,18 +261,33 @@ async fn backstop_loop(app: Arc<Controller>, every: Duration, shutdown: Cancella
     passes(every, &shutdown, std::future::pending, pass).await;
 }
 
-/// Changes that nudge the scaler within this long of each other make one pass.
+/// Passes started by nudges are at least this far apart: a burst of changes (a fleet's
+/// events) makes one more pass, not one each.
 const SCALER_COALESCE: Duration = Duration::from_millis(200);
 
-/// The scaler: a pass per interval and whenever demand or a VM changes (a burst of changes
-/// makes one pass), until shutdown.
+/// How long a nudge waits before its pass: nothing after a quiet spell (a queued job on a
+/// cold pool is served at once), else until [`SCALER_COALESCE`] after the last nudged pass.
+/// Timer passes do not count: they never delay new demand.
+fn coalesce_wait(since_last_nudged_pass: Option<Duration>) -> Duration {
+    since_last_nudged_pass.map_or(Duration::ZERO, |e| SCALER_COALESCE.saturating_sub(e))
+}
+
+/// The scaler: a pass per interval and whenever demand or a VM changes, until shutdown.
 async fn scale_loop(app: Arc<Controller>, every: Duration, shutdown: CancellationToken) {
-    // A burst of changes (a fleet's events) makes one pass, not one each.
+    let last_nudged: Arc<std::sync::Mutex<Option<tokio::time::Instant>>> = Arc::default();
     let nudged = || {
-        let app = app.clone();
+        let (app, last_nudged) = (app.clone(), last_nudged.clone());
         async move {
             app.scaler_nudged().await;
-            tokio::time::sleep(SCALER_COALESCE).await;
+            let since = last_nudged
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .map(|t| t.elapsed());
+            tokio::time::sleep(coalesce_wait(since)).await;
+            *last_nudged
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(tokio::time::Instant::now());
         }
     };
     let pass = || {
@@ -602,5 +617,20 @@ impl RunningServer {
         }
         self.store.close().await;
         info!("Store flushed; shutdown complete");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nudge_after_a_quiet_spell_passes_at_once_and_a_burst_is_coalesced() {
+        assert_eq!(coalesce_wait(None), Duration::ZERO);
+        assert_eq!(coalesce_wait(Some(Duration::from_secs(5))), Duration::ZERO);
+        assert_eq!(
+            coalesce_wait(Some(Duration::from_millis(50))),
+            Duration::from_millis(150)
+        );
     }
 }

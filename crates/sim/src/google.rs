@@ -18,11 +18,11 @@ use serde_json::{Value, json};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-const KEY_PEMS: [&str; 2] = [
+pub(crate) const KEY_PEMS: [&str; 2] = [
     include_str!("../keys/google-test-1.pem"),
     include_str!("../keys/google-test-2.pem"),
 ];
-const JWKS: &str = include_str!("../keys/google-test-jwks.json");
+pub(crate) const JWKS: &str = include_str!("../keys/google-test-jwks.json");
 
 /// The issuer Google puts in identity tokens.
 pub const ISSUER: &str = "https://accounts.google.com";
@@ -63,6 +63,12 @@ pub struct FakeGoogle {
     /// Indexes of the keys the JWKS endpoint publishes.
     published: Arc<Mutex<Vec<usize>>>,
     fetches: Arc<AtomicUsize>,
+    /// OAuth access tokens issued (service-account grants and the metadata server), with
+    /// their expiry (Unix s).
+    pub(crate) access_tokens: Arc<Mutex<std::collections::HashMap<String, i64>>>,
+    pub(crate) token_grants: Arc<AtomicUsize>,
+    /// Lifetime of access tokens issued from now on (0: an hour).
+    pub(crate) access_token_ttl: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl FakeGoogle {
@@ -130,10 +136,11 @@ impl FakeGoogle {
         self.sign(&FakeGoogle::claims(instance, audience))
     }
 
-    /// Serves `GET /oauth2/v3/certs`.
+    /// Serves `GET /oauth2/v3/certs` and the OAuth token endpoint `POST /token`.
     pub fn router(&self) -> Router {
         Router::new()
             .route("/oauth2/v3/certs", get(certs))
+            .route("/token", axum::routing::post(crate::google_oauth::token))
             .with_state(self.clone())
     }
 }

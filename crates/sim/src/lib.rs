@@ -17,8 +17,10 @@
 //! Nothing here is linked into the agent or the controller.
 
 pub mod fleet;
+pub mod gce_mig;
 pub mod github;
 pub mod google;
+pub mod google_oauth;
 pub mod metadata;
 pub mod proxy;
 pub mod runner_dir;

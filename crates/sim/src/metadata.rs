@@ -4,7 +4,8 @@
 //!
 //! With [`FakeMetadata::with_identity`] it also answers
 //! `instance/service-accounts/default/identity?audience=..&format=full|standard` with a fresh
-//! identity token per request (400 without an audience), signed by [`FakeGoogle`].
+//! identity token per request (400 without an audience), signed by [`FakeGoogle`], and
+//! `instance/service-accounts/default/token` with an access token [`FakeGoogle`] accepts.
 
 use crate::google::{FakeGoogle, Instance};
 use axum::Router;
@@ -67,6 +68,16 @@ async fn lookup(
         && let Some((google, instance)) = &m.identity
     {
         return identity(&m, google, instance, &query);
+    }
+    if path == "instance/service-accounts/default/token"
+        && let Some((google, _)) = &m.identity
+    {
+        let (token, ttl) = google.issue_access_token();
+        return (
+            [("metadata-flavor", "Google")],
+            axum::Json(serde_json::json!({"access_token": token, "expires_in": ttl, "token_type": "Bearer"})),
+        )
+            .into_response();
     }
     let value = m
         .values

@@ -62,3 +62,29 @@ async fn the_demo_fleet_runs_jobs_and_cleans_up() {
     let left = std::fs::read_dir(dir.path().join("vms")).map_or(0, |d| d.count());
     assert_eq!(left, 0, "every demo VM is stopped");
 }
+
+/// BENCHMARKS.md's scale-out command works (small: one round, four VMs) and prints its
+/// figures.
+#[tokio::test]
+async fn the_scale_benchmark_runs_and_prints_its_figures() {
+    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_miglet-sim"));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let out = tokio::time::timeout(
+        Duration::from_secs(180),
+        tokio::process::Command::new(&exe)
+            .args(["scale-bench", "--dir"])
+            .arg(dir.path())
+            .args(["--vms", "4", "--step", "2", "--rounds", "1"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the benchmark did not finish"))
+    .unwrap_or_else(|e| panic!("run the benchmark: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for figure in ["cold pool", "warm pool", "0 -> 4"] {
+        assert!(stdout.contains(figure), "{figure} missing:\n{stdout}");
+    }
+}

@@ -192,6 +192,8 @@ pub struct Controller {
     scale_nudge: tokio::sync::Notify,
     /// The scaler's last figures per pool.
     pool_scale: std::sync::Mutex<std::collections::HashMap<String, scaler::PoolScaleView>>,
+    /// Sized pools whose provider passed its preflight check.
+    pool_preflighted: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Each sized pool's recent samples, for the dashboard's chart.
     pool_history:
         std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<PoolSample>>>,
@@ -237,6 +239,7 @@ impl Controller {
             scale_nudge: Default::default(),
             pool_scale: Default::default(),
             pool_history: Default::default(),
+            pool_preflighted: Default::default(),
             pool_alerts: Default::default(),
             store,
             settings,

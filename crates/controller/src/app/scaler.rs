@@ -94,6 +94,34 @@ impl Controller {
         }
     }
 
+    /// The provider's own check, until it passes once: its warnings are logged; an error
+    /// fails the pass (and shows on the pool) until someone fixes the provider's settings.
+    async fn preflight(&self, pool_id: &str, scaling: &PoolScaling) -> Result<(), String> {
+        if self.preflighted(pool_id) {
+            return Ok(());
+        }
+        let warnings = scaling
+            .provider
+            .preflight()
+            .await
+            .map_err(|e| e.to_string())?;
+        for w in &warnings {
+            warn!(pool_id, warning = %w, "The pool's provider has settings that can hurt running jobs; fix them");
+        }
+        self.pool_preflighted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(pool_id.to_owned());
+        Ok(())
+    }
+
+    fn preflighted(&self, pool_id: &str) -> bool {
+        self.pool_preflighted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(pool_id)
+    }
+
     /// One pool's pass.
     async fn scale_pool(
         &self,
@@ -101,6 +129,7 @@ impl Controller {
         scaling: &PoolScaling,
         now: Millis,
     ) -> Result<PoolScaleView, String> {
+        self.preflight(pool_id, scaling).await?;
         let listed = scaling.provider.list().await.map_err(|e| e.to_string())?;
         let records = self
             .adopt_and_settle(pool_id, scaling, &listed, now)

@@ -203,13 +203,29 @@ pub struct PoolConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
-    /// `local` (each VM a `miglet` process on this machine) or `exec` (an external program
-    /// creates, deletes and lists the VMs).
+    /// `local` (each VM a `miglet` process on this machine), `exec` (an external program
+    /// creates, deletes and lists the VMs) or `gce-mig` (a Compute managed instance group).
     pub kind: String,
     /// exec: the program (run as `<command> <args...> create|delete|list`).
     pub command: Option<PathBuf>,
     /// exec: a run longer than this is stopped and tried again later [default: 120].
     pub timeout_secs: Option<u64>,
+    /// gce-mig: the group's project, its `zone` or `region`, and its name.
+    pub project: Option<String>,
+    pub zone: Option<String>,
+    pub region: Option<String>,
+    pub instance_group_manager: Option<String>,
+    /// gce-mig: a service-account key file [default: the metadata server's token, when the
+    /// controller runs on GCE/GKE].
+    pub key_file: Option<PathBuf>,
+    /// gce-mig: Compute's API root [default: `https://compute.googleapis.com/compute/v1`].
+    pub compute_api_url: Option<String>,
+    /// gce-mig: the metadata server [default: `http://metadata.google.internal`].
+    pub metadata_url: Option<String>,
+    /// gce-mig: `warn` (default) or `refuse` to scale while the group has settings that
+    /// delete busy VMs (an autoscaler that scales in, zone redistribution, proactive updates,
+    /// autohealing with a short initial delay).
+    pub unsafe_mig_settings: Option<String>,
     /// local: the agent binary [default: `miglet` next to the controller, else on PATH].
     pub miglet_bin: Option<PathBuf>,
     /// local: the runner directory copied into each VM (required).

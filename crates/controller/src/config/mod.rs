@@ -18,6 +18,7 @@ use thiserror::Error;
 
 mod args;
 mod file;
+mod gce;
 mod github;
 mod pools;
 

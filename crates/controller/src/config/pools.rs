@@ -225,23 +225,28 @@ fn pool_scaling(
             ),
         ));
     }
-    let provider: Arc<dyn crate::provider::Provider> = match prov.kind.as_str() {
-        "local" => Arc::new(
-            local_provider(id, prov, data_dir)
-                .map_err(|(what, reason)| invalid(&format!("provider.{what}"), reason))?,
-        ),
-        "exec" => Arc::new(
-            exec_provider(id, prov)
-                .map_err(|(what, reason)| invalid(&format!("provider.{what}"), reason))?,
-        ),
+    let provider = provider_of(id, prov, data_dir)
+        .map_err(|(what, reason)| invalid(&format!("provider.{what}"), reason))?;
+    Ok(Some(crate::provider::PoolScaling { policy, provider }))
+}
+
+/// The pool's provider, from `[pools.<id>.provider]`; an error names the key at fault.
+fn provider_of(
+    id: &str,
+    prov: &ProviderConfig,
+    data_dir: &Path,
+) -> Result<Arc<dyn crate::provider::Provider>, (&'static str, String)> {
+    Ok(match prov.kind.as_str() {
+        "local" => Arc::new(local_provider(id, prov, data_dir)?),
+        "exec" => Arc::new(exec_provider(id, prov)?),
+        "gce-mig" => Arc::new(super::gce::gce_provider(id, prov)?),
         other => {
-            return Err(invalid(
-                "provider.kind",
-                format!("{other:?} is not a provider this controller has (local, exec)"),
+            return Err((
+                "kind",
+                format!("{other:?} is not a provider this controller has (local, exec, gce-mig)"),
             ));
         }
-    };
-    Ok(Some(crate::provider::PoolScaling { policy, provider }))
+    })
 }
 
 /// An `exec` provider's settings, checked.
@@ -418,6 +423,52 @@ mod tests {
         assert_eq!(
             refused(&pool("").replace("exec", "gce")),
             "pools.p.provider.kind"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_gce_mig_pool_names_its_group_and_how_to_reach_it() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let pool = |id: &str, provider: &str| {
+            format!(
+                "[pools.{id}]\nrunner_url = \"https://github.com/acme\"\ntoken = \"a\"\n\
+                 enrollment = {{ bootstrap_secret_file = \"/x\" }}\nmax_size = 3\n\
+                 [pools.{id}.provider]\nkind = \"gce-mig\"\n{provider}\n"
+            )
+        };
+        let good = "project = \"acme-ci\"\nzone = \"europe-west1-b\"\ninstance_group_manager = \"ci-runners\"";
+        let ok = resolve(&pool("ci", good))?;
+        let scaling = ok.pools.get("ci")?.scaling.as_ref().ok_or("not sized")?;
+        assert_eq!(scaling.provider.kind(), "gce-mig");
+        assert_eq!(
+            refused(&pool("CI_Pool", good)),
+            "pools.CI_Pool.provider.kind"
+        );
+        assert_eq!(
+            refused(&pool(
+                "ci",
+                "project = \"acme-ci\"\ninstance_group_manager = \"ci-runners\""
+            )),
+            "pools.ci.provider.zone"
+        );
+        assert_eq!(
+            refused(&pool("ci", &format!("{good}\nregion = \"europe-west1\""))),
+            "pools.ci.provider.zone"
+        );
+        assert_eq!(
+            refused(&pool(
+                "ci",
+                &format!("{good}\nunsafe_mig_settings = \"maybe\"")
+            )),
+            "pools.ci.provider.unsafe_mig_settings"
+        );
+        assert_eq!(
+            refused(&pool(
+                "ci",
+                &format!("{good}\ncompute_api_url = \"http://evil.example\"")
+            )),
+            "pools.ci.provider.compute_api_url"
         );
         Ok(())
     }

@@ -159,35 +159,46 @@ impl LocalProvider {
         Ok(())
     }
 
-    async fn delete_one(&self, name: &str) -> Result<(), ProviderError> {
-        let name = checked(name)?;
-        let dir = self.dir(name);
-        if let Some(pid) = self.pid(name).filter(|p| *p > 0) {
-            let group = Pid::from_raw(pid);
-            let _ = killpg(group, Signal::SIGTERM);
-            let deadline = tokio::time::Instant::now() + self.settings.stop_grace;
-            while self.alive(name) && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+    /// Deletes the named VMs: every agent is sent SIGTERM first and they are waited for
+    /// together (a batch takes one `stop_grace`, not one each), then SIGKILL for any still
+    /// running, then their directories go.
+    async fn delete_all(&self, names: &[String]) -> Result<(), ProviderError> {
+        let mut signalled = Vec::new();
+        for name in names {
+            let name = checked(name)?;
+            if let Some(pid) = self.pid(name).filter(|p| *p > 0) {
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
+                signalled.push((name, pid));
             }
+        }
+        let deadline = tokio::time::Instant::now() + self.settings.stop_grace;
+        while signalled.iter().any(|(n, _)| self.alive(n)) && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for (name, pid) in &signalled {
             if self.alive(name) {
-                let _ = killpg(group, Signal::SIGKILL);
+                let _ = killpg(Pid::from_raw(*pid), Signal::SIGKILL);
             }
-            if let Some(mut child) = self.children().remove(name) {
+            if let Some(mut child) = self.children().remove(*name) {
                 let _ = child.start_kill();
                 let _ = child.try_wait();
             }
         }
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {
-                tracing::info!(vm_id = name, "Local VM deleted");
-                Ok(())
+        for name in names {
+            let dir = self.dir(name);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => tracing::info!(vm_id = %name, "Local VM deleted"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(ProviderError::Retryable(format!(
+                        "cannot remove {}: {e}",
+                        dir.display()
+                    )));
+                }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(ProviderError::Retryable(format!(
-                "cannot remove {}: {e}",
-                dir.display()
-            ))),
         }
+        Ok(())
     }
 }
 
@@ -218,12 +229,7 @@ impl Provider for LocalProvider {
     }
 
     fn delete<'a>(&'a self, names: &'a [String]) -> ProviderFuture<'a, ()> {
-        Box::pin(async move {
-            for name in names {
-                self.delete_one(name).await?;
-            }
-            Ok(())
-        })
+        Box::pin(self.delete_all(names))
     }
 
     fn list(&self) -> ProviderFuture<'_, Vec<ProviderInstance>> {

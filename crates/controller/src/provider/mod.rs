@@ -93,4 +93,11 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     fn delete<'a>(&'a self, names: &'a [String]) -> ProviderFuture<'a, ()>;
     /// Every instance of the pool the provider knows of.
     fn list(&self) -> ProviderFuture<'_, Vec<ProviderInstance>>;
+
+    /// Checked before the pool's first pass (and again after a failure): warnings about the
+    /// provider's own settings that can hurt running jobs, or an error when the pool must not
+    /// be scaled until someone fixes them.
+    fn preflight(&self) -> ProviderFuture<'_, Vec<String>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
 }

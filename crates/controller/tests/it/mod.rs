@@ -8,6 +8,8 @@ mod common;
 mod exec_provider;
 mod floods;
 mod fuzz_corpus;
+mod gce_auth;
+mod gce_mig;
 mod github;
 mod grpc_flow;
 mod hardening;

@@ -103,15 +103,23 @@ fn config(a: &FleetSpec, dir: &Path, github: SocketAddr) -> anyhow::Result<Strin
     let webhook = dir.join("webhook.secret");
     keep_or_write(&webhook, &random_hex())?;
     let q = |p: &Path| format!("{:?}", p.display().to_string());
-    let registration = if a.github_app {
+    // Minted on the stand-in's App (a `[github]` table of its own), or a static token (keys
+    // of the pool's table).
+    let (pool_keys, github_table) = if a.github_app {
         let key = dir.join("github-app.pem");
         keep_or_write(&key, miglet_sim::github::APP_PRIVATE_KEY)?;
-        format!(
-            "[pools.{POOL}.github]\norg = \"demo-org\"\napi_url = \"http://{github}\"\napp_id = {DEMO_APP_ID}\nprivate_key_file = {}\nregistration = \"jit\"\n",
-            q(&key)
+        (
+            String::new(),
+            format!(
+                "[pools.{POOL}.github]\norg = \"demo-org\"\napi_url = \"http://{github}\"\napp_id = {DEMO_APP_ID}\nprivate_key_file = {}\nregistration = \"jit\"\n",
+                q(&key)
+            ),
         )
     } else {
-        format!("runner_url = \"http://{github}/demo-org\"\ntoken = \"{DEMO_TOKEN}\"\n")
+        (
+            format!("runner_url = \"http://{github}/demo-org\"\ntoken = \"{DEMO_TOKEN}\"\n"),
+            String::new(),
+        )
     };
     Ok(format!(
         r#"data_dir = {data}
@@ -124,7 +132,7 @@ secret_file = {webhook}
 backstop_interval_secs = 15
 
 [pools.{POOL}]
-labels = ["self-hosted", "linux", "x64", "demo"]
+{pool_keys}labels = ["self-hosted", "linux", "x64", "demo"]
 min_idle = {min_idle}
 max_size = {max_size}
 idle_timeout_secs = 45
@@ -144,7 +152,7 @@ args = ["--runner-user="]
 stop_grace_secs = 5
 env = {{ MIGLET_BOOTSTRAP_SECRET_FILE = {bootstrap}, MIGLET_ORG_ID = "demo-org", MIGLET_HEARTBEAT_INTERVAL = "2s", MIGLET_POLL_INTERVAL = "1s", MIGLET_LOG_LEVEL = "warn" }}
 
-{registration}"#,
+{github_table}"#,
         data = q(&dir.join("controller")),
         http = a.http_addr,
         grpc = a.grpc_addr,
