@@ -43,6 +43,20 @@ impl GceMigProvider {
         }
     }
 
+    /// Waits (bounded) for the operation a mutation returned to be scheduled.
+    async fn scheduled(
+        &self,
+        what: &str,
+        asked: Result<serde_json::Value, MigError>,
+    ) -> Result<(), ProviderError> {
+        let op = asked.map_err(|e| provider_error(what, e))?;
+        self.client
+            .wait(&op, OP_WAIT)
+            .await
+            .map_err(|e| provider_error(what, e))?;
+        Ok(())
+    }
+
     /// The group's settings that delete or replace busy VMs (gcp.md §4.5).
     pub async fn check_settings(&self) -> Result<Vec<SettingProblem>, ProviderError> {
         let igm = self
@@ -82,16 +96,8 @@ impl Provider for GceMigProvider {
                 instances.push((s.name.clone(), metadata));
             }
             let request = uuid::Uuid::new_v4();
-            let op = self
-                .client
-                .create_instances(&instances, &request)
-                .await
-                .map_err(|e| provider_error("createInstances", e))?;
-            self.client
-                .wait(&op, OP_WAIT)
-                .await
-                .map_err(|e| provider_error("createInstances", e))?;
-            Ok(())
+            let asked = self.client.create_instances(&instances, &request).await;
+            self.scheduled("createInstances", asked).await
         })
     }
 
@@ -116,16 +122,8 @@ impl Provider for GceMigProvider {
                 return Ok(());
             }
             let request = uuid::Uuid::new_v4();
-            let op = self
-                .client
-                .delete_instances(&urls, &request)
-                .await
-                .map_err(|e| provider_error("deleteInstances", e))?;
-            self.client
-                .wait(&op, OP_WAIT)
-                .await
-                .map_err(|e| provider_error("deleteInstances", e))?;
-            Ok(())
+            let asked = self.client.delete_instances(&urls, &request).await;
+            self.scheduled("deleteInstances", asked).await
         })
     }
 

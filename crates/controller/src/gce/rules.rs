@@ -348,40 +348,20 @@ mod tests {
 
     #[test]
     fn managed_instances_map_onto_the_scalers_view() {
-        let mi =
-            |action: &str, status: &str| json!({"currentAction": action, "instanceStatus": status});
-        assert_eq!(
-            instance_status(&mi("CREATING", "")),
-            InstanceStatus::Creating
-        );
-        assert_eq!(
-            instance_status(&mi("CREATING", "STAGING")),
-            InstanceStatus::Creating
-        );
-        assert_eq!(
-            instance_status(&mi("NONE", "RUNNING")),
-            InstanceStatus::Running
-        );
-        assert_eq!(
-            instance_status(&mi("VERIFYING", "RUNNING")),
-            InstanceStatus::Running
-        );
-        assert_eq!(
-            instance_status(&mi("DELETING", "RUNNING")),
-            InstanceStatus::Stopping
-        );
-        assert_eq!(
-            instance_status(&mi("NONE", "TERMINATED")),
-            InstanceStatus::Stopped
-        );
-        assert_eq!(
-            instance_status(&mi("RECREATING", "STOPPING")),
-            InstanceStatus::Creating
-        );
-        assert_eq!(
-            instance_status(&json!({"name": "x"})),
-            InstanceStatus::Creating
-        );
+        use InstanceStatus::*;
+        for (action, status, seen) in [
+            ("CREATING", "", Creating),
+            ("CREATING", "STAGING", Creating),
+            ("NONE", "RUNNING", Running),
+            ("VERIFYING", "RUNNING", Running),
+            ("DELETING", "RUNNING", Stopping),
+            ("NONE", "TERMINATED", Stopped),
+            ("RECREATING", "STOPPING", Creating),
+        ] {
+            let mi = json!({"currentAction": action, "instanceStatus": status});
+            assert_eq!(instance_status(&mi), seen, "{action} {status}");
+        }
+        assert_eq!(instance_status(&json!({"name": "x"})), Creating);
     }
 
     #[test]
