@@ -122,6 +122,45 @@ impl Controller {
             .contains(pool_id)
     }
 
+    /// Records the provider's id of an instance the first time it is listed with one; a name
+    /// listed with another id is another VM (a MIG recreated it: autohealing, a stop out of
+    /// band), which its timeline says. Its agent announces a new boot, which ends the old
+    /// boot's runner. Returns the writes, if the id is new.
+    fn note_provider_id(
+        &self,
+        pool_id: &str,
+        r: &mut InstanceRecord,
+        listed: &[ProviderInstance],
+        now: Millis,
+    ) -> Option<Vec<Mutation>> {
+        let id = listed
+            .iter()
+            .find(|l| l.name == r.name)
+            .and_then(|l| l.id.clone())?;
+        match r.provider_id.replace(id.clone()) {
+            Some(old) if old != id => {
+                warn!(pool_id, vm_id = %r.name, old_id = %old, new_id = %id, "The provider recreated the VM under its name (autohealing, or a stop outside the controller): it is a new VM");
+                r.updated_at = now;
+                Some(vec![
+                    Mutation::VmLog(VmLogRow {
+                        vm_id: r.name.clone(),
+                        at: now,
+                        kind: "vm_recreated".into(),
+                        detail: Some(
+                            json!({"old_id": old, "new_id": id, "by": "provider"}).to_string(),
+                        ),
+                    }),
+                    Mutation::PutInstance(r.clone()),
+                ])
+            }
+            Some(_) => None,
+            None => {
+                r.updated_at = now;
+                Some(vec![Mutation::PutInstance(r.clone())])
+            }
+        }
+    }
+
     /// One pool's pass.
     async fn scale_pool(
         &self,
@@ -255,6 +294,9 @@ impl Controller {
         let mut live = Vec::with_capacity(records.len());
         for mut r in records {
             let is_listed = listed.iter().any(|l| l.name == r.name);
+            if let Some(rows) = self.note_provider_id(pool_id, &mut r, listed, now) {
+                batch.extend(rows);
+            }
             if r.state == "deleting" {
                 let reason = r.delete_reason.clone().unwrap_or_default();
                 self.finish_delete(scaling, &mut r, &reason, now).await?;
