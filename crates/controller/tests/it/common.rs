@@ -551,3 +551,33 @@ pub async fn request(
     let headers = r.headers().clone();
     (status, r.json().await.unwrap_or(Value::Null), headers)
 }
+
+/// A server whose only pool, `pool_id`, is sized by the scaler with `provider` (labels
+/// `self-hosted`, `linux`, `x64` and `label`), taking webhooks signed with `secret`, with a
+/// pass every second.
+pub async fn scaled_server(
+    pool_id: &str,
+    label: &str,
+    policy: mig_controller::lifecycle::ScalePolicy,
+    provider: Arc<dyn mig_controller::provider::Provider>,
+    secret: &str,
+) -> TestServer {
+    TestServer::start_with(|st| {
+        let file = st.data_dir.join("webhook-secret");
+        std::fs::create_dir_all(&st.data_dir).unwrap_or_else(|e| panic!("data dir: {e}"));
+        std::fs::write(&file, secret).unwrap_or_else(|e| panic!("secret: {e}"));
+        st.webhook_secret_file = Some(file);
+        st.reconcile_interval = Duration::from_secs(1);
+        let mut pool = st
+            .pools
+            .get("pool-001")
+            .unwrap_or_else(|e| panic!("fallback pool: {e}"))
+            .clone();
+        pool.labels = ["self-hosted", "linux", "x64", label]
+            .map(String::from)
+            .to_vec();
+        pool.scaling = Some(mig_controller::provider::PoolScaling { policy, provider });
+        st.pools = Pools::new([(pool_id.to_owned(), pool)].into(), None);
+    })
+    .await
+}

@@ -224,43 +224,26 @@ async fn a_program_that_cannot_run_or_answers_nonsense_is_a_fatal_error() -> Tes
 #[tokio::test]
 async fn the_scaler_drives_an_exec_program_within_its_rate_limit() -> TestResult {
     use mig_controller::lifecycle::ScalePolicy;
-    use mig_controller::provider::PoolScaling;
     let dir = tempfile::tempdir()?;
     let provider = std::sync::Arc::new(setup(dir.path(), Duration::from_secs(20))?);
     let state = dir.path().join("state");
     const SECRET: &str = "exec-webhook-secret-0123456789";
-    let s = super::common::TestServer::start_with(|st| {
-        let file = st.data_dir.join("webhook-secret");
-        std::fs::create_dir_all(&st.data_dir).unwrap_or_else(|e| panic!("data dir: {e}"));
-        std::fs::write(&file, SECRET).unwrap_or_else(|e| panic!("secret: {e}"));
-        st.webhook_secret_file = Some(file);
-        st.reconcile_interval = Duration::from_secs(1);
-        let mut pool = st
-            .pools
-            .get("pool-001")
-            .unwrap_or_else(|e| panic!("fallback pool: {e}"))
-            .clone();
-        pool.labels = vec![
-            "self-hosted".into(),
-            "linux".into(),
-            "x64".into(),
-            "exec".into(),
-        ];
-        pool.scaling = Some(PoolScaling {
-            policy: ScalePolicy {
-                min_idle: 0,
-                max_size: 10,
-                idle_timeout: 60_000,
-                max_vm_lifetime: 3_600_000,
-                boot_timeout: 300_000,
-                registration_timeout: 300_000,
-                scale_up_step: 10,
-                scale_up_per_minute: Some(2),
-            },
-            provider: provider.clone(),
-        });
-        st.pools = mig_controller::token::Pools::new([("exec-pool".to_owned(), pool)].into(), None);
-    })
+    let s = super::common::scaled_server(
+        "exec-pool",
+        "exec",
+        ScalePolicy {
+            min_idle: 0,
+            max_size: 10,
+            idle_timeout: 60_000,
+            max_vm_lifetime: 3_600_000,
+            boot_timeout: 300_000,
+            registration_timeout: 300_000,
+            scale_up_step: 10,
+            scale_up_per_minute: Some(2),
+        },
+        provider.clone(),
+        SECRET,
+    )
     .await;
     for id in 1..=5 {
         let body = super::jobs::job("queued", 7000 + id, &["self-hosted", "exec"], None);

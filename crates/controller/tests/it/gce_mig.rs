@@ -273,43 +273,26 @@ async fn settings_that_delete_busy_vms_are_reported() -> TestResult {
 #[tokio::test]
 async fn the_scaler_records_ids_and_sees_a_recreated_vm_as_another() -> TestResult {
     use mig_controller::lifecycle::ScalePolicy;
-    use mig_controller::provider::PoolScaling;
     let s = setup(false).await?;
     let mig = s.mig.clone();
     let provider = Arc::new(s.provider);
     const SECRET: &str = "gce-webhook-secret-0123456789";
-    let server = super::common::TestServer::start_with(|st| {
-        let file = st.data_dir.join("webhook-secret");
-        std::fs::create_dir_all(&st.data_dir).unwrap_or_else(|e| panic!("data dir: {e}"));
-        std::fs::write(&file, SECRET).unwrap_or_else(|e| panic!("secret: {e}"));
-        st.webhook_secret_file = Some(file);
-        st.reconcile_interval = Duration::from_secs(1);
-        let mut pool = st
-            .pools
-            .get("pool-001")
-            .unwrap_or_else(|e| panic!("fallback pool: {e}"))
-            .clone();
-        pool.labels = vec![
-            "self-hosted".into(),
-            "linux".into(),
-            "x64".into(),
-            "gce".into(),
-        ];
-        pool.scaling = Some(PoolScaling {
-            policy: ScalePolicy {
-                min_idle: 0,
-                max_size: 3,
-                idle_timeout: 60_000,
-                max_vm_lifetime: 3_600_000,
-                boot_timeout: 300_000,
-                registration_timeout: 300_000,
-                scale_up_step: 3,
-                scale_up_per_minute: None,
-            },
-            provider: provider.clone(),
-        });
-        st.pools = mig_controller::token::Pools::new([("ci".to_owned(), pool)].into(), None);
-    })
+    let server = super::common::scaled_server(
+        "ci",
+        "gce",
+        ScalePolicy {
+            min_idle: 0,
+            max_size: 3,
+            idle_timeout: 60_000,
+            max_vm_lifetime: 3_600_000,
+            boot_timeout: 300_000,
+            registration_timeout: 300_000,
+            scale_up_step: 3,
+            scale_up_per_minute: None,
+        },
+        provider.clone(),
+        SECRET,
+    )
     .await;
     let body = super::jobs::job("queued", 9100, &["self-hosted", "gce"], None);
     let (status, _) =
