@@ -860,6 +860,9 @@ fn scaling_status(v: &Value) -> String {
     if let Some(e) = v["last_error"].as_str() {
         out.push_str(&format!("; error: {e}"));
     }
+    if let Some(t) = v["provider_trouble"].as_str() {
+        out.push_str(&format!("; {t}"));
+    }
     out
 }
 

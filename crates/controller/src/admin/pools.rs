@@ -59,6 +59,8 @@ pub struct PoolScalingView {
     pub last_pass_at: Option<i64>,
     /// The last provider failure, until a pass succeeds.
     pub last_error: Option<String>,
+    /// VMs the provider keeps failing to bring up, and why (a stock-out, a quota).
+    pub provider_trouble: Option<String>,
 }
 
 async fn scaling_view(app: &AppState, pool_id: &str) -> Result<Option<PoolScalingView>, ApiError> {
@@ -87,6 +89,7 @@ async fn scaling_view(app: &AppState, pool_id: &str) -> Result<Option<PoolScalin
         queued_jobs: last.queued_jobs,
         last_pass_at: (last.at > 0).then_some(last.at),
         last_error: last.last_error,
+        provider_trouble: last.provider_trouble,
     }))
 }
 

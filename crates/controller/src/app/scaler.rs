@@ -32,6 +32,18 @@ pub struct PoolScaleView {
     pub at: Millis,
     /// The last provider failure, until a pass succeeds.
     pub last_error: Option<String>,
+    /// VMs the provider keeps failing to bring up, and why (a stock-out, a quota).
+    pub provider_trouble: Option<String>,
+}
+
+/// What the provider says it cannot bring up: `None`, or how many VMs and the first reason.
+fn trouble_of(listed: &[ProviderInstance]) -> Option<String> {
+    let troubled: Vec<&str> = listed.iter().filter_map(|l| l.trouble.as_deref()).collect();
+    let first = troubled.first()?;
+    Some(format!(
+        "{} VM(s) cannot be brought up: {first}",
+        troubled.len()
+    ))
 }
 
 /// A drain sent by the scaler waits for its agent this long.
@@ -83,6 +95,11 @@ impl Controller {
             match result {
                 Ok(v) => {
                     self.record_sample(&pool_id, &v);
+                    if v.provider_trouble != view.provider_trouble
+                        && let Some(t) = &v.provider_trouble
+                    {
+                        warn!(pool_id, trouble = %t, "The pool's provider cannot bring up VMs; the scaler waits for them instead of asking for more");
+                    }
                     *view = v;
                 }
                 Err(e) => {
@@ -227,6 +244,7 @@ impl Controller {
             queued_jobs: queued,
             at: now,
             last_error,
+            provider_trouble: trouble_of(&listed),
         })
     }
 

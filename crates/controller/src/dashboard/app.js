@@ -144,6 +144,9 @@ async function fleetView() {
       p.scaling && p.scaling.last_error
         ? el("div", { class: "chip health-lost", role: "alert" }, `Provider: ${p.scaling.last_error}`)
         : null,
+      p.scaling && p.scaling.provider_trouble
+        ? el("div", { class: "chip health-unhealthy", role: "status" }, `Provider: ${p.scaling.provider_trouble}`)
+        : null,
     )));
   const field = (name, label, input) => el("label", {}, label, input);
   const sel = (name, opts) => el("select", { name, id: "f-" + name },

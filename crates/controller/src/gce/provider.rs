@@ -169,6 +169,15 @@ impl Provider for GceMigProvider {
                             .map(str::to_owned),
                         status: rules::instance_status(mi),
                         created_at: None,
+                        trouble: rules::create_trouble(mi).map(|t| match t {
+                            rules::CreateTrouble::StockOut(m) => {
+                                format!("stock-out, the MIG keeps trying: {m}")
+                            }
+                            rules::CreateTrouble::Quota(m) => {
+                                format!("quota exceeded, raise it: {m}")
+                            }
+                            rules::CreateTrouble::Other(m) => m,
+                        }),
                     })
                 })
                 .collect())

@@ -282,6 +282,7 @@ impl Provider for ExecProvider {
                         name: i.name,
                         id: i.id,
                         created_at: i.created_at,
+                        trouble: None,
                     })
                 })
                 .collect()

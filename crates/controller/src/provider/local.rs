@@ -262,6 +262,7 @@ impl Provider for LocalProvider {
                     id: None,
                     status,
                     created_at,
+                    trouble: None,
                 });
             }
             out.sort_by(|a, b| a.name.cmp(&b.name));

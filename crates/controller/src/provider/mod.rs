@@ -60,6 +60,8 @@ pub struct ProviderInstance {
     pub id: Option<String>,
     pub status: InstanceStatus,
     pub created_at: Option<Millis>,
+    /// Why the provider cannot bring it up, while it keeps trying (a stock-out, a quota).
+    pub trouble: Option<String>,
 }
 
 /// A provider failure.

@@ -331,3 +331,51 @@ async fn the_scaler_records_ids_and_sees_a_recreated_vm_as_another() -> TestResu
     assert!(mig.calls().iter().all(|(_, p, _)| !p.ends_with("/resize")));
     Ok(())
 }
+
+/// A stock-out: the group keeps a VM `CREATING` with a `lastAttempt` error. The pool says so
+/// (and why), and the scaler waits for that VM instead of asking for more.
+#[tokio::test]
+async fn a_stock_out_shows_on_the_pool_and_asks_for_nothing_more() -> TestResult {
+    use mig_controller::lifecycle::ScalePolicy;
+    let s = setup(false).await?;
+    let mig = s.mig.clone();
+    mig.set_stockout(Some((
+        "ZONE_RESOURCE_POOL_EXHAUSTED",
+        "The zone 'europe-west1-b' does not have enough resources available",
+    )));
+    const SECRET: &str = "gce-webhook-secret-0123456789";
+    let server = super::common::scaled_server(
+        "ci",
+        "gce",
+        ScalePolicy {
+            min_idle: 0,
+            max_size: 3,
+            idle_timeout: 60_000,
+            max_vm_lifetime: 3_600_000,
+            boot_timeout: 300_000,
+            registration_timeout: 300_000,
+            scale_up_step: 3,
+            scale_up_per_minute: None,
+        },
+        Arc::new(s.provider),
+        SECRET,
+    )
+    .await;
+    let body = super::jobs::job("queued", 9200, &["self-hosted", "gce"], None);
+    let (status, _) =
+        super::jobs::deliver(&server, "workflow_job", "d-stock", &body, Some(SECRET)).await;
+    assert_eq!(status, 200);
+    super::common::wait_until("the stock-out on the pool", || async {
+        server
+            .app()
+            .pool_scale_view("ci")
+            .and_then(|v| v.provider_trouble)
+            .is_some_and(|t| t.contains("ZONE_RESOURCE_POOL_EXHAUSTED") && t.contains("stock-out"))
+    })
+    .await;
+    // Several passes later, still the one VM the job asked for.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(mig.instances().len(), 1);
+    assert_eq!(mig.target_size(), 1);
+    Ok(())
+}
