@@ -90,13 +90,12 @@ impl Controller {
             ..BackstopPass::default()
         };
         for update in &report.jobs {
-            let known = self.store.job_get(update.job_id).await?.is_some();
             let answer = self.apply_job(None, update).await?;
             if answer.result == "applied" {
-                if known {
-                    pass.moved += 1;
-                } else {
+                if answer.new_job {
                     pass.found += 1;
+                } else {
+                    pass.moved += 1;
                 }
             }
         }

@@ -29,6 +29,9 @@ pub struct WebhookAnswer {
     pub job_id: Option<i64>,
     /// The pool the job was matched to.
     pub pool_id: Option<String>,
+    /// The job was not stored before (read under the job's lock).
+    #[serde(skip)]
+    pub new_job: bool,
 }
 
 /// How long a pool's jobs waited for a runner over the last hour.
@@ -121,6 +124,7 @@ impl Controller {
                     result: "ignored",
                     job_id: None,
                     pool_id: None,
+                    new_job: false,
                 });
             }
             Err(e) => {
@@ -187,6 +191,7 @@ impl Controller {
             },
             job_id: Some(update.job_id),
             pool_id: shown.and_then(|j| j.pool_id.clone()),
+            new_job: existing.is_none(),
         })
     }
 

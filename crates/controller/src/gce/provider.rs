@@ -43,6 +43,14 @@ impl GceMigProvider {
         }
     }
 
+    /// Every managed instance of the group.
+    async fn listed(&self) -> Result<Vec<serde_json::Value>, ProviderError> {
+        self.client
+            .list_managed()
+            .await
+            .map_err(|e| provider_error("listManagedInstances", e))
+    }
+
     /// Waits (bounded) for the operation a mutation returned to be scheduled.
     async fn scheduled(
         &self,
@@ -103,11 +111,7 @@ impl Provider for GceMigProvider {
 
     fn delete<'a>(&'a self, names: &'a [String]) -> ProviderFuture<'a, ()> {
         Box::pin(async move {
-            let listed = self
-                .client
-                .list_managed()
-                .await
-                .map_err(|e| provider_error("listManagedInstances", e))?;
+            let listed = self.listed().await?;
             let urls: Vec<String> = listed
                 .iter()
                 .filter(|mi| {
@@ -152,11 +156,7 @@ impl Provider for GceMigProvider {
 
     fn list(&self) -> ProviderFuture<'_, Vec<ProviderInstance>> {
         Box::pin(async move {
-            let listed = self
-                .client
-                .list_managed()
-                .await
-                .map_err(|e| provider_error("listManagedInstances", e))?;
+            let listed = self.listed().await?;
             Ok(listed
                 .iter()
                 .filter_map(|mi| {

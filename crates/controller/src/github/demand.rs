@@ -146,11 +146,6 @@ impl GitHubSource {
         }
         pass.report
     }
-
-    /// `/repos/..` or `/orgs/..` plus the API base: pools sharing it share one poll.
-    pub fn poll_key(&self) -> String {
-        format!("{}{}", self.account().api.base(), self.scope().path())
-    }
 }
 
 async fn discover(
@@ -158,7 +153,8 @@ async fn discover(
     query: &PollQuery,
     scope: &Scope,
 ) -> Result<(), GitHubError> {
-    for (repo, id) in query.check.iter().take(query.max_calls.div_ceil(2)) {
+    // The caller chose how many checks (half the allowance: `lifecycle::jobs_to_check`).
+    for (repo, id) in &query.check {
         pass.check(repo, *id).await?;
     }
     let (scope_repo, org_recent) = match scope {

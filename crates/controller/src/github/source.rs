@@ -482,8 +482,9 @@ impl TokenSource for GitHubSource {
         Some(self.label())
     }
 
+    /// The API base and the scope: pools sharing them share one poll.
     fn poll_key(&self) -> Option<String> {
-        Some(GitHubSource::poll_key(self))
+        Some(format!("{}{}", self.account.api.base(), self.scope.path()))
     }
 
     fn poll_jobs<'a>(&'a self, query: &'a PollQuery) -> PollFuture<'a> {

@@ -71,6 +71,20 @@ async fn setup(regional: bool) -> Result<Setup, Box<dyn std::error::Error + Send
     })
 }
 
+/// Up to three VMs, no spare, timeouts long enough not to reap VMs that never boot here.
+fn policy() -> mig_controller::lifecycle::ScalePolicy {
+    mig_controller::lifecycle::ScalePolicy {
+        min_idle: 0,
+        max_size: 3,
+        idle_timeout: 60_000,
+        max_vm_lifetime: 3_600_000,
+        boot_timeout: 300_000,
+        registration_timeout: 300_000,
+        scale_up_step: 3,
+        scale_up_per_minute: None,
+    }
+}
+
 fn spec(name: &str) -> InstanceSpec {
     InstanceSpec {
         name: name.into(),
@@ -272,28 +286,12 @@ async fn settings_that_delete_busy_vms_are_reported() -> TestResult {
 /// never called.
 #[tokio::test]
 async fn the_scaler_records_ids_and_sees_a_recreated_vm_as_another() -> TestResult {
-    use mig_controller::lifecycle::ScalePolicy;
     let s = setup(false).await?;
     let mig = s.mig.clone();
     let provider = Arc::new(s.provider);
     const SECRET: &str = "gce-webhook-secret-0123456789";
-    let server = super::common::scaled_server(
-        "ci",
-        "gce",
-        ScalePolicy {
-            min_idle: 0,
-            max_size: 3,
-            idle_timeout: 60_000,
-            max_vm_lifetime: 3_600_000,
-            boot_timeout: 300_000,
-            registration_timeout: 300_000,
-            scale_up_step: 3,
-            scale_up_per_minute: None,
-        },
-        provider.clone(),
-        SECRET,
-    )
-    .await;
+    let server =
+        super::common::scaled_server("ci", "gce", policy(), provider.clone(), SECRET).await;
     let body = super::jobs::job("queued", 9100, &["self-hosted", "gce"], None);
     let (status, _) =
         super::jobs::deliver(&server, "workflow_job", "d-gce", &body, Some(SECRET)).await;
@@ -336,7 +334,6 @@ async fn the_scaler_records_ids_and_sees_a_recreated_vm_as_another() -> TestResu
 /// (and why), and the scaler waits for that VM instead of asking for more.
 #[tokio::test]
 async fn a_stock_out_shows_on_the_pool_and_asks_for_nothing_more() -> TestResult {
-    use mig_controller::lifecycle::ScalePolicy;
     let s = setup(false).await?;
     let mig = s.mig.clone();
     mig.set_stockout(Some((
@@ -344,23 +341,8 @@ async fn a_stock_out_shows_on_the_pool_and_asks_for_nothing_more() -> TestResult
         "The zone 'europe-west1-b' does not have enough resources available",
     )));
     const SECRET: &str = "gce-webhook-secret-0123456789";
-    let server = super::common::scaled_server(
-        "ci",
-        "gce",
-        ScalePolicy {
-            min_idle: 0,
-            max_size: 3,
-            idle_timeout: 60_000,
-            max_vm_lifetime: 3_600_000,
-            boot_timeout: 300_000,
-            registration_timeout: 300_000,
-            scale_up_step: 3,
-            scale_up_per_minute: None,
-        },
-        Arc::new(s.provider),
-        SECRET,
-    )
-    .await;
+    let server =
+        super::common::scaled_server("ci", "gce", policy(), Arc::new(s.provider), SECRET).await;
     let body = super::jobs::job("queued", 9200, &["self-hosted", "gce"], None);
     let (status, _) =
         super::jobs::deliver(&server, "workflow_job", "d-stock", &body, Some(SECRET)).await;
